@@ -1,0 +1,89 @@
+//! What the stubs ask: the backend that decides each access, and the C-ABI entry points
+//! the stubs call.
+//!
+//! The stubs know nothing of policy. They call one of the `extern "C"` handlers below,
+//! which forward to the backend registered with [`set_backend`] (the shim's policy in a
+//! kernel; a test double in host tests). With no backend registered every access is
+//! [`Outcome::Native`], so an unpatched site still works on any platform.
+
+use spin::Once;
+
+use crate::MsrError;
+
+/// A backend's decision for one access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled: for a read or RDPMC, this is the value (edx:eax); for a write it is ignored.
+    Done(u64),
+    /// Not handled: the stub executes the real instruction, which Xen traps and emulates.
+    Native,
+    /// Failed: the stub takes the rewind path, and the caller's own fixup runs with this
+    /// error, exactly as if the native instruction had faulted at the call site.
+    Failed(MsrError),
+}
+
+/// Decides what happens to each MSR/PMC access that reaches a stub.
+pub trait MsrBackend: Sync {
+    /// `rdmsr` of `msr`.
+    fn read(&self, msr: u32) -> Outcome;
+    /// `wrmsr` of `value` to `msr`.
+    fn write(&self, msr: u32, value: u64) -> Outcome;
+    /// `rdpmc` of `counter`.
+    fn rdpmc(&self, counter: u32) -> Outcome;
+}
+
+static BACKEND: Once<&'static dyn MsrBackend> = Once::new();
+
+/// Registers the backend the stubs consult. The first registration wins; later calls
+/// return `false` and change nothing, so the routing of a running kernel cannot be
+/// swapped underneath it.
+pub fn set_backend(backend: &'static dyn MsrBackend) -> bool {
+    let mut installed = false;
+    BACKEND.call_once(|| {
+        installed = true;
+        backend
+    });
+    installed
+}
+
+/// The registered backend, if any.
+pub fn backend() -> Option<&'static dyn MsrBackend> {
+    BACKEND.get().copied()
+}
+
+/// The handler's answer as the stubs see it, returned in `rax:rdx` by the C ABI.
+///
+/// `status` 0 means done (`value` is the result), 1 means "do native", and any other
+/// value is an encoded [`MsrError`] (see [`MsrError::to_code`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawOutcome {
+    /// 0: done; 1: native; otherwise an error code.
+    pub status: u64,
+    /// The value, when `status` is 0.
+    pub value: u64,
+}
+
+/// `RawOutcome::status` for a handled access.
+pub const STATUS_DONE: u64 = 0;
+/// `RawOutcome::status` for "execute the real instruction".
+pub const STATUS_NATIVE: u64 = 1;
+
+impl From<Outcome> for RawOutcome {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Done(value) => RawOutcome {
+                status: STATUS_DONE,
+                value,
+            },
+            Outcome::Native => RawOutcome {
+                status: STATUS_NATIVE,
+                value: 0,
+            },
+            Outcome::Failed(error) => RawOutcome {
+                status: error.to_code(),
+                value: 0,
+            },
+        }
+    }
+}

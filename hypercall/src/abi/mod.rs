@@ -1,0 +1,1 @@
+//! Xen ABI structs, each with compile-time size and offset checks.

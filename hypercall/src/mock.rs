@@ -1,0 +1,1 @@
+//! The mock hypercall page for host tests.

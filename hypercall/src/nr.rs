@@ -1,0 +1,1 @@
+//! Hypercall numbers and public constants.

@@ -1,0 +1,122 @@
+//! Automatic, cached provisioning: everything `run` and `test` need, installed or
+//! downloaded once and kept under `target/xenmsr-cache/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{XtaskResult, cache_dir, run_checked};
+
+/// The Debian package that carries the hypervisor binary.
+pub const XEN_HYPERVISOR_PKG: &str = "xen-hypervisor-4.17-amd64";
+
+/// Runs `apt-get update` once per xtask process, before the first install or download.
+fn apt_update_once() -> XtaskResult<()> {
+    use std::sync::OnceLock;
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        run_checked(Command::new("apt-get").args(["update", "-qq"])).map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(Into::into)
+}
+
+/// Installs Debian packages whose marker file (`probe`) is missing.
+pub fn apt_install(packages: &[&str], probe: &Path) -> XtaskResult<()> {
+    if probe.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (apt-get)", packages.join(" "));
+    apt_update_once()?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages),
+    )
+}
+
+/// `qemu-system-x86_64`, installed from Debian if missing.
+pub fn qemu() -> XtaskResult<PathBuf> {
+    let path = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    apt_install(&["qemu-system-x86"], &path)?;
+    Ok(path)
+}
+
+/// The `x86_64-unknown-none` rustup target, added if missing.
+pub fn rust_target() -> XtaskResult<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == "x86_64-unknown-none")
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rustup target x86_64-unknown-none");
+    run_checked(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]))
+}
+
+/// Downloads (once) the `.deb` of a Debian package into the cache and returns its path.
+pub fn download_deb(package: &str) -> XtaskResult<PathBuf> {
+    let dir = cache_dir().join("debs");
+    std::fs::create_dir_all(&dir)?;
+    if let Some(found) = find_deb(&dir, package)? {
+        return Ok(found);
+    }
+    eprintln!("xtask: downloading {package}.deb");
+    apt_update_once()?;
+    run_checked(
+        Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(&dir),
+    )?;
+    find_deb(&dir, package)?
+        .ok_or_else(|| format!("apt-get download {package}: no .deb appeared").into())
+}
+
+fn find_deb(dir: &Path, package: &str) -> XtaskResult<Option<PathBuf>> {
+    let prefix = format!("{package}_");
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".deb") {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// The Xen 4.17 hypervisor as QEMU can boot it: the multiboot1 ELF, gunzipped from
+/// Debian's `xen-hypervisor-4.17-amd64` package (QEMU cannot load `xen.gz` itself).
+pub fn xen_binary() -> XtaskResult<PathBuf> {
+    let out = cache_dir().join("xen-4.17");
+    if out.exists() {
+        return Ok(out);
+    }
+    let deb = download_deb(XEN_HYPERVISOR_PKG)?;
+    let unpack = cache_dir().join("xen-hypervisor-unpacked");
+    let _ = std::fs::remove_dir_all(&unpack);
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    let boot = unpack.join("boot");
+    let gz = std::fs::read_dir(&boot)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with("xen-4.17") && n.ends_with(".gz")
+        })
+        .ok_or("no boot/xen-4.17*.gz in the hypervisor package")?;
+    let data = Command::new("gzip").arg("-dc").arg(&gz).output()?;
+    if !data.status.success() {
+        return Err(format!("gunzip {} failed", gz.display()).into());
+    }
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &data.stdout)?;
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
+}
