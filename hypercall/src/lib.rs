@@ -6,11 +6,13 @@
 //!   with compile-time layout checks.
 //! - [`HypercallPage`]: the one way to make a hypercall, over a page of 32-byte entries.
 //!   The real page is filled by Xen; the mock page (feature `mock`) is built at run time
-//!   for host tests and goes through exactly the same calling code.
+//!   for host tests and goes through exactly the same calling code. The typed wrappers
+//!   (`set_segment_base`, `xenpmu_op`, `console_write` ...) are methods on it.
 #![cfg_attr(not(feature = "mock"), no_std)]
 #![warn(missing_docs)]
 
 pub mod abi;
+mod calls;
 mod errno;
 #[cfg(feature = "mock")]
 pub mod mock;
@@ -18,4 +20,4 @@ pub mod nr;
 mod page;
 
 pub use errno::Errno;
-pub use page::HypercallPage;
+pub use page::{ENTRIES, ENTRY_FIRST_BYTE, ENTRY_SIZE, HypercallPage};

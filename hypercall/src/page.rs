@@ -15,14 +15,17 @@ use crate::Errno;
 pub const ENTRY_SIZE: usize = 32;
 /// Number of entries in a 4 KiB hypercall page.
 pub const ENTRIES: usize = 4096 / ENTRY_SIZE;
+/// The first byte of every entry Xen writes: `push %rcx`.
+pub const ENTRY_FIRST_BYTE: u8 = 0x51;
 
 /// A hypercall page: 128 entries of 32 bytes, entry `n` performing hypercall `n`.
 ///
 /// # Invariants
 ///
-/// `base` points to 4 KiB of executable memory whose entry `n` honours Xen's hypercall
-/// register contract for hypercall `n` (see the module docs), for as long as this value
-/// or any copy of it exists.
+/// `base` points to 4 KiB of readable, executable memory whose entry `n` honours Xen's
+/// hypercall register contract for hypercall `n` (see the module docs), or faults on
+/// entry (the poisoned, not yet filled real page), for as long as this value or any copy
+/// of it exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HypercallPage {
     base: NonNull<u8>,
@@ -39,10 +42,11 @@ impl HypercallPage {
     ///
     /// # Safety
     ///
-    /// `base` must point to 4 KiB of executable memory whose 32-byte entries honour Xen's
-    /// hypercall register contract (number in `rax`; arguments in `rdi, rsi, rdx, r10, r8`,
-    /// which may be clobbered; result in `rax`; every other register preserved), and it must
-    /// stay so for as long as the returned value or a copy of it is used.
+    /// `base` must point to 4 KiB of readable, executable memory whose 32-byte entries
+    /// honour Xen's hypercall register contract (number in `rax`; arguments in
+    /// `rdi, rsi, rdx, r10, r8`, which may be clobbered; result in `rax`; every other
+    /// register preserved), or fault at their first instruction, and it must stay so for
+    /// as long as the returned value or a copy of it is used.
     pub const unsafe fn from_raw(base: NonNull<u8>) -> Self {
         HypercallPage { base }
     }
@@ -50,6 +54,15 @@ impl HypercallPage {
     /// The address of the page.
     pub fn as_ptr(self) -> *const u8 {
         self.base.as_ptr()
+    }
+
+    /// Whether the page holds hypercall entries: entry 0 starts with `push %rcx` (0x51),
+    /// as Xen writes it (and the mock page copies), rather than the `ud2` poison of the
+    /// unfilled real page.
+    pub fn is_filled(self) -> bool {
+        // SAFETY: the page is readable (type invariant); one byte at its start is read
+        // and nothing writes the page while a `HypercallPage` exists.
+        unsafe { self.base.as_ptr().read() == ENTRY_FIRST_BYTE }
     }
 
     /// The address of the entry for hypercall `nr`.
@@ -76,8 +89,8 @@ impl HypercallPage {
     pub unsafe fn call_raw(self, nr: u32, args: [u64; 5]) -> i64 {
         let entry = self.entry(nr);
         let ret: i64;
-        // SAFETY: `entry` points into a page that honours Xen's register contract (type
-        // invariant): the clobbered argument registers are declared as such, `rax` is the
+        // SAFETY: `entry` points into a page that honours Xen's register contract, or
+        // faults at once if it is the unfilled real page (type invariant): the clobbered argument registers are declared as such, `rax` is the
         // number in and the result out, and every other register is preserved by the
         // entry. The asm pushes (a `call`), so `nostack` is not given; memory may be read
         // and written by the hypercall, so neither `nomem` nor `readonly` is given. The
@@ -106,5 +119,53 @@ impl HypercallPage {
     pub unsafe fn call(self, nr: u32, args: [u64; 5]) -> Result<u64, Errno> {
         // SAFETY: forwarded to the caller.
         Errno::from_ret(unsafe { self.call_raw(nr, args) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The real page (PV kernel builds only).
+// ---------------------------------------------------------------------------------------
+
+// The page Xen fills at domain build time, found through the kernel's
+// `XEN_ELFNOTE_HYPERCALL_PAGE` note. Until (unless) Xen fills it, every two bytes are
+// `ud2`, so a call into any entry raises #UD at once instead of running into whatever
+// follows. The assembler checks the size.
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    ".pushsection .text.xenmsr_hypercall_page,\"ax\",@progbits",
+    ".balign 4096",
+    ".globl xenmsr_hypercall_page",
+    ".type xenmsr_hypercall_page,@function",
+    "xenmsr_hypercall_page:",
+    ".rept 2048",
+    "ud2",
+    ".endr",
+    ".size xenmsr_hypercall_page, . - xenmsr_hypercall_page",
+    ".if . - xenmsr_hypercall_page - 4096",
+    ".error \"xenmsr_hypercall_page must be exactly 4096 bytes\"",
+    ".endif",
+    ".popsection",
+);
+
+#[cfg(target_os = "none")]
+unsafe extern "C" {
+    /// The hypercall page defined by the `global_asm!` above: 4 KiB, page aligned, in an
+    /// executable section; only ever written by Xen before the kernel starts.
+    safe static xenmsr_hypercall_page: [u8; 4096];
+}
+
+#[cfg(target_os = "none")]
+impl HypercallPage {
+    /// The kernel's own hypercall page, `xenmsr_hypercall_page`.
+    ///
+    /// Xen fills it at domain build time if the kernel's `XEN_ELFNOTE_HYPERCALL_PAGE` note
+    /// gives its address; otherwise it stays poisoned with `ud2` and any call faults with
+    /// #UD. Check [`is_filled`](Self::is_filled) before relying on it.
+    pub fn xen() -> HypercallPage {
+        // The page upholds the invariant: it is readable and executable, and each entry
+        // either is Xen's (register contract honoured) or faults at once.
+        HypercallPage {
+            base: NonNull::from(&xenmsr_hypercall_page).cast(),
+        }
     }
 }
