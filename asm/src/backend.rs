@@ -87,3 +87,40 @@ impl From<Outcome> for RawOutcome {
         }
     }
 }
+
+/// The read stub's C-ABI entry: asks the registered backend about `rdmsr` of `msr`
+/// ([`Outcome::Native`] when none is registered).
+///
+/// Called by `xenmsr_stub_rdmsr` and `xenmsr_stub_rdmsr_rax` with a 16-byte-aligned stack.
+/// Safe to call directly from Rust too (benchmarks compare against exactly that).
+#[unsafe(no_mangle)]
+pub extern "C" fn xenmsr_handle_read(msr: u32) -> RawOutcome {
+    match backend() {
+        Some(backend) => backend.read(msr).into(),
+        None => Outcome::Native.into(),
+    }
+}
+
+/// The write stub's C-ABI entry: asks the registered backend about `wrmsr` of
+/// `hi:lo` to `msr` ([`Outcome::Native`] when none is registered).
+///
+/// The value arrives as two halves so the stub can pass `edx` through as the third
+/// argument register unchanged (one instruction fewer on every write).
+#[unsafe(no_mangle)]
+pub extern "C" fn xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome {
+    let value = (hi as u64) << 32 | lo as u64;
+    match backend() {
+        Some(backend) => backend.write(msr, value).into(),
+        None => Outcome::Native.into(),
+    }
+}
+
+/// The RDPMC stub's C-ABI entry: asks the registered backend about `rdpmc` of `counter`
+/// ([`Outcome::Native`] when none is registered).
+#[unsafe(no_mangle)]
+pub extern "C" fn xenmsr_handle_rdpmc(counter: u32) -> RawOutcome {
+    match backend() {
+        Some(backend) => backend.rdpmc(counter).into(),
+        None => Outcome::Native.into(),
+    }
+}

@@ -72,3 +72,17 @@ impl core::fmt::Display for MsrError {
         }
     }
 }
+
+/// Turns a site's error register (0 = no error) and value into a `Result`.
+pub(crate) fn result_of(err: u64, value: u64) -> Result<u64, MsrError> {
+    if err == 0 {
+        Ok(value)
+    } else {
+        // The fixup only ever writes codes made by `MsrError::to_code`.
+        debug_assert!(
+            MsrError::from_code(err).is_some(),
+            "bad error code {err:#x}"
+        );
+        Err(MsrError::from_code(err).unwrap_or(MsrError::Fault { vector: VECTOR_GP }))
+    }
+}

@@ -1,0 +1,280 @@
+//! Exception fixup: what the kernel's `#GP`/`#UD` handlers call.
+//!
+//! [`fixup_exception`] looks the faulting `rip` up in the extable and applies the entry's
+//! kind, with the semantics of Linux's MSR fixups:
+//!
+//! | kind | outputs | error | then |
+//! |---|---|---|---|
+//! | `ReadSafe`, `RdpmcSafe` | `edx:eax` = 0 (`rax` = 0 with `RAX_CONTRACT`) | code in the entry's register | `rip` = fixup |
+//! | `WriteSafe` | none | code in the entry's register | `rip` = fixup |
+//! | `Read`, `Rdpmc` | zeroed as above | warn hook, once per site | `rip` = fixup |
+//! | `Write` | none | warn hook, once per site | `rip` = fixup |
+//! | `Rewind` | see below | carried or `Fault` | dispatch again |
+//!
+//! A rewind entry (on a stub's native instruction or its trapping `ud2`) says how many words
+//! sit above the stub's return address and whether the first is an error code. The fixup
+//! takes the error (the carried code, or `Fault { vector }` for a fault of the stub's own
+//! native instruction), sets `rip = return address + imm` (imm = `-CALL_LEN`: the caller's
+//! `call`), pops the words and the return address, and dispatches again on the caller's own
+//! entry at that `rip`, which must exist. The caller cannot tell the result from the native
+//! instruction faulting at its call site.
+//!
+//! Rewinding through the stack (rather than carrying the target in a register, as an
+//! "indirect" entry would) keeps every register of the caller intact: the write stub's
+//! `rdx` is an input its caller expects preserved, so there is no free register to carry
+//! the target in.
+
+use spin::Once;
+
+use crate::MsrError;
+use crate::extable::{self, Data, ExtableEntry, Kind, flags, reg};
+
+/// The interrupted context, as the kernel's exception entry saved it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct TrapFrame {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+}
+
+impl TrapFrame {
+    /// The general-purpose register with hardware number `reg` (0 = `rax` ... 15 = `r15`;
+    /// 4 = `rsp`).
+    pub fn gpr_mut(&mut self, reg: u8) -> Option<&mut u64> {
+        Some(match reg {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            4 => &mut self.rsp,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => return None,
+        })
+    }
+}
+
+/// Which instruction an unchecked access was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessOp {
+    /// RDMSR.
+    Read,
+    /// WRMSR / WRMSRNS.
+    Write,
+    /// RDPMC.
+    Rdpmc,
+}
+
+/// An unchecked access that failed, as reported to the warn hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UncheckedAccess {
+    /// The instruction.
+    pub op: AccessOp,
+    /// The MSR index or counter (`ecx` at the site).
+    pub msr_or_counter: u32,
+    /// For writes, the value (`edx:eax`, or `rax` for `RAX_CONTRACT` sites); else 0.
+    pub value: u64,
+    /// Address of the site (the start of its patchable region).
+    pub site: usize,
+    /// Why it failed.
+    pub error: MsrError,
+}
+
+static WARN_HOOK: Once<fn(&UncheckedAccess)> = Once::new();
+
+/// Sets the hook told about failing unchecked accesses (once per site). The first call
+/// wins and later calls return `false`. Until a hook is set, failures are silent and do
+/// not use up a site's one warning. The hook runs inside the exception handler: it must
+/// not fault on MSRs itself, block, or allocate where the kernel cannot.
+pub fn set_warn_hook(hook: fn(&UncheckedAccess)) -> bool {
+    let mut installed = false;
+    WARN_HOOK.call_once(|| {
+        installed = true;
+        hook
+    });
+    installed
+}
+
+/// How many rewinds one fixup follows before it gives up. A stub's rewind lands on its
+/// caller's site entry, so one is normal; more means a stub called a stub, and a chain
+/// this long is a bug.
+pub const MAX_REWINDS: usize = 4;
+
+/// Handles an exception taken at `frame.rip` if the extable covers it. Returns `true`
+/// with `frame` updated (resume it), or `false` with `frame` untouched (not ours, or a
+/// malformed entry or chain: the kernel should treat the exception as fatal).
+///
+/// # Safety
+///
+/// `frame` must be the interrupted context of a real exception with vector `vector`
+/// (13 for `#GP`, 6 for `#UD`) raised at `frame.rip`, and `frame.rsp` must be that
+/// context's stack pointer: for rewind entries this reads the interrupted stack at
+/// `frame.rsp` (the words a stub left above its return address).
+pub unsafe fn fixup_exception(frame: &mut TrapFrame, vector: u8) -> bool {
+    // SAFETY: forwarded from the caller; the table is the running image's.
+    unsafe { fixup_with_table(extable::table(), frame, vector) }
+}
+
+/// [`fixup_exception`] against an explicit, sorted `table` (for tests on synthetic tables).
+///
+/// # Safety
+///
+/// As for [`fixup_exception`]; in addition every rewind entry of `table` that can match
+/// `frame.rip` must describe the stack at `frame.rsp` truthfully.
+pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, vector: u8) -> bool {
+    let mut work = *frame;
+    let mut carried: Option<MsrError> = None;
+    for _ in 0..=MAX_REWINDS {
+        let Some(entry) = extable::search(table, work.rip as usize) else {
+            return false;
+        };
+        let data = entry.data();
+        let applied = match data.kind() {
+            None => return false,
+            Some(Kind::Rewind) => {
+                // SAFETY: the entry is a rewind entry at the faulting rip, so (caller's
+                // contract) the stack at rsp holds what the entry describes.
+                match unsafe { rewind(&mut work, data, vector) } {
+                    Some(error) => {
+                        carried = Some(error);
+                        continue;
+                    }
+                    None => return false,
+                }
+            }
+            Some(kind) => apply(
+                &mut work,
+                entry,
+                kind,
+                data,
+                carried.unwrap_or(MsrError::Fault { vector }),
+            ),
+        };
+        if applied {
+            *frame = work;
+        }
+        return applied;
+    }
+    false
+}
+
+/// Applies a rewind entry to `frame`; returns the error it carries, or `None` if the
+/// entry or stack is malformed.
+///
+/// # Safety
+///
+/// `frame.rsp` must point at the stack the rewind entry describes: `skip` readable words
+/// and then the stub's return address.
+unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<MsrError> {
+    let skip = usize::from(data.reg());
+    let sp = frame.rsp as usize;
+    let ret_slot = sp.checked_add(8 * skip)?;
+    let new_sp = ret_slot.checked_add(8)?;
+    let error = if data.has(flags::CARRIES_ERROR) {
+        if skip == 0 {
+            return None;
+        }
+        // SAFETY: the caller guarantees the words above rsp are the stub's; the first is
+        // the error code it pushed. `read_unaligned`: the kernel may have been interrupted
+        // with any stack alignment.
+        let code = unsafe { (sp as *const u64).read_unaligned() };
+        MsrError::from_code(code)?
+    } else {
+        MsrError::Fault { vector }
+    };
+    // SAFETY: as above: the return address sits right above the skipped words.
+    let ret = unsafe { (ret_slot as *const u64).read_unaligned() };
+    frame.rip = ret.wrapping_add_signed(i64::from(data.imm()));
+    frame.rsp = new_sp as u64;
+    Some(error)
+}
+
+/// Applies a site entry of `kind`. Returns `false` for a malformed entry.
+fn apply(
+    frame: &mut TrapFrame,
+    entry: &ExtableEntry,
+    kind: Kind,
+    data: Data,
+    error: MsrError,
+) -> bool {
+    let rax_contract = data.has(flags::RAX_CONTRACT);
+    let zero_outputs = |frame: &mut TrapFrame| {
+        frame.rax = 0;
+        if !rax_contract {
+            frame.rdx = 0;
+        }
+    };
+    match kind {
+        Kind::ReadSafe | Kind::RdpmcSafe | Kind::WriteSafe => {
+            let target = data.reg();
+            if target == reg::RSP {
+                return false;
+            }
+            if kind != Kind::WriteSafe {
+                zero_outputs(frame);
+            }
+            match frame.gpr_mut(target) {
+                Some(slot) => *slot = error.to_code(),
+                None => return false,
+            }
+        }
+        Kind::Read | Kind::Rdpmc | Kind::Write => {
+            let op = match kind {
+                Kind::Read => AccessOp::Read,
+                Kind::Rdpmc => AccessOp::Rdpmc,
+                _ => AccessOp::Write,
+            };
+            let value = match (op, rax_contract) {
+                (AccessOp::Write, true) => frame.rax,
+                (AccessOp::Write, false) => {
+                    (frame.rdx & 0xffff_ffff) << 32 | (frame.rax & 0xffff_ffff)
+                }
+                _ => 0,
+            };
+            let access = UncheckedAccess {
+                op,
+                msr_or_counter: frame.rcx as u32,
+                value,
+                site: entry.insn_addr(),
+                error,
+            };
+            if op != AccessOp::Write {
+                zero_outputs(frame);
+            }
+            if let Some(hook) = WARN_HOOK.get()
+                && entry.mark_warned()
+            {
+                hook(&access);
+            }
+        }
+        Kind::Rewind => return false,
+    }
+    frame.rip = entry.fixup_addr() as u64;
+    true
+}

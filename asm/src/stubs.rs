@@ -1,0 +1,131 @@
+//! The MSR stubs: `global_asm!` functions with the native instruction's register contract.
+//!
+//! Each stub lives in its own `.S` file next to this module, with its register contract
+//! written above the code. Summary (flags are clobbered by every stub; every GPR not listed
+//! as an output, and `rsp`, is preserved):
+//!
+//! | stub | in | out |
+//! |---|---|---|
+//! | [`xenmsr_stub_rdmsr`] | `ecx` = MSR | `edx:eax`, upper halves of `rax`/`rdx` zero |
+//! | [`xenmsr_stub_wrmsr`] | `ecx` = MSR, `edx:eax` = value | none |
+//! | [`xenmsr_stub_rdpmc`] | `ecx` = counter | `edx:eax`, upper halves zero |
+//! | [`xenmsr_stub_rdmsr_rax`] | `ecx` = MSR | `rax` = value, `rdx` = high half |
+//!
+//! A stub saves the caller-saved registers it must, aligns the stack to 16 bytes itself
+//! (so a caller whose own stack is only 8-byte aligned is still safe), and calls the C-ABI
+//! handler in [`crate::backend`]. On "done" it loads the outputs and returns; on "native"
+//! it restores everything and executes the real instruction, whose extable entry is a
+//! rewind entry (a fault there is reported at the caller's call site); on failure it
+//! restores everything, leaves the error code on the stack and traps at a `ud2` whose
+//! rewind entry carries the error to the caller's own entry.
+//!
+//! The stubs are declared here as zero-sized `static`s, not functions: they do not follow
+//! any Rust ABI, so Rust must never call them. Only the emitters in [`crate::site`] (and
+//! tests that copy a site's exact shape) reference them, through `sym` operands.
+
+use core::arch::global_asm;
+
+use crate::backend::{STATUS_NATIVE, xenmsr_handle_rdpmc, xenmsr_handle_read, xenmsr_handle_write};
+use crate::extable::Data;
+
+/// Data word of the rewind entry on a stub's native instruction: nothing above the
+/// return address, the error is the fault itself.
+pub const REWIND_NATIVE: Data = Data::rewind(0, false);
+/// Data word of the rewind entry on a stub's `ud2`: one word (the error code) above the
+/// return address.
+pub const REWIND_ERROR: Data = Data::rewind(1, true);
+
+const NEG_NATIVE: i64 = -(STATUS_NATIVE as i64);
+
+global_asm!(
+    include_str!("stubs/rdmsr.S"),
+    handler = sym xenmsr_handle_read,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+global_asm!(
+    include_str!("stubs/rdmsr_rax.S"),
+    handler = sym xenmsr_handle_read,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+global_asm!(
+    include_str!("stubs/wrmsr.S"),
+    handler = sym xenmsr_handle_write,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+global_asm!(
+    include_str!("stubs/rdpmc.S"),
+    handler = sym xenmsr_handle_rdpmc,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+/// The code of one stub. Zero-sized and opaque: only its address means anything.
+#[repr(C)]
+#[derive(Debug)]
+pub struct StubCode([u8; 0]);
+
+// The stubs never follow a Rust ABI; declaring them as data keeps Rust from calling them.
+unsafe extern "C" {
+    /// RDMSR stub: in `ecx`; out `edx:eax`. See `stubs/rdmsr.S`.
+    pub safe static xenmsr_stub_rdmsr: StubCode;
+    /// WRMSR/WRMSRNS stub: in `ecx`, `edx:eax`. See `stubs/wrmsr.S`.
+    pub safe static xenmsr_stub_wrmsr: StubCode;
+    /// RDPMC stub: in `ecx`; out `edx:eax`. See `stubs/rdpmc.S`.
+    pub safe static xenmsr_stub_rdpmc: StubCode;
+    /// RDMSR stub for constant-index sites: in `ecx`; out `rax` (and `rdx` = high half).
+    /// See `stubs/rdmsr_rax.S`.
+    pub safe static xenmsr_stub_rdmsr_rax: StubCode;
+}
+
+/// Which stub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stub {
+    /// [`xenmsr_stub_rdmsr`]
+    Rdmsr,
+    /// [`xenmsr_stub_wrmsr`]
+    Wrmsr,
+    /// [`xenmsr_stub_rdpmc`]
+    Rdpmc,
+    /// [`xenmsr_stub_rdmsr_rax`]
+    RdmsrRax,
+}
+
+impl Stub {
+    /// Every stub.
+    pub const ALL: [Stub; 4] = [Stub::Rdmsr, Stub::Wrmsr, Stub::Rdpmc, Stub::RdmsrRax];
+
+    /// The stub's entry address.
+    pub fn addr(self) -> usize {
+        let code: *const StubCode = match self {
+            Stub::Rdmsr => &raw const xenmsr_stub_rdmsr,
+            Stub::Wrmsr => &raw const xenmsr_stub_wrmsr,
+            Stub::Rdpmc => &raw const xenmsr_stub_rdpmc,
+            Stub::RdmsrRax => &raw const xenmsr_stub_rdmsr_rax,
+        };
+        code as usize
+    }
+
+    /// The stub's symbol name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stub::Rdmsr => "xenmsr_stub_rdmsr",
+            Stub::Wrmsr => "xenmsr_stub_wrmsr",
+            Stub::Rdpmc => "xenmsr_stub_rdpmc",
+            Stub::RdmsrRax => "xenmsr_stub_rdmsr_rax",
+        }
+    }
+}

@@ -1,0 +1,71 @@
+/*
+ * xenmsr_stub_rdmsr: RDMSR with the native register contract.
+ *
+ *   in:        ecx = MSR index
+ *   out:       eax = low half, edx = high half; the upper halves of rax and rdx are zero
+ *   preserved: every other GPR (including all of rcx) and rsp
+ *   clobbered: flags
+ *
+ * Entered only by the 5-byte `call` of a site that has its own extable entry.
+ * Calls `xenmsr_handle_read(msr: u32) -> RawOutcome` (C ABI, rax = status, rdx = value):
+ *   status 0: done, rdx = value;
+ *   status 1: execute the real RDMSR here (REWIND entry, skip 0: a fault is reported at
+ *             the caller's call site as Fault);
+ *   else:     error code; push it and trap at ud2 (REWIND entry, skip 1, carries error).
+ * `neg` sets CF exactly when the status is not 0, and the pops that follow keep the flags,
+ * so one `jc` leaves the fast path for both "native" and "failed".
+ */
+	.pushsection .text.xenmsr_stub_rdmsr,"ax",@progbits
+	.balign 16
+	.globl xenmsr_stub_rdmsr
+	.hidden xenmsr_stub_rdmsr
+	.type xenmsr_stub_rdmsr,@function
+xenmsr_stub_rdmsr:
+	push %rcx
+	push %rsi
+	push %rdi
+	push %r8
+	push %r9
+	push %r10
+	push %r11
+	push %rbp
+	mov %rsp, %rbp
+	and $-16, %rsp
+	mov %ecx, %edi
+	call {handler}
+	leave
+	neg %rax
+	pop %r11
+	pop %r10
+	pop %r9
+	pop %r8
+	pop %rdi
+	pop %rsi
+	pop %rcx
+	jc .Lxenmsr_rdmsr_slow
+	mov %edx, %eax
+	shr $32, %rdx
+	ret
+.Lxenmsr_rdmsr_slow:
+	cmp ${neg_native}, %rax
+	jne .Lxenmsr_rdmsr_fail
+.Lxenmsr_rdmsr_native:
+	rdmsr
+	ret
+.Lxenmsr_rdmsr_fail:
+	neg %rax
+	push %rax
+.Lxenmsr_rdmsr_trap:
+	ud2
+	.size xenmsr_stub_rdmsr, . - xenmsr_stub_rdmsr
+
+	.pushsection xenmsr_extable,"awR",@progbits
+	.balign 4
+	.long .Lxenmsr_rdmsr_native - .
+	.long .Lxenmsr_rdmsr_native - .
+	.long {rewind_native}
+	.long .Lxenmsr_rdmsr_trap - .
+	.long .Lxenmsr_rdmsr_trap - .
+	.long {rewind_error}
+	.popsection
+	.popsection

@@ -1,0 +1,261 @@
+//! Alternatives patching: rewriting every recorded call site for the platform.
+//!
+//! Each site is a fixed-size region recorded in the `xenmsr_patch_sites` section. The
+//! region is sized for its largest variant, and every variant puts its faulting
+//! instruction at the region's first byte, so the site's one extable entry serves every
+//! variant:
+//!
+//! | op | Xen PV | native | native + WRMSRNS | native + MSR_IMM |
+//! |---|---|---|---|---|
+//! | read (5) | `call stub` | `cs cs cs rdmsr` | — | — |
+//! | write (5) | `call stub` | `cs cs cs wrmsr` | — | — |
+//! | write-ns (5) | `call stub` | `cs cs cs wrmsr` | `cs cs wrmsrns` | — |
+//! | rdpmc (5) | `call stub` | `cs cs cs rdpmc` | — | — |
+//! | read-imm (9) | `call stub; nop4` | `rdmsr; shl $32,%rdx; or %rdx,%rax` | — | `rdmsr $imm,%rax` |
+//! | write-imm (9) | `call stub; nop4` | `wrmsr; nop7` | `wrmsrns; nop6` | `wrmsrns %rax,$imm` |
+//!
+//! Redundant CS prefixes pad the short instructions instead of a trailing NOP (Intel's
+//! JCC-erratum guidance prefers CS); the 9-byte sites use NOPs, because seven prefixes
+//! would exceed what decoders handle without penalty. The `call` is always the first five
+//! bytes, so its return address minus [`CALL_LEN`](xenmsr_asm::CALL_LEN) is the
+//! site start: the stubs' rewind rule.
+
+use xenmsr_asm::patch::{PatchSite, SiteOp};
+
+/// CPU features that select native variants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// `WRMSRNS`: CPUID.(EAX=7,ECX=1):EAX[19].
+    pub wrmsrns: bool,
+    /// The immediate forms of RDMSR and WRMSRNS: CPUID.(EAX=7,ECX=1):ECX[5].
+    pub msr_imm: bool,
+}
+
+impl CpuFeatures {
+    /// Reads the features from a CPUID function (`cpuid(leaf, subleaf) -> [eax, ebx, ecx, edx]`).
+    pub fn from_cpuid(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
+        let max_leaf = cpuid(0, 0)[0];
+        if max_leaf < 7 {
+            return CpuFeatures::default();
+        }
+        let max_subleaf = cpuid(7, 0)[0];
+        if max_subleaf < 1 {
+            return CpuFeatures::default();
+        }
+        let [eax, _, ecx, _] = cpuid(7, 1);
+        CpuFeatures {
+            wrmsrns: eax & (1 << 19) != 0,
+            msr_imm: ecx & (1 << 5) != 0,
+        }
+    }
+
+    /// Reads the features of the CPU this runs on.
+    pub fn detect() -> Self {
+        Self::from_cpuid(|leaf, subleaf| {
+            // `cpuid` is unprivileged and has no side effects that matter here.
+            let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        })
+    }
+}
+
+/// Which code a site gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `call` the stub (Xen PV).
+    XenPv,
+    /// The instruction inline, using the features given.
+    Native(CpuFeatures),
+}
+
+/// Why a site could not be patched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchError {
+    /// The record's length is not the length of its op's sites (a corrupt record, or a
+    /// site emitted by another version of the emitters).
+    BadLength {
+        /// The site address.
+        site: usize,
+        /// The recorded length.
+        len: usize,
+    },
+    /// The stub is out of `rel32` reach of the site.
+    OutOfReach {
+        /// The site address.
+        site: usize,
+    },
+}
+
+/// The largest site.
+pub const MAX_SITE_LEN: usize = 9;
+
+/// The bytes of one variant of a site: the first `len` bytes of `bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteBytes {
+    bytes: [u8; MAX_SITE_LEN],
+    len: usize,
+}
+
+impl SiteBytes {
+    fn new(parts: &[&[u8]]) -> Self {
+        let mut bytes = [0u8; MAX_SITE_LEN];
+        let mut len = 0;
+        for part in parts {
+            bytes[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        SiteBytes { bytes, len }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+const CS: u8 = 0x2e;
+const RDMSR: [u8; 2] = [0x0f, 0x32];
+const WRMSR: [u8; 2] = [0x0f, 0x30];
+const RDPMC: [u8; 2] = [0x0f, 0x33];
+const WRMSRNS: [u8; 3] = [0x0f, 0x01, 0xc6];
+/// `shl $32, %rdx; or %rdx, %rax`: folds `edx:eax` into `rax`.
+const FOLD_EDX_EAX: [u8; 7] = [0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
+const NOP4: [u8; 4] = [0x0f, 0x1f, 0x40, 0x00];
+const NOP6: [u8; 6] = [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00];
+const NOP7: [u8; 7] = [0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00];
+/// VEX prefix and ModRM of `rdmsr $imm32, %rax` (VEX.128.F2.M7.W0 F6 /0).
+const RDMSR_IMM: [u8; 5] = [0xc4, 0xe7, 0x7b, 0xf6, 0xc0];
+/// VEX prefix and ModRM of `wrmsrns %rax, $imm32` (VEX.128.F3.M7.W0 F6 /0).
+const WRMSRNS_IMM: [u8; 5] = [0xc4, 0xe7, 0x7a, 0xf6, 0xc0];
+
+/// The length of every site of `op`.
+pub const fn site_len(op: SiteOp) -> usize {
+    match op {
+        SiteOp::Read | SiteOp::Write | SiteOp::WriteNs | SiteOp::Rdpmc => 5,
+        SiteOp::ReadImm | SiteOp::WriteImm => 9,
+    }
+}
+
+/// The bytes of `variant` for a site of `op` at `site` (length `len`, constant index
+/// `imm` for the immediate forms), whose stub is at `stub`.
+pub fn site_bytes(
+    op: SiteOp,
+    site: usize,
+    len: usize,
+    imm: u32,
+    stub: usize,
+    variant: Variant,
+) -> Result<SiteBytes, PatchError> {
+    if len != site_len(op) {
+        return Err(PatchError::BadLength { site, len });
+    }
+    let bytes = match variant {
+        Variant::XenPv => {
+            let rel = (stub as i64).wrapping_sub(site as i64 + 5);
+            let rel = i32::try_from(rel).map_err(|_| PatchError::OutOfReach { site })?;
+            let call = [
+                0xe8,
+                rel as u8,
+                (rel >> 8) as u8,
+                (rel >> 16) as u8,
+                (rel >> 24) as u8,
+            ];
+            if len == 9 {
+                SiteBytes::new(&[&call, &NOP4])
+            } else {
+                SiteBytes::new(&[&call])
+            }
+        }
+        Variant::Native(features) => {
+            let imm = imm.to_le_bytes();
+            match op {
+                SiteOp::Read => SiteBytes::new(&[&[CS, CS, CS], &RDMSR]),
+                SiteOp::Write => SiteBytes::new(&[&[CS, CS, CS], &WRMSR]),
+                SiteOp::WriteNs if features.wrmsrns => SiteBytes::new(&[&[CS, CS], &WRMSRNS]),
+                SiteOp::WriteNs => SiteBytes::new(&[&[CS, CS, CS], &WRMSR]),
+                SiteOp::Rdpmc => SiteBytes::new(&[&[CS, CS, CS], &RDPMC]),
+                SiteOp::ReadImm if features.msr_imm => SiteBytes::new(&[&RDMSR_IMM, &imm]),
+                SiteOp::ReadImm => SiteBytes::new(&[&RDMSR, &FOLD_EDX_EAX]),
+                SiteOp::WriteImm if features.msr_imm => SiteBytes::new(&[&WRMSRNS_IMM, &imm]),
+                SiteOp::WriteImm if features.wrmsrns => SiteBytes::new(&[&WRMSRNS, &NOP6]),
+                SiteOp::WriteImm => SiteBytes::new(&[&WRMSR, &NOP7]),
+            }
+        }
+    };
+    debug_assert_eq!(bytes.len, len);
+    Ok(bytes)
+}
+
+/// What [`patch_all`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatchReport {
+    /// Sites whose bytes were rewritten.
+    pub rewritten: usize,
+    /// Sites that already held the wanted bytes (patching is idempotent).
+    pub unchanged: usize,
+}
+
+/// The bytes `variant` wants at `site`.
+pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, PatchError> {
+    let op = site.op.ok_or(PatchError::BadLength {
+        site: site.addr,
+        len: usize::from(site.len),
+    })?;
+    site_bytes(
+        op,
+        site.addr,
+        usize::from(site.len),
+        site.imm,
+        op.stub().addr(),
+        variant,
+    )
+}
+
+/// Rewrites every site in `sites` for `variant`, through `write(address, bytes)`, which
+/// must store `bytes` at `address` (making the text writable if the kernel maps it
+/// read-only). A site that already holds the wanted bytes is not written, so patching
+/// twice changes nothing. Every record is checked before any site is written: one bad
+/// record leaves the image untouched.
+///
+/// # Safety
+///
+/// Every site must be a live patch site of this image (as [`xenmsr_asm::patch::patch_sites`]
+/// gives them), and no other CPU may be executing any of them while they are rewritten
+/// (early boot, one CPU). `write` must store exactly the given bytes.
+pub unsafe fn patch_sites(
+    sites: impl Iterator<Item = PatchSite> + Clone,
+    variant: Variant,
+    write: &mut dyn FnMut(usize, &[u8]),
+) -> Result<PatchReport, PatchError> {
+    for site in sites.clone() {
+        wanted_bytes(&site, variant)?;
+    }
+    let mut report = PatchReport::default();
+    for site in sites {
+        let wanted = wanted_bytes(&site, variant)?;
+        // SAFETY: `site.addr..site.addr + site.len` is a live patch site of this image
+        // (caller's contract), so it is mapped and readable.
+        let current =
+            unsafe { core::slice::from_raw_parts(site.addr as *const u8, usize::from(site.len)) };
+        if current == wanted.as_slice() {
+            report.unchanged += 1;
+        } else {
+            write(site.addr, wanted.as_slice());
+            report.rewritten += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Writes code bytes with plain volatile stores: for kernels whose text is writable at
+/// boot (a PV kernel's is, unless it has remapped it).
+///
+/// # Safety
+///
+/// `address..address + bytes.len()` must be writable memory that no CPU is executing.
+pub unsafe fn write_text_directly(address: usize, bytes: &[u8]) {
+    for (i, byte) in bytes.iter().enumerate() {
+        // SAFETY: in bounds of the writable range the caller guarantees.
+        unsafe { core::ptr::write_volatile((address + i) as *mut u8, *byte) };
+    }
+}

@@ -1,0 +1,122 @@
+//! Serving PMU MSR accesses and RDPMC from the cached context in the shared page.
+//!
+//! Only called while the page has `PMU_CACHED` set. A page whose bank offsets fail
+//! validation gives [`MsrError::PmuUnavailable`]: the access fails like a faulting
+//! instruction (the caller's `_safe` variant sees `Err`), rather than touching the real
+//! MSR, whose value Xen would overwrite at the flush anyway.
+
+use xenmsr_asm::{MsrError, Outcome};
+
+use super::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
+use super::layout::PmuLayout;
+use super::page::{AmdCtxt, BadPage, IntelCtxt, SharedPage, intel_field};
+
+/// A read or a write.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Access {
+    Read,
+    Write(u64),
+}
+
+/// Where a classified MSR lives in the cached context.
+enum Slot {
+    /// A page offset.
+    At(usize),
+    /// A fixed field of the Intel context (offset within the context).
+    Field(usize),
+    /// `GLOBAL_OVF_CTRL`: its own field, and a write also clears status bits.
+    OvfCtrl,
+    /// A PMU MSR without a slot: pass through.
+    None,
+}
+
+fn failed(_: BadPage) -> Outcome {
+    Outcome::Failed(MsrError::PmuUnavailable)
+}
+
+/// Emulates `access` to the classified `msr` from the cached context of `page`.
+pub(crate) fn access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Access) -> Outcome {
+    match (layout, msr) {
+        (PmuLayout::Intel(l), PmuMsr::Intel(m)) => {
+            match IntelCtxt::load(page, l.fixed_counters.into(), l.arch_counters.into()) {
+                Ok(ctxt) => intel(ctxt, m, access).unwrap_or_else(failed),
+                Err(e) => failed(e),
+            }
+        }
+        (PmuLayout::Amd(l), PmuMsr::Amd(m)) => {
+            let len = usize::try_from(l.num_counters).unwrap_or(usize::MAX);
+            match AmdCtxt::load(page, len) {
+                Ok(ctxt) => amd(ctxt, m, access).unwrap_or_else(failed),
+                Err(e) => failed(e),
+            }
+        }
+        // A classification from another layout: not ours to serve.
+        _ => Outcome::Native,
+    }
+}
+
+fn intel(ctxt: IntelCtxt, msr: IntelMsr, access: Access) -> Result<Outcome, BadPage> {
+    let field = Slot::Field;
+    let slot = match msr {
+        IntelMsr::GlobalOvfCtrl => Slot::OvfCtrl,
+        IntelMsr::GlobalStatus => field(intel_field::GLOBAL_STATUS),
+        IntelMsr::GlobalCtrl => field(intel_field::GLOBAL_CTRL),
+        IntelMsr::FixedCtrl => field(intel_field::FIXED_CTRL),
+        IntelMsr::DsArea => field(intel_field::DS_AREA),
+        IntelMsr::PebsEnable => field(intel_field::PEBS_ENABLE),
+        IntelMsr::FixedCounter(i) => Slot::At(ctxt.fixed_counter(i.into())?),
+        IntelMsr::ArchCounter(i) => Slot::At(ctxt.arch_counter(i.into())?),
+        IntelMsr::ArchCtrl(i) => Slot::At(ctxt.arch_control(i.into())?),
+    };
+    match slot {
+        Slot::OvfCtrl => match access {
+            Access::Read => ctxt
+                .read_field(intel_field::GLOBAL_OVF_CTRL)
+                .map(Outcome::Done),
+            Access::Write(value) => {
+                ctxt.write_field(intel_field::GLOBAL_OVF_CTRL, value)?;
+                let status = ctxt.read_field(intel_field::GLOBAL_STATUS)?;
+                ctxt.write_field(intel_field::GLOBAL_STATUS, status & !value)?;
+                Ok(Outcome::Done(0))
+            }
+        },
+        Slot::Field(f) => match access {
+            Access::Read => ctxt.read_field(f).map(Outcome::Done),
+            Access::Write(value) => ctxt.write_field(f, value).map(|()| Outcome::Done(0)),
+        },
+        Slot::At(off) => rw(ctxt.page(), off, access),
+        Slot::None => Ok(Outcome::Native),
+    }
+}
+
+fn amd(ctxt: AmdCtxt, msr: AmdMsr, access: Access) -> Result<Outcome, BadPage> {
+    let slot = match msr {
+        AmdMsr::Ctrl(i) => Slot::At(ctxt.ctrl(i.into())?),
+        AmdMsr::Counter(i) => Slot::At(ctxt.counter(i.into())?),
+        AmdMsr::NoSlot => Slot::None,
+    };
+    match slot {
+        Slot::At(off) => rw(ctxt.page(), off, access),
+        Slot::Field(_) | Slot::OvfCtrl | Slot::None => Ok(Outcome::Native),
+    }
+}
+
+/// Reads or writes the `u64` at page offset `off`.
+fn rw(page: SharedPage, off: usize, access: Access) -> Result<Outcome, BadPage> {
+    match access {
+        Access::Read => page.read::<u64>(off).map(Outcome::Done),
+        Access::Write(value) => page.write::<u64>(off, value).map(|()| Outcome::Done(0)),
+    }
+    .ok_or(BadPage::BankOffset)
+}
+
+/// RDPMC of the decoded counter `pmc` from the cached context of `page`.
+pub(crate) fn rdpmc(page: SharedPage, layout: &PmuLayout, pmc: PmcIndex) -> Outcome {
+    let msr = match (layout, pmc) {
+        (PmuLayout::Intel(_), PmcIndex::IntelFixed(i)) => PmuMsr::Intel(IntelMsr::FixedCounter(i)),
+        (PmuLayout::Intel(_), PmcIndex::IntelArch(i)) => PmuMsr::Intel(IntelMsr::ArchCounter(i)),
+        (PmuLayout::Amd(_), PmcIndex::Amd(i)) => PmuMsr::Amd(AmdMsr::Counter(i)),
+        _ => return Outcome::Failed(MsrError::InvalidCounter),
+    };
+    access(page, layout, msr, Access::Read)
+}

@@ -1,0 +1,700 @@
+//! The Xen vPMU backend: per-vCPU shared PMU pages, the PMI flow, and PMU MSR and RDPMC
+//! emulation from the context Xen caches in the page.
+//!
+//! # Model
+//!
+//! Each vCPU registers one zeroed, page-aligned 4 KiB page with `XENPMU_init`
+//! ([`Vpmu::init_vcpu`]). When a PMU counter overflows, Xen saves the vCPU's PMU registers
+//! into the page, sets `PMU_CACHED` in `pmu_flags` and raises `VIRQ_XENPMU`. The guest's
+//! handler ([`Vpmu::on_pmi`]) then reads and writes the PMU MSRs *in the page*; the
+//! `XENPMU_flush` that always ends the handler makes Xen load the page back into the
+//! hardware and clear `PMU_CACHED`.
+//!
+//! PMU MSR accesses ([`Vpmu::read`], [`Vpmu::write`]) and RDPMC ([`Vpmu::rdpmc`]) are
+//! served from the page exactly while its `PMU_CACHED` flag is set. That flag is the ABI's
+//! contract for when the cached copy is authoritative (Linux keys on a private "in the
+//! IRQ handler" flag instead; see `docs/pmu.md`). Otherwise a PMU MSR passes through
+//! ([`Outcome::Native`]: the stub executes the instruction and Xen emulates it), and RDPMC,
+//! which always faults for a PV guest, becomes an RDMSR of the counter MSR.
+//!
+//! # Concurrency
+//!
+//! The per-vCPU state is two atomics (the page pointer and the "in PMI" flag), never a
+//! lock: the PMI handler interrupts arbitrary code on its vCPU, including code in the
+//! middle of an MSR access, and a lock held there would deadlock. The configuration
+//! (hypercall page, layout, native reader) is a `spin::Once`.
+//!
+//! # Hostile page
+//!
+//! The page is written by Xen, bank offsets included. Every offset is validated against
+//! the page size, the counter counts and the other bank before use, and every access is
+//! a bounds-checked volatile access of one scalar through a raw pointer; an invalid page makes the access fail with
+//! [`MsrError::PmuUnavailable`], never panic and never go out of bounds.
+
+pub mod classify;
+mod emulate;
+pub mod layout;
+mod page;
+
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+use spin::Once;
+use xenmsr_asm::{MsrError, Outcome};
+use xenmsr_hypercall::abi::{PmuFlags, XenPmuFeature, XenPmuMode, XenPmuOp, XenPmuParams};
+use xenmsr_hypercall::{Errno, HypercallPage};
+
+pub use classify::{PmcIndex, PmuMsr, classify, decode_pmc};
+pub use layout::{AmdLayout, CpuVendor, IntelLayout, PmuLayout};
+pub use page::{BadPage, PAGE_SIZE};
+
+use emulate::Access;
+use page::SharedPage;
+
+/// The number of vCPUs a [`Vpmu`] has slots for.
+pub const MAX_VCPUS: usize = 64;
+
+/// Reads an MSR with the real instruction (never through a patched site), turning a
+/// fault into an error. RDPMC outside a PMI goes through this.
+///
+/// A kernel implements it over `xenmsr_asm::native::rdmsr_safe`; tests fake it.
+pub trait NativeMsr: Sync {
+    /// `rdmsr` of `msr`.
+    fn read_safe(&self, msr: u32) -> Result<u64, MsrError>;
+}
+
+/// Why a vPMU operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PmuError {
+    /// Xen's vPMU is off (`-EOPNOTSUPP`, or `-ENOSYS` from a Xen without `xenpmu_op`).
+    /// PMU MSRs then simply pass through.
+    Disabled,
+    /// This vCPU already has a page (`-EEXIST` from Xen, or found locally before asking).
+    AlreadyInitialized,
+    /// The vPMU is not available to this vCPU (`-ENOENT`).
+    NotAvailable,
+    /// Xen rejected an argument (`-EINVAL`): a bad MFN or vCPU, a wrong interface version,
+    /// no page registered on Xen's side, or a cached context Xen refused at flush.
+    InvalidArgument,
+    /// The op needs a privileged domain (`-EPERM`).
+    PermissionDenied,
+    /// Any other error from Xen.
+    Other(Errno),
+    /// The vCPU id is at least [`MAX_VCPUS`].
+    VcpuOutOfRange(u32),
+    /// The page is not 4 KiB aligned (no hypercall made).
+    MisalignedPage,
+    /// No page is registered for this vCPU.
+    NotInitialized,
+    /// The [`Vpmu`] has no hypercall page yet ([`Vpmu::configure`] was not called).
+    NotConfigured,
+}
+
+impl PmuError {
+    /// Maps a `xenpmu_op` error.
+    pub const fn from_errno(errno: Errno) -> Self {
+        match errno {
+            Errno::EOPNOTSUPP | Errno::ENOSYS => PmuError::Disabled,
+            Errno::EEXIST => PmuError::AlreadyInitialized,
+            Errno::ENOENT => PmuError::NotAvailable,
+            Errno::EINVAL => PmuError::InvalidArgument,
+            Errno::EPERM => PmuError::PermissionDenied,
+            other => PmuError::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for PmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PmuError::Disabled => write!(f, "vPMU disabled by the hypervisor"),
+            PmuError::AlreadyInitialized => write!(f, "vPMU page already registered"),
+            PmuError::NotAvailable => write!(f, "vPMU not available for this vCPU"),
+            PmuError::InvalidArgument => write!(f, "vPMU hypercall: invalid argument"),
+            PmuError::PermissionDenied => write!(f, "vPMU hypercall: not permitted"),
+            PmuError::Other(errno) => write!(f, "vPMU hypercall failed: {errno}"),
+            PmuError::VcpuOutOfRange(v) => write!(f, "vCPU {v} is beyond {MAX_VCPUS}"),
+            PmuError::MisalignedPage => write!(f, "vPMU page is not 4 KiB aligned"),
+            PmuError::NotInitialized => write!(f, "no vPMU page registered for this vCPU"),
+            PmuError::NotConfigured => write!(f, "vPMU backend not configured"),
+        }
+    }
+}
+
+impl From<PmuError> for MsrError {
+    fn from(e: PmuError) -> Self {
+        match e {
+            PmuError::Disabled => MsrError::PmuUnavailable,
+            PmuError::Other(errno) => MsrError::Hypercall(errno),
+            PmuError::AlreadyInitialized => MsrError::Hypercall(Errno::EEXIST),
+            PmuError::NotAvailable => MsrError::Hypercall(Errno::ENOENT),
+            PmuError::InvalidArgument => MsrError::Hypercall(Errno::EINVAL),
+            PmuError::PermissionDenied => MsrError::Hypercall(Errno::EPERM),
+            PmuError::VcpuOutOfRange(_)
+            | PmuError::MisalignedPage
+            | PmuError::NotInitialized
+            | PmuError::NotConfigured => MsrError::PmuUnavailable,
+        }
+    }
+}
+
+/// The registers of the sampled (interrupted) context, as Xen stored them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampledRegs {
+    /// Instruction pointer.
+    pub ip: u64,
+    /// Stack pointer.
+    pub sp: u64,
+    /// RFLAGS.
+    pub flags: u64,
+    /// Code selector.
+    pub cs: u16,
+    /// Stack selector.
+    pub ss: u16,
+    /// `regs.cpl` as Xen stored it (meaningful only without `PMU_SAMPLE_PV`).
+    pub cpl: u8,
+}
+
+/// What a PMI handler gets: the sample, read from the shared page when the PMI began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PmiContext {
+    /// The vCPU handling the PMI.
+    pub vcpu: u32,
+    /// The sampled registers.
+    pub regs: SampledRegs,
+    /// `pmu_flags` when the PMI began.
+    pub flags: PmuFlags,
+    /// The sampled vCPU (`xen_pmu_data.vcpu_id`).
+    pub sampled_vcpu: u32,
+    /// The physical CPU (`pcpu_id`; the vCPU id for an unprivileged guest).
+    pub pcpu: u32,
+    /// The sampled domain (`domain_id`; `DOMID_SELF` for the guest itself).
+    pub domain_id: u16,
+}
+
+impl PmiContext {
+    /// The sample's privilege level: for a PV sample (`PMU_SAMPLE_PV`), 3 if
+    /// `PMU_SAMPLE_USER` is set and 0 otherwise (a PV kernel runs in ring 3, so Xen's
+    /// `cpl` would not tell kernel from user); for any other sample, `regs.cpl`.
+    pub fn cpl(&self) -> u8 {
+        if self.flags.contains(PmuFlags::SAMPLE_PV) {
+            if self.flags.contains(PmuFlags::SAMPLE_USER) {
+                3
+            } else {
+                0
+            }
+        } else {
+            self.regs.cpl
+        }
+    }
+
+    /// Whether the sample is from user mode ([`cpl`](Self::cpl) is not 0).
+    pub fn user_mode(&self) -> bool {
+        self.cpl() != 0
+    }
+
+    /// Whether Xen had cached the PMU context when the PMI began (it always has for a
+    /// PMI it raised; without it the handler's MSR accesses pass through).
+    pub fn cached(&self) -> bool {
+        self.flags.contains(PmuFlags::CACHED)
+    }
+}
+
+struct Config {
+    hypercalls: HypercallPage,
+    layout: PmuLayout,
+    native: &'static dyn NativeMsr,
+}
+
+/// The per-vCPU state.
+struct Slot {
+    /// The registered page, or null.
+    page: AtomicPtr<u8>,
+    /// Inside [`Vpmu::on_pmi`].
+    in_pmi: AtomicBool,
+}
+
+impl Slot {
+    const fn new() -> Self {
+        Slot {
+            page: AtomicPtr::new(core::ptr::null_mut()),
+            in_pmi: AtomicBool::new(false),
+        }
+    }
+
+    fn page(&self) -> Option<SharedPage> {
+        let p = NonNull::new(self.page.load(Ordering::Acquire))?;
+        // SAFETY: only `init_vcpu` stores a non-null pointer here, and its caller
+        // guaranteed the page 4 KiB aligned and valid for volatile access until
+        // `finish_vcpu` for this vCPU has returned and no call that loaded it is running.
+        Some(unsafe { SharedPage::new(p) })
+    }
+}
+
+/// The vPMU backend: configuration plus one slot per vCPU.
+///
+/// Statics-friendly: `static VPMU: Vpmu = Vpmu::new();` then [`configure`](Self::configure)
+/// at boot (or [`Vpmu::with`] when everything is known at compile time).
+pub struct Vpmu {
+    config: Once<Config>,
+    disabled: AtomicBool,
+    slots: [Slot; MAX_VCPUS],
+}
+
+impl fmt::Debug for Vpmu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vpmu")
+            .field("layout", &self.layout())
+            .field("disabled", &self.is_disabled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Vpmu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The hypercall result of `op`, mapped.
+fn op(
+    hypercalls: HypercallPage,
+    op: XenPmuOp,
+    params: Option<&mut XenPmuParams>,
+) -> Result<u64, PmuError> {
+    // SAFETY: the ops made through here are MODE_GET / FEATURE_GET (params only),
+    // FINISH (unregisters a page), LVTPC_SET and FLUSH (act on the registered page,
+    // which this module only accesses through raw volatile pointers, never references).
+    // INIT is made only by `init_vcpu`, whose caller gave the page and its MFN under the
+    // contract `xenpmu_op` states.
+    unsafe { hypercalls.xenpmu_op(op, params) }.map_err(PmuError::from_errno)
+}
+
+impl Vpmu {
+    /// An unconfigured backend: no PMU MSRs, every op [`PmuError::NotConfigured`].
+    pub const fn new() -> Self {
+        Vpmu {
+            config: Once::new(),
+            disabled: AtomicBool::new(false),
+            slots: [const { Slot::new() }; MAX_VCPUS],
+        }
+    }
+
+    /// A configured backend.
+    pub const fn with(
+        hypercalls: HypercallPage,
+        layout: PmuLayout,
+        native: &'static dyn NativeMsr,
+    ) -> Self {
+        Vpmu {
+            config: Once::initialized(Config {
+                hypercalls,
+                layout,
+                native,
+            }),
+            disabled: AtomicBool::new(false),
+            slots: [const { Slot::new() }; MAX_VCPUS],
+        }
+    }
+
+    /// Configures the backend: the first call wins and returns `true`; later calls
+    /// change nothing and return `false`.
+    pub fn configure(
+        &self,
+        hypercalls: HypercallPage,
+        layout: PmuLayout,
+        native: &'static dyn NativeMsr,
+    ) -> bool {
+        let mut first = false;
+        self.config.call_once(|| {
+            first = true;
+            Config {
+                hypercalls,
+                layout,
+                native,
+            }
+        });
+        first
+    }
+
+    fn config(&self) -> Result<&Config, PmuError> {
+        self.config.get().ok_or(PmuError::NotConfigured)
+    }
+
+    fn slot(&self, vcpu: u32) -> Result<&Slot, PmuError> {
+        usize::try_from(vcpu)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .ok_or(PmuError::VcpuOutOfRange(vcpu))
+    }
+
+    /// Notes a `Disabled` answer so later registrations skip the hypercall.
+    fn note<T>(&self, r: Result<T, PmuError>) -> Result<T, PmuError> {
+        if r.as_ref().err() == Some(&PmuError::Disabled) {
+            self.disabled.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// The layout ([`PmuLayout::None`] before configuration).
+    pub fn layout(&self) -> PmuLayout {
+        self.config.get().map_or(PmuLayout::None, |c| c.layout)
+    }
+
+    /// Whether Xen answered that its vPMU is disabled. Once it has, [`init_vcpu`]
+    /// answers [`PmuError::Disabled`] without a hypercall (Xen's switch is global).
+    ///
+    /// [`init_vcpu`]: Self::init_vcpu
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether `vcpu` has a registered page.
+    pub fn is_initialized(&self, vcpu: u32) -> bool {
+        self.slot(vcpu).is_ok_and(|s| s.page().is_some())
+    }
+
+    /// Whether `vcpu`'s page currently has `PMU_CACHED` set.
+    pub fn is_cached(&self, vcpu: u32) -> bool {
+        self.slot(vcpu)
+            .ok()
+            .and_then(Slot::page)
+            .is_some_and(SharedPage::cached)
+    }
+
+    /// Registers `page` as `vcpu`'s shared PMU page: zeroes it, then `XENPMU_init` with
+    /// version 0.1, `val = mfn` and `vcpu`.
+    ///
+    /// Fails without a hypercall when the page is misaligned, the vCPU is out of range,
+    /// the vCPU already has a page, the backend is unconfigured, or Xen already said its
+    /// vPMU is disabled. On failure the page is not kept.
+    ///
+    /// # Safety
+    ///
+    /// - `page` must be valid for reads and writes of [`PAGE_SIZE`] bytes, and `mfn` must
+    ///   be its machine frame number.
+    /// - On success the page belongs to this backend and to Xen: it must stay allocated
+    ///   and must not be accessed otherwise until [`finish_vcpu`](Self::finish_vcpu) for
+    ///   `vcpu` has returned `Ok`, and no other call for `vcpu` started before that
+    ///   returned is still running.
+    pub unsafe fn init_vcpu(&self, vcpu: u32, page: NonNull<u8>, mfn: u64) -> Result<(), PmuError> {
+        if page.as_ptr().align_offset(PAGE_SIZE) != 0 {
+            return Err(PmuError::MisalignedPage);
+        }
+        let slot = self.slot(vcpu)?;
+        let config = self.config()?;
+        if self.is_disabled() {
+            return Err(PmuError::Disabled);
+        }
+        if !slot.page.load(Ordering::Acquire).is_null() {
+            return Err(PmuError::AlreadyInitialized);
+        }
+        // SAFETY: aligned (checked above) and valid for PAGE_SIZE bytes (caller).
+        let shared = unsafe { SharedPage::new(page) };
+        shared.zero();
+        // Claim the slot; the zeroed page has no PMU_CACHED, so accesses racing with the
+        // hypercall pass through.
+        if slot
+            .page
+            .compare_exchange(
+                core::ptr::null_mut(),
+                page.as_ptr(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return Err(PmuError::AlreadyInitialized);
+        }
+        let mut params = XenPmuParams::new(mfn, vcpu);
+        let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
+        if r.is_err() {
+            slot.page.store(core::ptr::null_mut(), Ordering::Release);
+        }
+        r.map(drop)
+    }
+
+    /// Unregisters `vcpu`'s page: `XENPMU_finish` with `vcpu` and version 0.1. The page is
+    /// forgotten even when Xen fails the call (as Linux does).
+    ///
+    /// After `Ok` the caller may free the page. After an error from Xen the page may
+    /// still be mapped by Xen, which could write it at a later PMI: the caller should
+    /// leak it rather than reuse it. [`PmuError::NotInitialized`] (no page) makes no
+    /// hypercall.
+    pub fn finish_vcpu(&self, vcpu: u32) -> Result<(), PmuError> {
+        let slot = self.slot(vcpu)?;
+        let config = self.config()?;
+        let old = slot.page.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if old.is_null() {
+            return Err(PmuError::NotInitialized);
+        }
+        let mut params = XenPmuParams::new(0, vcpu);
+        self.note(op(config.hypercalls, XenPmuOp::FINISH, Some(&mut params)))
+            .map(drop)
+    }
+
+    /// `XENPMU_mode_get`: the mode and the interface version `(major, minor)` Xen reports.
+    pub fn mode_get(&self) -> Result<(XenPmuMode, u32, u32), PmuError> {
+        let config = self.config()?;
+        let mut params = XenPmuParams::new(0, 0);
+        self.note(op(config.hypercalls, XenPmuOp::MODE_GET, Some(&mut params)))?;
+        Ok((
+            XenPmuMode::from_bits_retain(params.val),
+            params.version_maj,
+            params.version_min,
+        ))
+    }
+
+    /// `XENPMU_feature_get`: the vPMU features.
+    pub fn feature_get(&self) -> Result<XenPmuFeature, PmuError> {
+        let config = self.config()?;
+        let mut params = XenPmuParams::new(0, 0);
+        self.note(op(
+            config.hypercalls,
+            XenPmuOp::FEATURE_GET,
+            Some(&mut params),
+        ))?;
+        Ok(XenPmuFeature::from_bits_retain(params.val))
+    }
+
+    /// The guest wrote `value` to its APIC LVTPC: stores the value in the page's
+    /// `lapic_lvtpc` and, outside a PMI, makes `XENPMU_lvtpc_set` so that Xen applies it.
+    /// Inside a PMI ([`on_pmi`](Self::on_pmi) running, or `PMU_CACHED` set) the flush
+    /// that ends the PMI applies it, so no hypercall is made.
+    pub fn lvtpc_set(&self, vcpu: u32, value: u32) -> Result<(), PmuError> {
+        let slot = self.slot(vcpu)?;
+        let config = self.config()?;
+        let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        page.set_lapic_lvtpc(value);
+        if slot.in_pmi.load(Ordering::Acquire) || page.cached() {
+            return Ok(());
+        }
+        self.note(op(config.hypercalls, XenPmuOp::LVTPC_SET, None))
+            .map(drop)
+    }
+
+    /// Runs a PMI handler for `vcpu` and then always makes `XENPMU_flush`.
+    ///
+    /// Reads the sample from the page, marks the vCPU "in PMI", runs `handler` (whose PMU
+    /// MSR accesses and RDPMCs are served from the cached context while `PMU_CACHED` is
+    /// set), flushes, and clears the mark (restoring an outer PMI's mark when nested).
+    ///
+    /// The flush runs on every normal return and also when `handler` unwinds (host
+    /// builds with `panic = "unwind"`). A `no_std` kernel normally builds with
+    /// `panic = "abort"`, where a panicking handler never returns here; there is
+    /// nothing left to flush for then.
+    ///
+    /// Returns the handler's result, or the flush's error (Linux likewise reports a
+    /// failed flush as "not handled"); the handler's result is then dropped.
+    pub fn on_pmi<R>(
+        &self,
+        vcpu: u32,
+        handler: impl FnOnce(&PmiContext) -> R,
+    ) -> Result<R, PmuError> {
+        let slot = self.slot(vcpu)?;
+        let config = self.config()?;
+        let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        let regs = page.regs();
+        let (sampled_vcpu, pcpu, domain_id) = page.sample_ids();
+        let ctx = PmiContext {
+            vcpu,
+            regs: SampledRegs {
+                ip: regs.ip,
+                sp: regs.sp,
+                flags: regs.flags,
+                cs: regs.cs,
+                ss: regs.ss,
+                cpl: regs.cpl,
+            },
+            flags: page.flags(),
+            sampled_vcpu,
+            pcpu,
+            domain_id,
+        };
+        let guard = PmiGuard {
+            slot,
+            hypercalls: config.hypercalls,
+            outer: slot.in_pmi.swap(true, Ordering::AcqRel),
+            armed: true,
+        };
+        let value = handler(&ctx);
+        let flushed = guard.finish();
+        self.note(flushed).map(|()| value)
+    }
+
+    /// `rdmsr` of `msr` on `vcpu`: `None` if `msr` is not a PMU MSR of this layout;
+    /// `Some(Native)` if it is but the context is not cached (pass through); otherwise the
+    /// cached value, or `Failed(PmuUnavailable)` for a page that fails validation.
+    pub fn read(&self, vcpu: u32, msr: u32) -> Option<Outcome> {
+        self.access(vcpu, msr, Access::Read)
+    }
+
+    /// `wrmsr` of `value` to `msr` on `vcpu`: as [`read`](Self::read), storing into the
+    /// cached context. A write of `IA32_PERF_GLOBAL_OVF_CTRL` also clears those bits of
+    /// the cached `global_status`.
+    pub fn write(&self, vcpu: u32, msr: u32, value: u64) -> Option<Outcome> {
+        self.access(vcpu, msr, Access::Write(value))
+    }
+
+    fn access(&self, vcpu: u32, msr: u32, access: Access) -> Option<Outcome> {
+        let layout = self.config.get()?.layout;
+        let class = classify(&layout, msr)?;
+        Some(match self.cached_page(vcpu) {
+            Some(page) => emulate::access(page, &layout, class, access),
+            None => Outcome::Native,
+        })
+    }
+
+    /// `vcpu`'s page if it has `PMU_CACHED` set.
+    fn cached_page(&self, vcpu: u32) -> Option<SharedPage> {
+        self.slot(vcpu).ok()?.page().filter(|p| p.cached())
+    }
+
+    /// RDPMC of `counter` on `vcpu`, with the configured native reader. See
+    /// [`rdpmc_with`](Self::rdpmc_with).
+    pub fn rdpmc(&self, vcpu: u32, counter: u32) -> Outcome {
+        match self.config.get() {
+            Some(config) => self.rdpmc_with(vcpu, counter, config.native),
+            None => Outcome::Failed(MsrError::InvalidCounter),
+        }
+    }
+
+    /// RDPMC of `counter` on `vcpu`.
+    ///
+    /// - A counter index that names no counter of the layout (Intel: bit 30 plus a fixed
+    ///   index below the fixed count, or a general index below the general count, and no
+    ///   other bits; AMD: below the counter count) is `Failed(InvalidCounter)`.
+    /// - While `PMU_CACHED` is set: the cached counter (Intel `fixed_counters[i]` or
+    ///   `arch_counters[i].counter`; AMD `counters[i]`).
+    /// - Otherwise: `native.read_safe` of the counter MSR (Intel `0x309 + i` or `0xc1 + i`;
+    ///   AMD `counters_base + i * step`), its error surfaced as `Failed`.
+    pub fn rdpmc_with(&self, vcpu: u32, counter: u32, native: &dyn NativeMsr) -> Outcome {
+        let layout = self.layout();
+        let Some(pmc) = decode_pmc(&layout, counter) else {
+            return Outcome::Failed(MsrError::InvalidCounter);
+        };
+        if let Some(page) = self.cached_page(vcpu) {
+            return emulate::rdpmc(page, &layout, pmc);
+        }
+        match pmc.msr(&layout) {
+            Some(msr) => match native.read_safe(msr) {
+                Ok(value) => Outcome::Done(value),
+                Err(e) => Outcome::Failed(e),
+            },
+            None => Outcome::Failed(MsrError::InvalidCounter),
+        }
+    }
+}
+
+/// Ends a PMI: flushes and restores the "in PMI" mark, on the normal path via
+/// [`finish`](Self::finish) and on unwinding via `Drop`.
+struct PmiGuard<'a> {
+    slot: &'a Slot,
+    hypercalls: HypercallPage,
+    outer: bool,
+    armed: bool,
+}
+
+impl PmiGuard<'_> {
+    fn flush(&mut self) -> Result<(), PmuError> {
+        self.armed = false;
+        let r = op(self.hypercalls, XenPmuOp::FLUSH, None).map(drop);
+        self.slot.in_pmi.store(self.outer, Ordering::Release);
+        r
+    }
+
+    fn finish(mut self) -> Result<(), PmuError> {
+        self.flush()
+    }
+}
+
+impl Drop for PmiGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Unwinding out of the handler: the error has nowhere to go.
+            let _ = self.flush();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The global instance a kernel uses.
+// ---------------------------------------------------------------------------------------
+
+static VPMU: Vpmu = Vpmu::new();
+
+/// Reads MSRs with a raw, never-patched RDMSR (`xenmsr_asm::native::rdmsr_safe`): the
+/// native reader [`install`] uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawMsr;
+
+impl NativeMsr for RawMsr {
+    fn read_safe(&self, msr: u32) -> Result<u64, MsrError> {
+        // SAFETY: the backend reads only performance-counter MSRs through this (for RDPMC
+        // emulation); reading them has no effect on memory.
+        unsafe { xenmsr_asm::native::rdmsr_safe(msr) }
+    }
+}
+
+/// The CPUID of the CPU this runs on, as `[eax, ebx, ecx, edx]`.
+pub fn raw_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Configures the global backend with the raw `cpuid` instruction and [`RawMsr`] (first
+/// call wins) and returns it.
+///
+/// On Xen PV the raw `cpuid` may show the host's leaves where Xen's filtered view (the
+/// forced-emulation form) differs; a kernel that has the filtered form should use
+/// [`install_with`]. A layout claiming more counters than Xen's banks hold is caught by
+/// the page validation (the accesses fail with `PmuUnavailable`), never read past.
+pub fn install(hypercalls: HypercallPage) -> &'static Vpmu {
+    install_with(hypercalls, &RawMsr, raw_cpuid)
+}
+
+/// Configures the global backend (first call wins) and returns it.
+///
+/// `cpuid(leaf, subleaf)` should be Xen's view of CPUID (in a PV guest, the
+/// forced-emulation form), since Xen sizes the shared page by that view.
+pub fn install_with(
+    hypercalls: HypercallPage,
+    native: &'static dyn NativeMsr,
+    cpuid: impl Fn(u32, u32) -> [u32; 4],
+) -> &'static Vpmu {
+    if VPMU.config.get().is_none() {
+        VPMU.configure(hypercalls, PmuLayout::from_cpuid(cpuid), native);
+    }
+    &VPMU
+}
+
+/// The global backend.
+pub fn global() -> &'static Vpmu {
+    &VPMU
+}
+
+/// [`Vpmu::init_vcpu`] on the global backend.
+///
+/// # Safety
+///
+/// As for [`Vpmu::init_vcpu`].
+pub unsafe fn init(vcpu: u32, page: NonNull<u8>, mfn: u64) -> Result<(), PmuError> {
+    // SAFETY: forwarded to the caller.
+    unsafe { VPMU.init_vcpu(vcpu, page, mfn) }
+}
+
+/// [`Vpmu::finish_vcpu`] on the global backend.
+pub fn finish(vcpu: u32) -> Result<(), PmuError> {
+    VPMU.finish_vcpu(vcpu)
+}
+
+/// [`Vpmu::on_pmi`] on the global backend.
+pub fn on_pmi<R>(vcpu: u32, handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
+    VPMU.on_pmi(vcpu, handler)
+}
+
+/// [`Vpmu::lvtpc_set`] on the global backend.
+pub fn lvtpc_set(vcpu: u32, value: u32) -> Result<(), PmuError> {
+    VPMU.lvtpc_set(vcpu, value)
+}

@@ -1,0 +1,114 @@
+//! The Xen PV policy: the backend the stubs consult on Xen PV.
+//!
+//! For each access it either answers (a hypercall, an ignored write, a fixed-up value, a
+//! vPMU slot), says "do native" (the stub executes the real instruction, which Xen traps
+//! and emulates), or fails with a typed error, which reaches the caller through the
+//! stub's rewind path exactly like a native fault.
+
+use xenmsr_asm::{MsrBackend, MsrError, Outcome};
+use xenmsr_hypercall::HypercallPage;
+
+use crate::pmu::{NativeMsr, RawMsr, Vpmu};
+use crate::routes::{self, ReadRoute, WriteRoute};
+
+/// The routing policy of a Xen PV guest.
+pub struct XenPvPolicy<N: NativeMsr + 'static = RawMsr> {
+    hypercalls: HypercallPage,
+    vcpu_id: fn() -> u32,
+    native: N,
+    pmu: Option<&'static Vpmu>,
+}
+
+impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XenPvPolicy")
+            .field("hypercalls", &self.hypercalls)
+            .field("pmu", &self.pmu.is_some())
+            .finish()
+    }
+}
+
+impl<N: NativeMsr> XenPvPolicy<N> {
+    /// A policy that makes its hypercalls through `hypercalls`, learns the current vCPU
+    /// from `vcpu_id`, reads MSRs natively through `native`, and sends PMU MSRs and RDPMC
+    /// to `pmu` (when `None`, they pass through).
+    pub const fn new(
+        hypercalls: HypercallPage,
+        vcpu_id: fn() -> u32,
+        native: N,
+        pmu: Option<&'static Vpmu>,
+    ) -> Self {
+        XenPvPolicy {
+            hypercalls,
+            vcpu_id,
+            native,
+            pmu,
+        }
+    }
+
+    /// Decides a read. Public so that benchmarks and tests can drive the policy
+    /// without a stub in between.
+    #[inline]
+    pub fn decide_read(&self, msr: u32) -> Outcome {
+        match routes::lookup(msr) {
+            Some(route) => match route.read {
+                ReadRoute::Native => Outcome::Native,
+                ReadRoute::ApicBaseFixup => match self.native.read_safe(msr) {
+                    Ok(raw) => Outcome::Done(routes::fix_apic_base(raw, (self.vcpu_id)())),
+                    Err(error) => Outcome::Failed(error),
+                },
+            },
+            None => match self.pmu {
+                Some(pmu) => pmu.read((self.vcpu_id)(), msr).unwrap_or(Outcome::Native),
+                None => Outcome::Native,
+            },
+        }
+    }
+
+    /// Decides a write.
+    #[inline]
+    pub fn decide_write(&self, msr: u32, value: u64) -> Outcome {
+        match routes::lookup(msr) {
+            Some(route) => match route.write {
+                WriteRoute::Native => Outcome::Native,
+                WriteRoute::Ignore => Outcome::Done(0),
+                WriteRoute::SegmentBase(which) => {
+                    match self.hypercalls.set_segment_base(which, value) {
+                        Ok(()) => Outcome::Done(0),
+                        Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
+                    }
+                }
+            },
+            None => match self.pmu {
+                Some(pmu) => pmu
+                    .write((self.vcpu_id)(), msr, value)
+                    .unwrap_or(Outcome::Native),
+                None => Outcome::Native,
+            },
+        }
+    }
+
+    /// Decides an RDPMC. RDPMC always faults for a PV guest (Xen never sets CR4.PCE and
+    /// does not emulate it), so without a vPMU backend it is left to fault natively.
+    #[inline]
+    pub fn decide_rdpmc(&self, counter: u32) -> Outcome {
+        match self.pmu {
+            Some(pmu) => pmu.rdpmc((self.vcpu_id)(), counter),
+            None => Outcome::Native,
+        }
+    }
+}
+
+impl<N: NativeMsr> MsrBackend for XenPvPolicy<N> {
+    fn read(&self, msr: u32) -> Outcome {
+        self.decide_read(msr)
+    }
+
+    fn write(&self, msr: u32, value: u64) -> Outcome {
+        self.decide_write(msr, value)
+    }
+
+    fn rdpmc(&self, counter: u32) -> Outcome {
+        self.decide_rdpmc(counter)
+    }
+}

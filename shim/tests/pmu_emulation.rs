@@ -1,0 +1,510 @@
+//! The PMI flow and cached-context emulation: MSR accesses and RDPMC inside and outside a
+//! PMI, on Intel and AMD layouts, with "Xen" scripted on the mock hypercall page.
+
+mod pmu_common;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use pmu_common::*;
+use xenmsr::pmu::{AmdLayout, IntelLayout, PmuError, PmuLayout};
+use xenmsr_asm::{MsrError, Outcome};
+use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PmuFlags};
+use xenmsr_hypercall::{Errno, mock, nr};
+
+const FIXED: [u64; 3] = [0x1000, 0x1001, 0x1002];
+const ARCH: [(u64, u64); 4] = [
+    (0x2000, 0x43_003c),
+    (0x2001, 0x43_00c0),
+    (0x2002, 0x43_412e),
+    (0x2003, 0x43_00c4),
+];
+
+/// Page offset of Intel `fixed_counters[i]` / `arch_counters[i]` as Xen lays them out.
+fn fixed_at(i: usize) -> usize {
+    PMU_CTXT_OFFSET + 64 + 8 * i
+}
+fn arch_at(i: usize) -> usize {
+    PMU_CTXT_OFFSET + 64 + 8 * FIXED.len() + 16 * i
+}
+
+#[test]
+fn intel_pmi_serves_msrs_from_the_cache_and_always_flushes() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), SKYLAKE, native);
+    xen_ok(a);
+    registered(&v, 0, &page);
+
+    // Before the PMI: PMU MSRs pass through, others are not ours.
+    assert_eq!(v.read(0, 0x38f), Some(Outcome::Native));
+    assert_eq!(v.write(0, 0x186, 1), Some(Outcome::Native));
+    assert_eq!(v.read(0, 0x10), None);
+
+    // Xen injects a PMI: caches the context and the sample.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    page.w64(intel::GLOBAL_CTRL, 0x7_0000_000f);
+    page.w64(intel::GLOBAL_STATUS, 0x3_0000_0005);
+    page.w64(intel::FIXED_CTRL, 0x333);
+    page.w64(intel::DS_AREA, 0xffff_8000_0000_1000);
+    page.w64(intel::PEBS_ENABLE, 0);
+    page.w64(16, 0xffff_ffff_8100_0000); // ip
+    page.w64(24, 0xffff_c900_0000_0f00); // sp
+    page.w64(32, 0x246); // flags
+    page.w32(40, 0xe033); // cs | ss << 16
+    page.w64(0, 7 | (2 << 32)); // vcpu_id 7, pcpu_id 2
+    set_flags(
+        a,
+        PmuFlags::CACHED | PmuFlags::SAMPLE_PV | PmuFlags::SAMPLE_USER,
+    );
+
+    let out = v
+        .on_pmi(0, |ctx| {
+            assert!(ctx.cached());
+            assert_eq!(ctx.regs.ip, 0xffff_ffff_8100_0000);
+            assert_eq!(ctx.regs.sp, 0xffff_c900_0000_0f00);
+            assert_eq!(ctx.regs.flags, 0x246);
+            assert_eq!((ctx.regs.cs, ctx.regs.ss), (0xe033, 0));
+            assert_eq!((ctx.sampled_vcpu, ctx.pcpu), (7, 2));
+            assert_eq!(ctx.cpl(), 3, "PV sample in user mode");
+            assert!(ctx.user_mode());
+
+            // Reads from the cache.
+            for (i, f) in FIXED.iter().enumerate() {
+                assert_eq!(v.read(0, 0x309 + i as u32), Some(Outcome::Done(*f)));
+            }
+            for (i, (counter, control)) in ARCH.iter().enumerate() {
+                let i = i as u32;
+                assert_eq!(v.read(0, 0xc1 + i), Some(Outcome::Done(*counter)));
+                assert_eq!(v.read(0, 0x4c1 + i), Some(Outcome::Done(*counter)), "alias");
+                assert_eq!(v.read(0, 0x186 + i), Some(Outcome::Done(*control)));
+            }
+            assert_eq!(v.read(0, 0x38f), Some(Outcome::Done(0x7_0000_000f)));
+            assert_eq!(v.read(0, 0x38e), Some(Outcome::Done(0x3_0000_0005)));
+            assert_eq!(v.read(0, 0x38d), Some(Outcome::Done(0x333)));
+            assert_eq!(v.read(0, 0x600), Some(Outcome::Done(0xffff_8000_0000_1000)));
+            assert_eq!(v.read(0, 0x3f1), Some(Outcome::Done(0)));
+            // Beyond the counts: not PMU MSRs of this layout.
+            assert_eq!(v.read(0, 0x30c), None);
+            assert_eq!(v.read(0, 0xc5), None);
+            assert_eq!(v.read(0, 0x4c5), None);
+            assert_eq!(v.read(0, 0x18a), None);
+            // DEBUGCTL is not served from the cache (Xen neither saves nor loads it).
+            assert_eq!(v.read(0, 0x1d9), None);
+
+            // Writes into the cache.
+            assert_eq!(v.write(0, 0x30a, 0xaaaa), Some(Outcome::Done(0)));
+            assert_eq!(
+                v.write(0, 0x4c3, 0xbbbb),
+                Some(Outcome::Done(0)),
+                "alias write"
+            );
+            assert_eq!(v.write(0, 0xc2, 0xcccc), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0, 0x189, 0x41_003c), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0, 0x38f, 0x1), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0, 0x38d, 0xb), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0, 0x600, 0x5000), Some(Outcome::Done(0)));
+            // GLOBAL_OVF_CTRL: stored, and clears those bits of global_status.
+            assert_eq!(v.write(0, 0x390, 0x1_0000_0001), Some(Outcome::Done(0)));
+            assert_eq!(v.read(0, 0x38e), Some(Outcome::Done(0x2_0000_0004)));
+            assert_eq!(v.read(0, 0x390), Some(Outcome::Done(0x1_0000_0001)));
+            "handled"
+        })
+        .unwrap();
+    assert_eq!(out, "handled");
+    assert_eq!(native.take(), Vec::<u32>::new(), "nothing read natively");
+
+    // The writes landed in the right slots of the page Xen reads at flush.
+    assert_eq!(page.r64(fixed_at(1)), 0xaaaa);
+    assert_eq!(page.r64(arch_at(2)), 0xbbbb);
+    assert_eq!(page.r64(arch_at(1)), 0xcccc);
+    assert_eq!(page.r64(arch_at(3) + 8), 0x41_003c);
+    assert_eq!(page.r64(intel::GLOBAL_CTRL), 1);
+    assert_eq!(page.r64(intel::FIXED_CTRL), 0xb);
+    assert_eq!(page.r64(intel::DS_AREA), 0x5000);
+    assert_eq!(page.r64(intel::GLOBAL_OVF_CTRL), 0x1_0000_0001);
+    assert_eq!(page.r64(intel::GLOBAL_STATUS), 0x2_0000_0004);
+
+    // Exactly one flush, with a NULL argument; PMU_CACHED is now clear.
+    let calls = mock::take_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (calls[0].nr, calls[0].args[0], calls[0].args[1]),
+        (40, 7, 0)
+    );
+    assert!(!flags(a).contains(PmuFlags::CACHED));
+
+    // After the PMI: pass-through again.
+    assert_eq!(v.read(0, 0x309), Some(Outcome::Native));
+    assert_eq!(v.write(0, 0x390, 1), Some(Outcome::Native));
+}
+
+#[test]
+fn cpl_comes_from_the_flags_for_pv_samples_and_from_regs_otherwise() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    for (flags, cpl, want) in [
+        (PmuFlags::SAMPLE_PV, 3u8, 0u8),
+        (PmuFlags::SAMPLE_PV | PmuFlags::SAMPLE_USER, 0, 3),
+        (PmuFlags::empty(), 2, 2),
+        (PmuFlags::SAMPLE_USER, 1, 1),
+    ] {
+        xen_intel_pmi(a, &FIXED, &ARCH);
+        set_flags(a, flags | PmuFlags::CACHED);
+        page.w32(44, u32::from(cpl)); // regs.cpl at 16 + 28
+        let got = v.on_pmi(0, |ctx| ctx.cpl()).unwrap();
+        assert_eq!(got, want, "{flags:?} cpl {cpl}");
+    }
+    let _ = mock::take_calls();
+}
+
+#[test]
+fn flush_runs_on_unwind_and_its_failure_is_reported() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+
+    // A panicking handler still flushes and leaves "in PMI" cleared.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    let r = catch_unwind(AssertUnwindSafe(|| v.on_pmi(0, |_| panic!("handler bug"))));
+    assert!(r.is_err());
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    assert!(!v.is_cached(0));
+    v.lvtpc_set(0, 0x10).unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_LVTPC_SET], "no longer in a PMI");
+
+    // A failing flush (Xen refusing the context) is the PMI's error.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    mock::script_err(XENPMU_OP, Errno::EINVAL);
+    assert_eq!(v.on_pmi(0, |_| 42), Err(PmuError::InvalidArgument));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    // (The scripted failure left PMU_CACHED set; clear it to see the in-PMI mark alone.)
+    set_flags(a, PmuFlags::empty());
+    xen_ok(a);
+    v.lvtpc_set(0, 0x10).unwrap();
+    assert_eq!(
+        pmu_ops(),
+        vec![nr::XENPMU_LVTPC_SET],
+        "in-PMI mark cleared on error too"
+    );
+
+    // A PMI without a page is refused without a hypercall.
+    assert_eq!(v.on_pmi(1, |_| ()), Err(PmuError::NotInitialized));
+    assert!(mock::take_calls().is_empty());
+}
+
+#[test]
+fn pmu_cached_not_the_handler_decides_emulation() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    // PMU_CACHED set, handler not (yet) running: the cache is authoritative.
+    assert_eq!(v.read(0, 0x309), Some(Outcome::Done(FIXED[0])));
+    // Handler running, but Xen did not cache (spurious VIRQ): pass through.
+    set_flags(a, PmuFlags::SAMPLE_PV);
+    v.on_pmi(0, |ctx| {
+        assert!(!ctx.cached());
+        assert_eq!(v.read(0, 0x309), Some(Outcome::Native));
+    })
+    .unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+#[test]
+fn amd_f15h_layout_and_the_k7_remap() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(
+        s.page(),
+        PmuLayout::Amd(AmdLayout::F15H),
+        FakeNative::leak(vec![]),
+    );
+    xen_ok(a);
+    registered(&v, 0, &page);
+    let counters: Vec<u64> = (0..6).map(|i| 0x100 + i).collect();
+    let ctrls: Vec<u64> = (0..6).map(|i| 0x43_0000 + i).collect();
+    xen_amd_pmi(a, &counters, &ctrls);
+    v.on_pmi(0, |_| {
+        for n in 0..6u32 {
+            let i = n as usize;
+            assert_eq!(
+                v.read(0, 0xc001_0200 + 2 * n),
+                Some(Outcome::Done(ctrls[i]))
+            );
+            assert_eq!(
+                v.read(0, 0xc001_0201 + 2 * n),
+                Some(Outcome::Done(counters[i]))
+            );
+        }
+        for n in 0..4u32 {
+            let i = n as usize;
+            // K7 EVNTSELn / PERFCTRn mirror F15H CTLn / CTRn (Linux would give CTL/CTR
+            // n/2-ish slots here: PERFCTR1 -> CTL1).
+            assert_eq!(
+                v.read(0, 0xc001_0000 + n),
+                Some(Outcome::Done(ctrls[i])),
+                "EVNTSEL{n}"
+            );
+            assert_eq!(
+                v.read(0, 0xc001_0004 + n),
+                Some(Outcome::Done(counters[i])),
+                "PERFCTR{n}"
+            );
+        }
+        // Write through a K7 alias, read back through the F15H MSR.
+        assert_eq!(v.write(0, 0xc001_0005, 0xdead), Some(Outcome::Done(0)));
+        assert_eq!(v.read(0, 0xc001_0203), Some(Outcome::Done(0xdead)));
+        assert_eq!(v.write(0, 0xc001_0003, 0x42_0076), Some(Outcome::Done(0)));
+        assert_eq!(v.read(0, 0xc001_0206), Some(Outcome::Done(0x42_0076)));
+        // In Linux's ranges without a slot: pass through even while cached.
+        assert_eq!(v.read(0, 0xc001_020c), Some(Outcome::Native));
+        assert_eq!(v.read(0, 0xc001_0008), Some(Outcome::Native));
+        assert_eq!(v.read(0, 0xc001_020d), None);
+        // Intel MSRs are not PMU MSRs on AMD.
+        assert_eq!(v.read(0, 0x38f), None);
+    })
+    .unwrap();
+    // Slot contents as Xen will read them back.
+    assert_eq!(page.r64(PMU_CTXT_OFFSET + 8 + 8), 0xdead, "counters[1]");
+    assert_eq!(
+        page.r64(PMU_CTXT_OFFSET + 8 + 48 + 24),
+        0x42_0076,
+        "ctrls[3]"
+    );
+    assert_eq!(
+        page.r64(PMU_CTXT_OFFSET + 8 + 48 + 8),
+        ctrls[1],
+        "CTL1 untouched"
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+#[test]
+fn amd_k7_layout() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(
+        s.page(),
+        PmuLayout::Amd(AmdLayout::K7),
+        FakeNative::leak(vec![]),
+    );
+    xen_ok(a);
+    registered(&v, 2, &page);
+    xen_amd_pmi(a, &[10, 11, 12, 13], &[20, 21, 22, 23]);
+    v.on_pmi(2, |_| {
+        for n in 0..4u32 {
+            assert_eq!(
+                v.read(2, 0xc001_0000 + n),
+                Some(Outcome::Done(20 + u64::from(n)))
+            );
+            assert_eq!(
+                v.read(2, 0xc001_0004 + n),
+                Some(Outcome::Done(10 + u64::from(n)))
+            );
+        }
+        assert_eq!(v.read(2, 0xc001_0200), Some(Outcome::Native), "no K7 slot");
+        assert_eq!(v.write(2, 0xc001_0007, 99), Some(Outcome::Done(0)));
+    })
+    .unwrap();
+    assert_eq!(page.r64(PMU_CTXT_OFFSET + 8 + 24), 99);
+    let _ = mock::take_calls();
+}
+
+#[test]
+fn rdpmc_inside_and_outside_a_pmi_intel() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![0xc3]);
+    let v = vpmu(s.page(), SKYLAKE, native);
+    xen_ok(a);
+    registered(&v, 0, &page);
+
+    // Outside: RDMSR of the counter MSR.
+    assert_eq!(v.rdpmc(0, 0), Outcome::Done(FakeNative::value(0xc1)));
+    assert_eq!(v.rdpmc(0, 3), Outcome::Done(FakeNative::value(0xc4)));
+    assert_eq!(v.rdpmc(0, 1 << 30), Outcome::Done(FakeNative::value(0x309)));
+    assert_eq!(
+        v.rdpmc(0, (1 << 30) | 2),
+        Outcome::Done(FakeNative::value(0x30b))
+    );
+    // A faulting counter read is surfaced, not turned into 0.
+    assert_eq!(
+        v.rdpmc(0, 2),
+        Outcome::Failed(MsrError::Fault { vector: 13 })
+    );
+    assert_eq!(native.take(), vec![0xc1, 0xc4, 0x309, 0x30b, 0xc3]);
+    // A vCPU without a page reads natively too.
+    assert_eq!(v.rdpmc(9, 1), Outcome::Done(FakeNative::value(0xc2)));
+    let _ = native.take();
+
+    // Bad indices: typed failure, and no MSR read at all.
+    for bad in [
+        4,
+        5,
+        0xff,
+        1 << 29,
+        (1 << 30) | 3,
+        (1 << 30) | 0x1_0000,
+        1 << 31,
+        u32::MAX,
+    ] {
+        assert_eq!(
+            v.rdpmc(0, bad),
+            Outcome::Failed(MsrError::InvalidCounter),
+            "{bad:#x}"
+        );
+    }
+    assert!(native.take().is_empty());
+
+    // Inside: from the cache.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    v.on_pmi(0, |_| {
+        for (i, f) in FIXED.iter().enumerate() {
+            assert_eq!(v.rdpmc(0, (1 << 30) | i as u32), Outcome::Done(*f));
+        }
+        for (i, (c, _)) in ARCH.iter().enumerate() {
+            assert_eq!(v.rdpmc(0, i as u32), Outcome::Done(*c));
+        }
+        assert_eq!(v.rdpmc(0, 4), Outcome::Failed(MsrError::InvalidCounter));
+        assert_eq!(
+            v.rdpmc(0, (1 << 30) | 3),
+            Outcome::Failed(MsrError::InvalidCounter)
+        );
+    })
+    .unwrap();
+    assert!(native.take().is_empty(), "no native reads inside the PMI");
+    let _ = mock::take_calls();
+}
+
+#[test]
+fn rdpmc_inside_and_outside_a_pmi_amd() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), PmuLayout::Amd(AmdLayout::F15H), native);
+    xen_ok(a);
+    registered(&v, 0, &page);
+    for n in 0..6u32 {
+        assert_eq!(
+            v.rdpmc(0, n),
+            Outcome::Done(FakeNative::value(0xc001_0201 + 2 * n))
+        );
+    }
+    assert_eq!(v.rdpmc(0, 6), Outcome::Failed(MsrError::InvalidCounter));
+    assert_eq!(
+        v.rdpmc(0, 1 << 30),
+        Outcome::Failed(MsrError::InvalidCounter)
+    );
+    let counters: Vec<u64> = (0..6).map(|i| 0x7700 + i).collect();
+    xen_amd_pmi(a, &counters, &[0; 6]);
+    v.on_pmi(0, |_| {
+        for n in 0..6u32 {
+            assert_eq!(v.rdpmc(0, n), Outcome::Done(counters[n as usize]));
+        }
+    })
+    .unwrap();
+
+    let k7 = vpmu(s.page(), PmuLayout::Amd(AmdLayout::K7), native);
+    assert_eq!(
+        k7.rdpmc(0, 3),
+        Outcome::Done(FakeNative::value(0xc001_0007))
+    );
+    assert_eq!(k7.rdpmc(0, 4), Outcome::Failed(MsrError::InvalidCounter));
+    let _ = mock::take_calls();
+}
+
+#[test]
+fn hostile_bank_offsets_fail_typed_and_never_touch_other_memory() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    let unavailable = Some(Outcome::Failed(MsrError::PmuUnavailable));
+    let cases: [(u32, u32); 8] = [
+        (4000, 88),         // fixed bank runs off the page end
+        (64, 4000 - 16),    // arch bank runs off the page end
+        (u32::MAX, 88),     // overflow
+        (64, u32::MAX - 7), // overflow
+        (60, 88),           // misaligned
+        (32, 88),           // inside the context's fixed fields
+        (64, 72),           // banks overlap
+        (64, 64),           // banks coincide
+    ];
+    for (fixed_off, arch_off) in cases {
+        xen_intel_pmi(a, &FIXED, &ARCH);
+        page.w32(intel::FIXED_OFF, fixed_off);
+        page.w32(intel::ARCH_OFF, arch_off);
+        let before = page.snapshot();
+        assert_eq!(v.read(0, 0x309), unavailable, "{fixed_off} {arch_off}");
+        assert_eq!(v.write(0, 0xc1, 1), unavailable);
+        assert_eq!(v.write(0, 0x38f, 1), unavailable);
+        assert_eq!(v.rdpmc(0, 0), Outcome::Failed(MsrError::PmuUnavailable));
+        assert_eq!(page.snapshot(), before, "nothing written");
+    }
+    // The last valid placement, flush against the page end, works.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    page.w32(intel::FIXED_OFF, 4000 - 24);
+    page.w32(intel::ARCH_OFF, 64);
+    page.w64(4096 - 8, 0x5151);
+    assert_eq!(v.read(0, 0x30b), Some(Outcome::Done(0x5151)));
+
+    // AMD: a bank past the end, overlap.
+    let amd = vpmu(
+        s.page(),
+        PmuLayout::Amd(AmdLayout::F15H),
+        FakeNative::leak(vec![]),
+    );
+    let page2 = GuardedPage::new();
+    let a2 = page2.addr();
+    xen_ok(a2);
+    registered(&amd, 0, &page2);
+    for (c, k) in [(8u32, 3960u32), (8, 16), (0, 56), (4000, 8)] {
+        xen_amd_pmi(a2, &[1; 6], &[2; 6]);
+        page2.w32(amd::COUNTERS_OFF, c);
+        page2.w32(amd::CTRLS_OFF, k);
+        assert_eq!(amd.read(0, 0xc001_0200), unavailable, "{c} {k}");
+        assert_eq!(amd.rdpmc(0, 0), Outcome::Failed(MsrError::PmuUnavailable));
+    }
+    let _ = mock::take_calls();
+}
+
+#[test]
+fn wide_cpuid_counts_cannot_reach_past_the_page() {
+    // CPUID claims 255 general counters; the bank Xen could place cannot hold them all, so
+    // every access fails typed rather than reading past the page.
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let layout = PmuLayout::Intel(IntelLayout {
+        arch_counters: 255,
+        fixed_counters: 31,
+    });
+    let v = vpmu(s.page(), layout, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &[0; 31], &[]);
+    assert_eq!(
+        v.read(0, 0xc1 + 254),
+        Some(Outcome::Failed(MsrError::PmuUnavailable))
+    );
+    assert_eq!(v.rdpmc(0, 254), Outcome::Failed(MsrError::PmuUnavailable));
+    let _ = mock::take_calls();
+}

@@ -1,0 +1,202 @@
+//! The linked image: the extable and patch-site sections survive linking (debug and
+//! release), every patch site is a `call` of exactly `CALL_LEN` bytes to the right stub,
+//! and every site and stub instruction has its extable entry.
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+use xenmsr_asm::extable::{self, Kind, flags};
+use xenmsr_asm::patch::{FLAG_SAFE, PatchOp, patch_sites};
+use xenmsr_asm::stubs::{REWIND_ERROR, REWIND_NATIVE, Stub};
+use xenmsr_asm::{CALL_LEN, Outcome, SITE_LEN, site};
+use xenmsr_host_tests::{install, set_script};
+
+/// Instantiates every emitter at least once, so this binary has a site of each op and
+/// kind. Never called with a backend that lets the access reach hardware unchecked.
+#[inline(never)]
+fn every_emitter(run: bool) -> u64 {
+    if !run {
+        return 0;
+    }
+    set_script(Outcome::Done(1));
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    let mut sum = unsafe { site::rdmsr(1) };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    sum += unsafe { site::rdmsr_safe(2) }.unwrap_or(0);
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr(3, 3) };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr_safe(4, 4) }.ok();
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr_ns(5, 5) };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr_ns_safe(6, 6) }.ok();
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    sum += unsafe { site::rdpmc(7) };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    sum += unsafe { site::rdpmc_safe(8) }.unwrap_or(0);
+    sum
+}
+
+fn code(addr: usize, len: usize) -> &'static [u8] {
+    // SAFETY: `addr..addr + len` is a patch site (or stub) inside this executable's text
+    // segment, which is mapped readable for the life of the process and not modified.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+}
+
+fn expected_kinds(op: PatchOp, safe: bool) -> Kind {
+    match (op, safe) {
+        (PatchOp::Read | PatchOp::ReadImm, false) => Kind::Read,
+        (PatchOp::Read | PatchOp::ReadImm, true) => Kind::ReadSafe,
+        (PatchOp::Write | PatchOp::WriteNs | PatchOp::WriteImm, false) => Kind::Write,
+        (PatchOp::Write | PatchOp::WriteNs | PatchOp::WriteImm, true) => Kind::WriteSafe,
+        (PatchOp::Rdpmc, false) => Kind::Rdpmc,
+        (PatchOp::Rdpmc, true) => Kind::RdpmcSafe,
+    }
+}
+
+#[test]
+fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
+    install();
+    assert_eq!(every_emitter(true), 4);
+    let sites: Vec<_> = patch_sites().collect();
+    // Eight emitters in `every_emitter`, plus those of the helpers crate (none) at least.
+    assert!(sites.len() >= 8, "only {} patch sites found", sites.len());
+    let mut ops_seen = std::collections::HashSet::new();
+    for s in &sites {
+        let op = s.op.unwrap_or_else(|| panic!("unknown op in {s:?}"));
+        ops_seen.insert((op, s.flags & FLAG_SAFE != 0));
+        assert_eq!(usize::from(s.len), SITE_LEN, "{s:?}");
+        let bytes = code(s.addr, usize::from(s.len));
+        let mut decoder = Decoder::with_ip(64, bytes, s.addr as u64, DecoderOptions::NONE);
+        let insn = decoder.decode();
+        assert_eq!(insn.mnemonic(), Mnemonic::Call, "{s:?}: {bytes:02x?}");
+        assert_eq!(
+            insn.op0_kind(),
+            OpKind::NearBranch64,
+            "{s:?}: not a direct call"
+        );
+        assert_eq!(insn.len(), CALL_LEN, "{s:?}: call of {} bytes", insn.len());
+        assert_eq!(
+            insn.near_branch_target() as usize,
+            op.stub().addr(),
+            "{s:?}: calls {:#x}, not {}",
+            insn.near_branch_target(),
+            op.stub().name()
+        );
+        // The site's own entry: at the site, the right kind, fixup at the end of the region.
+        let entry = extable::lookup(s.addr).unwrap_or_else(|| panic!("no extable entry for {s:?}"));
+        let data = entry.data();
+        assert_eq!(
+            data.kind(),
+            Some(expected_kinds(op, s.flags & FLAG_SAFE != 0)),
+            "{s:?}"
+        );
+        assert_eq!(entry.fixup_addr(), s.addr + usize::from(s.len), "{s:?}");
+        if data.kind().is_some_and(Kind::is_safe) {
+            assert_eq!(data.reg(), extable::ERROR_REG, "{s:?}");
+        }
+        assert_eq!(
+            data.has(flags::RAX_CONTRACT),
+            op == PatchOp::ReadImm,
+            "{s:?}"
+        );
+    }
+    for op in [
+        PatchOp::Read,
+        PatchOp::Write,
+        PatchOp::WriteNs,
+        PatchOp::Rdpmc,
+    ] {
+        for safe in [false, true] {
+            assert!(
+                ops_seen.contains(&(op, safe)),
+                "no site for {op:?} safe={safe}"
+            );
+        }
+    }
+}
+
+/// The known sites of this binary (from its own asm, which records its label's address)
+/// are found in the linked, sorted table.
+#[test]
+fn extable_section_survives_linking() {
+    install();
+    let table = extable::table();
+    assert!(extable::is_sorted(table));
+    // Four stubs with two rewind entries each, eight emitters, four harness calls, and the
+    // native sites: well over 16 entries in any build.
+    assert!(table.len() >= 16, "only {} entries", table.len());
+
+    let (addr, end): (usize, usize);
+    // SAFETY: computes two label addresses; executes nothing else. The entry it emits
+    // describes the (never executed) `ud2` at the label.
+    unsafe {
+        core::arch::asm!(
+            "lea 2f(%rip), {a}",
+            "lea 3f(%rip), {e}",
+            "jmp 3f",
+            "2:",
+            "ud2",
+            "3:",
+            ".pushsection xenmsr_extable,\"awR\",@progbits",
+            ".balign 4",
+            ".long 2b - .",
+            ".long 3b - .",
+            ".long {data}",
+            ".popsection",
+            a = out(reg) addr,
+            e = out(reg) end,
+            data = const xenmsr_asm::extable::Data::site(Kind::ReadSafe, 0).bits(),
+            options(att_syntax, nostack),
+        );
+    }
+    let entry = extable::lookup(addr).expect("the test's own entry is in the table");
+    assert_eq!(entry.fixup_addr(), end);
+    assert_eq!(entry.data().kind(), Some(Kind::ReadSafe));
+    assert!(extable::lookup(addr + 1).is_none());
+}
+
+/// Every stub has its two rewind entries: one on its native instruction, one on its `ud2`,
+/// and both lie inside the stub.
+#[test]
+fn every_stub_has_its_rewind_entries() {
+    install();
+    for stub in Stub::ALL {
+        let start = stub.addr();
+        // A stub ends before the next stub starts (or within 256 bytes of its start).
+        let end = Stub::ALL
+            .iter()
+            .map(|s| s.addr())
+            .filter(|&a| a > start)
+            .min()
+            .unwrap_or(usize::MAX)
+            .min(start + 256);
+        let entries: Vec<_> = extable::table()
+            .iter()
+            .filter(|e| (start..end).contains(&e.insn_addr()))
+            .filter(|e| e.data().kind() == Some(Kind::Rewind))
+            .collect();
+        let datas: Vec<_> = entries.iter().map(|e| e.data().bits()).collect();
+        assert_eq!(datas.len(), 2, "{}: {datas:x?}", stub.name());
+        assert!(datas.contains(&REWIND_NATIVE.bits()), "{}", stub.name());
+        assert!(datas.contains(&REWIND_ERROR.bits()), "{}", stub.name());
+        for e in entries {
+            let insn = code(e.insn_addr(), 3);
+            if e.data() == REWIND_ERROR {
+                assert_eq!(&insn[..2], &[0x0f, 0x0b], "{}: not ud2", stub.name());
+            } else {
+                let expected: &[u8] = match stub {
+                    Stub::Rdmsr | Stub::RdmsrRax => &[0x0f, 0x32],
+                    Stub::Wrmsr => &[0x0f, 0x30],
+                    Stub::Rdpmc => &[0x0f, 0x33],
+                };
+                assert_eq!(
+                    &insn[..2],
+                    expected,
+                    "{}: wrong native instruction",
+                    stub.name()
+                );
+            }
+            assert_eq!(i32::from(e.data().imm()), -(CALL_LEN as i32));
+        }
+    }
+}
