@@ -38,7 +38,17 @@ pub const CALL_LEN: usize = 5;
 /// (`call` 5, `rdmsr`/`wrmsr`/`rdpmc` 2, `wrmsrns` 3).
 pub const SITE_LEN: usize = 5;
 
+/// Length in bytes of a constant-index (immediate-form) patchable site: the largest of its
+/// variants, the 9-byte immediate forms (`rdmsr $imm32, %rax`, `wrmsrns %rax, $imm32`);
+/// the Xen variant is the `call` ([`CALL_LEN`] bytes) followed by a 4-byte NOP.
+pub const IMM_SITE_LEN: usize = 9;
+
+/// The NOP that pads a constant-index site's `call` to [`IMM_SITE_LEN`]
+/// (`nopl 0x0(%rax)`).
+pub const IMM_SITE_PAD: [u8; 4] = [0x0f, 0x1f, 0x40, 0x00];
+
 const _: () = assert!(SITE_LEN >= CALL_LEN);
+const _: () = assert!(IMM_SITE_LEN == CALL_LEN + IMM_SITE_PAD.len());
 const _: () = assert!(CALL_LEN <= i16::MAX as usize);
 
 #[cfg(test)]

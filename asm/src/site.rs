@@ -2,17 +2,22 @@
 //!
 //! Every call of one of these functions becomes, inline in the caller:
 //!
-//! - a patchable region of [`SITE_LEN`] bytes starting at a local label,
-//!   initially `call <stub>` (exactly [`CALL_LEN`] bytes, checked by the
-//!   assembler, which is also the whole region: the largest native variant is 5 bytes);
+//! - a patchable region starting at a local label, initially `call <stub>` (exactly
+//!   [`CALL_LEN`] bytes, checked by the assembler). For the register-contract emitters
+//!   (`rdmsr`, `wrmsr`, ...) the call is the whole region ([`SITE_LEN`] bytes: the largest
+//!   native variant is 5 bytes). For the constant-index emitters (`rdmsr_const`,
+//!   `wrmsr_ns_const`, ...) the region is [`IMM_SITE_LEN`] bytes, the length of the
+//!   immediate forms, and the call is followed by a 4-byte NOP ([`IMM_SITE_PAD`]); the
+//!   assembler checks both lengths;
 //! - its own extable entry (a typed kind) covering the region's first byte, with the fixup
 //!   at the end of the region; the `_safe` kinds name `rsi` as the error register;
 //! - a patch-site record.
 //!
-//! The register contract at the site is the native instruction's (`ecx`, `edx:eax`), so the
-//! stub, the native instruction, and a native fault all look the same to the caller: a
-//! failure from any of them ends at the site's own fixup. Sites never use `nostack` (they
-//! `call`), so the compiler keeps `rsp` 16-byte aligned at the region, and they never use
+//! The register contract at the site is the native instruction's (`ecx`, `edx:eax`; for
+//! the constant-index sites see [`rdmsr_const`] and [`wrmsr_ns_const`]), so the stub, the
+//! native instruction, and a native fault all look the same to the caller: a failure from
+//! any of them ends at the site's own fixup. Sites never use `nostack` (they `call`), so
+//! the compiler keeps `rsp` 16-byte aligned at the region, and they never use
 //! `preserves_flags` (stubs clobber flags).
 //!
 //! Why these are `unsafe`: writing an MSR can change paging, segment bases, syscall entry
@@ -23,15 +28,16 @@ use core::arch::asm;
 
 use crate::MsrError;
 use crate::error::result_of;
-use crate::extable::{Data, Kind};
+use crate::extable::{Data, Kind, flags};
 use crate::patch::{FLAG_SAFE, PatchOp};
 use crate::stubs;
-pub use crate::{CALL_LEN, SITE_LEN};
+pub use crate::{CALL_LEN, IMM_SITE_LEN, IMM_SITE_PAD, SITE_LEN};
 
 // A register-contract site is exactly its call: the region ends where the call ends, so
 // the assembler's length check of the call is also the check of the region. (`.skip`
 // padding would put the end label in another fragment, where the assembler can no longer
-// evaluate the check; larger sites will pad with a fixed-length `nop` instead.)
+// evaluate the check; the constant-index sites therefore pad with a NOP written as
+// explicit `.byte`s.)
 const _: () = assert!(SITE_LEN == CALL_LEN);
 
 /// The text of one register-contract site. Operands: `stub` (sym), `call_len`, `site_len`,
@@ -287,4 +293,197 @@ pub unsafe fn rdpmc_safe(counter: u32) -> Result<u64, MsrError> {
         );
     }
     result_of(err, join(lo, hi))
+}
+
+/// The text of one constant-index site: `call {stub}` at `2:` (exactly `call_len` bytes),
+/// the 4-byte NOP `pad0..pad3` as explicit bytes, and the end of the region at `4:`
+/// (exactly `site_len` bytes from `2:`). Operands: as [`site_template`] plus `pad0`..`pad3`.
+macro_rules! imm_site_template {
+    () => {
+        concat!(
+            "2:\n",
+            "call {stub}\n",
+            "3:\n",
+            ".byte {pad0}, {pad1}, {pad2}, {pad3}\n",
+            "4:\n",
+            ".if (3b - 2b) != {call_len}\n",
+            ".error \"xenmsr: a site's call is not CALL_LEN bytes\"\n",
+            ".endif\n",
+            ".if (4b - 2b) != {site_len}\n",
+            ".error \"xenmsr: a constant-index site is not IMM_SITE_LEN bytes\"\n",
+            ".endif\n",
+            ".pushsection xenmsr_extable,\"awR\",@progbits\n",
+            ".balign 4\n",
+            ".long 2b - .\n",
+            ".long 4b - .\n",
+            ".long {data}\n",
+            ".popsection\n",
+            ".pushsection xenmsr_patch_sites,\"aR\",@progbits\n",
+            ".balign 4\n",
+            ".long 2b - .\n",
+            ".byte {site_len}, {op}\n",
+            ".short {pflags}\n",
+            ".long {imm}\n",
+            ".popsection\n",
+        )
+    };
+}
+
+/// Reads the constant MSR `MSR` into a 64-bit value (RDMSR; the immediate form
+/// `rdmsr $MSR, %rax` when patched natively on a CPU that has it). A fault or a failure
+/// warns once per site (through the warn hook) and gives 0.
+///
+/// The site's contract: `ecx` = `MSR` (loaded by the compiler, so every variant and the
+/// warn hook see the index), out `rax` = the whole value, `rdx` clobbered. The site is
+/// [`IMM_SITE_LEN`] bytes: `call xenmsr_stub_rdmsr_rax` and a 4-byte NOP until patched;
+/// its extable entry carries `RAX_CONTRACT` (a failure zeroes `rax`), and its patch-site
+/// record has op `ReadImm` with `imm` = `MSR`.
+///
+/// # Safety
+///
+/// As for [`rdmsr`]: reading `MSR` here must not break memory safety.
+#[inline(always)]
+pub unsafe fn rdmsr_const<const MSR: u32>() -> u64 {
+    let value: u64;
+    // SAFETY: the site calls the rax read stub, which preserves every register except rax
+    // and rdx (declared as output and clobber) and flags, keeps rsp balanced, and on
+    // failure ends at the site's own fixup label (`4:`) through the extable; every native
+    // variant the patcher may write writes only rax and rdx and faults at the site start.
+    // The caller vouches for the access.
+    unsafe {
+        asm!(
+            imm_site_template!(),
+            stub = sym stubs::xenmsr_stub_rdmsr_rax,
+            call_len = const CALL_LEN,
+            site_len = const IMM_SITE_LEN,
+            pad0 = const IMM_SITE_PAD[0],
+            pad1 = const IMM_SITE_PAD[1],
+            pad2 = const IMM_SITE_PAD[2],
+            pad3 = const IMM_SITE_PAD[3],
+            data = const Data::site(Kind::Read, flags::RAX_CONTRACT).bits(),
+            op = const PatchOp::ReadImm as u8,
+            pflags = const pflags(Kind::Read),
+            imm = const MSR,
+            in("ecx") MSR,
+            out("rax") value,
+            out("rdx") _,
+            options(att_syntax),
+        );
+    }
+    value
+}
+
+/// Reads the constant MSR `MSR`, reporting a fault or failure as `Err`. The site is that
+/// of [`rdmsr_const`] with a checked extable entry (error register `rsi`).
+///
+/// # Safety
+///
+/// As for [`rdmsr_const`].
+#[inline(always)]
+pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
+    let value: u64;
+    let err: u64;
+    // SAFETY: as in `rdmsr_const`; in addition the fixup writes the error code into rsi,
+    // which is declared as an in/out operand (0 in, error code out).
+    unsafe {
+        asm!(
+            imm_site_template!(),
+            stub = sym stubs::xenmsr_stub_rdmsr_rax,
+            call_len = const CALL_LEN,
+            site_len = const IMM_SITE_LEN,
+            pad0 = const IMM_SITE_PAD[0],
+            pad1 = const IMM_SITE_PAD[1],
+            pad2 = const IMM_SITE_PAD[2],
+            pad3 = const IMM_SITE_PAD[3],
+            data = const Data::site(Kind::ReadSafe, flags::RAX_CONTRACT).bits(),
+            op = const PatchOp::ReadImm as u8,
+            pflags = const pflags(Kind::ReadSafe),
+            imm = const MSR,
+            in("ecx") MSR,
+            out("rax") value,
+            out("rdx") _,
+            inout("rsi") 0u64 => err,
+            options(att_syntax),
+        );
+    }
+    result_of(err, value)
+}
+
+/// Writes `value` to the constant MSR `MSR` without serialising where the CPU allows
+/// (the immediate form `wrmsrns %rax, $MSR`, else WRMSRNS, else WRMSR when patched
+/// natively; on Xen PV the write stub). A fault or a failure warns once per site and is
+/// otherwise ignored.
+///
+/// The site's contract: `ecx` = `MSR`, `rax` = the whole value and `edx` = its high half,
+/// so every variant finds its operands (the legacy instructions and the stub take
+/// `edx:eax`, the immediate form takes `rax`); nothing is written. The site is
+/// [`IMM_SITE_LEN`] bytes: `call xenmsr_stub_wrmsr` and a 4-byte NOP until patched; its
+/// patch-site record has op `WriteImm` with `imm` = `MSR`.
+///
+/// # Safety
+///
+/// As for [`wrmsr_ns`]: the write must not break memory safety, and the caller must not
+/// rely on it serialising the instruction stream.
+#[inline(always)]
+pub unsafe fn wrmsr_ns_const<const MSR: u32>(value: u64) {
+    // SAFETY: the site calls the write stub, which preserves every register and rsp (flags
+    // are clobbered) and on failure ends at the site's own fixup label (`4:`) through the
+    // extable; every native variant writes no register and faults at the site start. The
+    // caller vouches for the access.
+    unsafe {
+        asm!(
+            imm_site_template!(),
+            stub = sym stubs::xenmsr_stub_wrmsr,
+            call_len = const CALL_LEN,
+            site_len = const IMM_SITE_LEN,
+            pad0 = const IMM_SITE_PAD[0],
+            pad1 = const IMM_SITE_PAD[1],
+            pad2 = const IMM_SITE_PAD[2],
+            pad3 = const IMM_SITE_PAD[3],
+            data = const Data::site(Kind::Write, 0).bits(),
+            op = const PatchOp::WriteImm as u8,
+            pflags = const pflags(Kind::Write),
+            imm = const MSR,
+            in("ecx") MSR,
+            in("rax") value,
+            in("edx") (value >> 32) as u32,
+            options(att_syntax),
+        );
+    }
+}
+
+/// Non-serialising write of `value` to the constant MSR `MSR`, reporting a fault or
+/// failure as `Err`. The site is that of [`wrmsr_ns_const`] with a checked extable entry
+/// (error register `rsi`).
+///
+/// # Safety
+///
+/// As for [`wrmsr_ns_const`].
+#[inline(always)]
+pub unsafe fn wrmsr_ns_const_safe<const MSR: u32>(value: u64) -> Result<(), MsrError> {
+    let err: u64;
+    // SAFETY: as in `wrmsr_ns_const`; the fixup writes the error code into rsi, declared
+    // as an in/out operand.
+    unsafe {
+        asm!(
+            imm_site_template!(),
+            stub = sym stubs::xenmsr_stub_wrmsr,
+            call_len = const CALL_LEN,
+            site_len = const IMM_SITE_LEN,
+            pad0 = const IMM_SITE_PAD[0],
+            pad1 = const IMM_SITE_PAD[1],
+            pad2 = const IMM_SITE_PAD[2],
+            pad3 = const IMM_SITE_PAD[3],
+            data = const Data::site(Kind::WriteSafe, 0).bits(),
+            op = const PatchOp::WriteImm as u8,
+            pflags = const pflags(Kind::WriteSafe),
+            imm = const MSR,
+            in("ecx") MSR,
+            in("rax") value,
+            in("edx") (value >> 32) as u32,
+            inout("rsi") 0u64 => err,
+            options(att_syntax),
+        );
+    }
+    result_of(err, 0).map(drop)
 }

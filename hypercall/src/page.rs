@@ -129,7 +129,10 @@ impl HypercallPage {
 // The page Xen fills at domain build time, found through the kernel's
 // `XEN_ELFNOTE_HYPERCALL_PAGE` note. Until (unless) Xen fills it, every two bytes are
 // `ud2`, so a call into any entry raises #UD at once instead of running into whatever
-// follows. The assembler checks the size.
+// follows. `.fill` emits exactly 2048 two-byte `ud2`s; the kernel's linker script also
+// asserts the section is one page. (An assembler `.if . - sym - 4096` check is not an
+// absolute expression once the section has relaxable fragments, which release builds of
+// this target hit.)
 #[cfg(target_os = "none")]
 core::arch::global_asm!(
     ".pushsection .text.xenmsr_hypercall_page,\"ax\",@progbits",
@@ -137,13 +140,8 @@ core::arch::global_asm!(
     ".globl xenmsr_hypercall_page",
     ".type xenmsr_hypercall_page,@function",
     "xenmsr_hypercall_page:",
-    ".rept 2048",
-    "ud2",
-    ".endr",
-    ".size xenmsr_hypercall_page, . - xenmsr_hypercall_page",
-    ".if . - xenmsr_hypercall_page - 4096",
-    ".error \"xenmsr_hypercall_page must be exactly 4096 bytes\"",
-    ".endif",
+    ".fill 2048, 2, 0x0b0f",
+    ".size xenmsr_hypercall_page, 4096",
     ".popsection",
 );
 

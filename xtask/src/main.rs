@@ -6,10 +6,19 @@
 //!   CPU models, then the `xl create` domU path.
 //! - `cargo xtask bench`: benchmarks (host instruction counts and in-guest ratios).
 
+mod bench;
+mod guestlog;
+mod initramfs;
+mod kernel;
 mod provision;
+mod qemu;
+mod xl;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qemu::{Dom0Run, Echo};
 
 /// The error type of every task: a message for the user.
 pub type XtaskResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -20,8 +29,12 @@ fn main() {
         Some("run") => cmd_run(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
+        Some("xl") => xl::cmd_xl(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <run|test|bench> [options]");
+            eprintln!("usage: cargo xtask <run|test|bench|xl> [options]");
+            eprintln!("  run  [--cpu MODEL] [--timeout SECS] [-v]");
+            eprintln!("  test [--no-host] [--no-xl] [--only NAME] [--timeout SECS] [-v]");
+            eprintln!("  xl   [KERNEL] [--args ARGS] [--timeout SECS] [--memory MIB] [-v]");
             std::process::exit(2);
         }
     };
@@ -31,16 +44,319 @@ fn main() {
     }
 }
 
-fn cmd_run(_args: &[String]) -> XtaskResult<()> {
-    Err("`run` is not wired up yet".into())
+/// The default deadline of one dom0 QEMU run (a green run takes about 1-2 s).
+const DOM0_DEADLINE: Duration = Duration::from_secs(120);
+/// The deadline of the xl path (Linux dom0 + toolstack + domU: about 30 s when green).
+const XL_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The dom0 suites: one per CPU model, each telling the kernel what to expect.
+fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
+    let suite = |cpu: &str, vpmu: bool| Dom0Run {
+        name: format!("dom0/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
+        cpu: cpu.to_string(),
+        xen_args: if vpmu {
+            vec!["vpmu=1".to_string()]
+        } else {
+            vec![]
+        },
+        kernel_args: format!("suite=dom0 cpu={cpu} vpmu={}", u8::from(vpmu)),
+        deadline,
+    };
+    vec![
+        // AMD family 0xf: K7 PMU MSRs are RAZ/WI, Intel's #GP; vPMU unsupported.
+        suite("qemu64", false),
+        // Intel: P6/arch-perfmon MSRs RAZ/WI, AMD's #GP.
+        suite("Skylake-Client", false),
+        // AMD family 0x17 with vpmu=1: the one model where XENPMU really initialises.
+        suite("EPYC", true),
+    ]
 }
 
-fn cmd_test(_args: &[String]) -> XtaskResult<()> {
-    host_tests()
+/// The domU command line of the xl path (its QEMU runs the default `qemu64` model).
+const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0";
+
+/// Options shared by `run` and `test`.
+struct Options {
+    host: bool,
+    xl: bool,
+    only: Option<String>,
+    deadline: Duration,
+    verbose: bool,
+    cpu: String,
 }
 
+fn parse_options(args: &[String]) -> XtaskResult<Options> {
+    let mut o = Options {
+        host: true,
+        xl: true,
+        only: None,
+        deadline: DOM0_DEADLINE,
+        verbose: false,
+        cpu: "qemu64".to_string(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--no-host" => o.host = false,
+            "--no-xl" => o.xl = false,
+            "--only" => o.only = Some(it.next().ok_or("--only needs a suite name")?.clone()),
+            "--cpu" => o.cpu = it.next().ok_or("--cpu needs a QEMU CPU model")?.clone(),
+            "--timeout" => {
+                let v = it.next().ok_or("--timeout needs seconds")?;
+                o.deadline = Duration::from_secs(
+                    v.parse()
+                        .map_err(|_| format!("--timeout: not a number: {v}"))?,
+                );
+            }
+            "-v" | "--verbose" => o.verbose = true,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    Ok(o)
+}
+
+/// `cargo xtask run`: the demo. Boots the kernel as dom0 with `suite=demo` and shows the
+/// table of what the library did for each MSR.
+fn cmd_run(args: &[String]) -> XtaskResult<()> {
+    let o = parse_options(args)?;
+    let kernel = kernel::build()?;
+    let qemu = provision::qemu()?;
+    let xen = provision::xen_binary()?;
+    let run = Dom0Run {
+        name: "demo".to_string(),
+        cpu: o.cpu.clone(),
+        xen_args: vec![],
+        kernel_args: format!("suite=demo cpu={} vpmu=0", o.cpu),
+        deadline: o.deadline,
+    };
+    eprintln!(
+        "xtask: booting Xen 4.17 + the PV test kernel as dom0 (QEMU TCG, -cpu {})",
+        o.cpu
+    );
+    let echo = if o.verbose { Echo::All } else { Echo::Guest };
+    let report = qemu::run_dom0(&qemu, &xen, &kernel, &run, echo)?;
+    eprintln!(
+        "xtask: demo finished in {:.1} s (QEMU exit {})",
+        report.wall.as_secs_f64(),
+        report
+            .exit_code
+            .map_or("none: killed".to_string(), |c| c.to_string())
+    );
+    if report.passed() {
+        Ok(())
+    } else {
+        report.print_failure();
+        Err("the demo run failed".into())
+    }
+}
+
+/// One line of the final summary.
+struct SuiteResult {
+    name: String,
+    wall: Duration,
+    outcome: Result<String, String>,
+}
+
+/// `cargo xtask test`: host tests, the dom0 suites on three CPU models, the xl path.
+fn cmd_test(args: &[String]) -> XtaskResult<()> {
+    let o = parse_options(args)?;
+    let wanted = |name: &str| o.only.as_deref().is_none_or(|only| name.contains(only));
+    let mut results: Vec<SuiteResult> = Vec::new();
+
+    if o.host && wanted("host") {
+        let start = Instant::now();
+        // The command's own output above says what failed; the summary stays one line.
+        let outcome = host_tests()
+            .map(|()| "ok".to_string())
+            .map_err(|_| "cargo test --workspace --exclude xenmsr-pvkernel failed".to_string());
+        results.push(SuiteResult {
+            name: "host".into(),
+            wall: start.elapsed(),
+            outcome,
+        });
+    }
+
+    let suites: Vec<Dom0Run> = dom0_suites(o.deadline)
+        .into_iter()
+        .filter(|s| wanted(&s.name))
+        .collect();
+    let run_xl = o.xl && wanted("domU/xl");
+    if !suites.is_empty() || run_xl {
+        let start = Instant::now();
+        let kernel = kernel::build();
+        let build_wall = start.elapsed();
+        match kernel {
+            Err(e) => {
+                eprintln!("xtask: kernel build: {e}");
+                results.push(SuiteResult {
+                    name: "kernel build".into(),
+                    wall: build_wall,
+                    outcome: Err("cargo build -p xenmsr-pvkernel failed".into()),
+                })
+            }
+            Ok(kernel) => {
+                results.push(SuiteResult {
+                    name: "kernel build".into(),
+                    wall: build_wall,
+                    outcome: Ok("ok".into()),
+                });
+                let echo = if o.verbose { Echo::All } else { Echo::Tests };
+                dom0_tests(&kernel, &suites, echo, &mut results)?;
+                if run_xl {
+                    results.push(domu_test(&kernel));
+                }
+            }
+        }
+    }
+
+    print_summary(&results);
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.outcome.is_err())
+        .map(|r| r.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} suites failed: {}",
+            failed.len(),
+            results.len(),
+            failed.join(", ")
+        )
+        .into())
+    }
+}
+
+fn dom0_tests(
+    kernel: &Path,
+    suites: &[Dom0Run],
+    echo: Echo,
+    results: &mut Vec<SuiteResult>,
+) -> XtaskResult<()> {
+    if suites.is_empty() {
+        return Ok(());
+    }
+    let qemu = provision::qemu()?;
+    let xen = provision::xen_binary()?;
+    for suite in suites {
+        eprintln!(
+            "xtask: {}: Xen + kernel as dom0 under QEMU -cpu {} (deadline {} s)",
+            suite.name,
+            suite.cpu,
+            suite.deadline.as_secs()
+        );
+        let start = Instant::now();
+        let outcome = match qemu::run_dom0(&qemu, &xen, kernel, suite, echo) {
+            Ok(report) => {
+                report.print_failure();
+                let n = report.log.tests.len();
+                let failed: Vec<&str> = report.log.failures().map(|t| t.name.as_str()).collect();
+                report
+                    .verdict
+                    .map(|()| format!("{n} tests ok"))
+                    .map_err(|why| {
+                        if failed.is_empty() {
+                            why
+                        } else {
+                            format!("{why}; failed: {}", failed.join(", "))
+                        }
+                    })
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        results.push(SuiteResult {
+            name: suite.name.clone(),
+            wall: start.elapsed(),
+            outcome,
+        });
+    }
+    Ok(())
+}
+
+/// The xl path: the same kernel as a domU under a Linux dom0 (`xl create`); its console
+/// log comes back from xenconsoled and is judged by the same rules as a dom0 run.
+fn domu_test(kernel: &Path) -> SuiteResult {
+    let name = "domU/xl".to_string();
+    eprintln!("xtask: {name}: kernel as a domU under a Linux dom0 (xl create)");
+    let start = Instant::now();
+    let outcome = match xl::run_domu_suite(kernel, DOMU_ARGS, XL_DEADLINE) {
+        Err(e) => Err(e.to_string()),
+        Ok(run) => {
+            let log = guestlog::GuestLog::parse(&run.console_log);
+            for t in &log.tests {
+                println!(
+                    "[{name}] test {} ... {}",
+                    t.name,
+                    if t.ok { "ok" } else { "FAILED" }
+                );
+            }
+            match log.verdict() {
+                Ok(()) => Ok(format!(
+                    "{} tests ok ({:?})",
+                    log.tests.len(),
+                    run.guest_end
+                )),
+                Err(why) => {
+                    eprintln!("----- {name}: domU console log -----");
+                    for line in run
+                        .console_log
+                        .lines()
+                        .rev()
+                        .take(qemu::TAIL_LINES)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
+                        eprintln!("{line}");
+                    }
+                    for t in log.failures() {
+                        eprintln!(
+                            "  failed: {} ({})",
+                            t.name,
+                            t.reason.as_deref().unwrap_or("")
+                        );
+                    }
+                    let failed: Vec<&str> = log.failures().map(|t| t.name.as_str()).collect();
+                    let names = if failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; failed: {}", failed.join(", "))
+                    };
+                    Err(format!("{why} (domU ended: {:?}){names}", run.guest_end))
+                }
+            }
+        }
+    };
+    SuiteResult {
+        name,
+        wall: start.elapsed(),
+        outcome,
+    }
+}
+
+fn print_summary(results: &[SuiteResult]) {
+    println!();
+    println!("{:<24} {:>9}  result", "suite", "wall");
+    for r in results {
+        let (mark, text) = match &r.outcome {
+            Ok(t) => ("PASS", t.as_str()),
+            Err(t) => ("FAIL", t.as_str()),
+        };
+        println!(
+            "{:<24} {:>7.1} s  {mark}: {text}",
+            r.name,
+            r.wall.as_secs_f64()
+        );
+    }
+}
+
+/// Benchmarks: host instruction counts under callgrind, written to `docs/benchmarks.md`
+/// and printed.
 fn cmd_bench(_args: &[String]) -> XtaskResult<()> {
-    Err("`bench` is not wired up yet".into())
+    let host = bench::host_bench()?;
+    println!("{host}");
+    Ok(())
 }
 
 /// Host tests: the whole workspace on the host (mock hypercall page, real fault paths).

@@ -120,3 +120,57 @@ pub fn xen_binary() -> XtaskResult<PathBuf> {
     std::fs::rename(&tmp, &out)?;
     Ok(out)
 }
+
+/// Runs a command with inherited stdio, killing it if it runs longer than `timeout`.
+pub fn run_checked_timeout(cmd: &mut Command, timeout: std::time::Duration) -> XtaskResult<()> {
+    let mut child = cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{cmd:?} failed: {status}").into())
+            };
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{cmd:?} timed out after {} s", timeout.as_secs()).into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Downloads (once) the `.deb`s of several Debian packages into the cache with one
+/// `apt-get download`, and returns their paths in the order given.
+pub fn download_debs(packages: &[String]) -> XtaskResult<Vec<PathBuf>> {
+    let dir = cache_dir().join("debs");
+    std::fs::create_dir_all(&dir)?;
+    let mut missing = Vec::new();
+    for package in packages {
+        if find_deb(&dir, package)?.is_none() {
+            missing.push(package.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: downloading {}", missing.join(" "));
+        apt_update_once()?;
+        run_checked_timeout(
+            Command::new("apt-get")
+                // The cache is root's; without this apt warns that its `_apt` user
+                // cannot write there and downloads unsandboxed anyway.
+                .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
+                .args(&missing)
+                .current_dir(&dir),
+            std::time::Duration::from_secs(600),
+        )?;
+    }
+    packages
+        .iter()
+        .map(|p| {
+            find_deb(&dir, p)?
+                .ok_or_else(|| format!("apt-get download {p}: no .deb appeared").into())
+        })
+        .collect()
+}

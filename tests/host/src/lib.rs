@@ -246,6 +246,17 @@ pub fn install() {
             set_warn_hook(record_warning),
             "another warn hook was set first"
         );
+        install_fault_handlers();
+    });
+}
+
+/// Sorts the extable and installs the SIGILL/SIGSEGV handlers (once per process), without
+/// registering the scripted backend or the warn hook: for tests that run the production
+/// `xenmsr::init`, which registers its own. [`fixups`] counts this thread's fixups either
+/// way.
+pub fn install_fault_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
         extable::init();
         install_handler(libc::SIGILL);
         install_handler(libc::SIGSEGV);
@@ -340,7 +351,7 @@ macro_rules! harness {
         /// # Safety
         ///
         /// The stub may execute a real MSR instruction; on the host that faults and needs
-        /// [`install`] to have run.
+        /// [`install_fault_handlers`] to have run.
         unsafe fn $name(state: &mut RegState, misalign: bool) {
             let ptr: *mut RegState = state;
             if misalign {
@@ -445,6 +456,14 @@ harness!(
 /// call (the stub must align for the handler itself).
 pub fn call_stub(stub: Stub, state: &mut RegState, misalign: bool) {
     install();
+    call_stub_with_current_backend(stub, state, misalign);
+}
+
+/// [`call_stub`] without [`install`]: the stub consults whatever backend the process
+/// registered (the production policy, in tests that ran `xenmsr::init`). Installs only
+/// the fault handlers.
+pub fn call_stub_with_current_backend(stub: Stub, state: &mut RegState, misalign: bool) {
+    install_fault_handlers();
     let call = match stub {
         Stub::Rdmsr => call_rdmsr,
         Stub::Wrmsr => call_wrmsr,
@@ -453,8 +472,8 @@ pub fn call_stub(stub: Stub, state: &mut RegState, misalign: bool) {
     };
     // SAFETY: the harness saves and restores rbx and rbp itself, declares every other GPR
     // as clobbered, keeps rsp balanced, and its call carries an extable entry whose fixup
-    // is the label right after it, inside the same asm block. `install` has set up the
-    // fault handlers the stubs' native and failure paths need on the host.
+    // is the label right after it, inside the same asm block. `install_fault_handlers` has
+    // set up the fault handlers the stubs' native and failure paths need on the host.
     unsafe { call(state, misalign) }
 }
 

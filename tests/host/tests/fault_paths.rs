@@ -286,3 +286,99 @@ fn two_sites_warn_separately() {
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert_ne!(warnings[0].site, warnings[1].site);
 }
+
+/// The constant index of the constant-index sites below.
+const CONST_MSR: u32 = 0xc000_0103;
+
+#[inline(never)]
+fn unchecked_read_const_site() -> u64 {
+    // SAFETY: the tests script the backend; a "native" read faults and is fixed up.
+    unsafe { site::rdmsr_const::<CONST_MSR>() }
+}
+
+#[inline(never)]
+fn unchecked_write_const_site(value: u64) {
+    // SAFETY: as above.
+    unsafe { site::wrmsr_ns_const::<CONST_MSR>(value) }
+}
+
+#[test]
+fn constant_index_sites_through_the_stubs() {
+    install();
+    let _ = take_warnings();
+    // Success: the whole 64-bit value comes back in rax; the MSR is the constant.
+    for value in [0u64, 0xdead_beef_0123_4567, u64::MAX] {
+        set_script(Outcome::Done(value));
+        // SAFETY: the scripted backend handles the read.
+        let (result, faults) = counting(|| unsafe { site::rdmsr_const_safe::<CONST_MSR>() });
+        assert_eq!(result, Ok(value));
+        assert_eq!(faults, (0, 0));
+        let call = last_call().expect("the backend was called");
+        assert_eq!((call.op, call.msr), (Op::Read, CONST_MSR));
+        assert_eq!(unchecked_read_const_site(), value);
+
+        set_script(Outcome::Done(0));
+        // SAFETY: the scripted backend handles the write.
+        let result = unsafe { site::wrmsr_ns_const_safe::<CONST_MSR>(value) };
+        assert_eq!(result, Ok(()));
+        let call = last_call().expect("the backend was called");
+        assert_eq!(
+            (call.op, call.msr, call.value),
+            (Op::Write, CONST_MSR, value),
+            "the stub gets edx:eax = the whole value"
+        );
+    }
+    // Handler failure: the exact error, through the rewind to the site's own entry.
+    for error in handler_errors() {
+        set_script(Outcome::Failed(error));
+        // SAFETY: the backend fails the read; the stub traps and the fixup rewinds.
+        let (result, faults) = counting(|| unsafe { site::rdmsr_const_safe::<CONST_MSR>() });
+        assert_eq!(result, Err(error));
+        assert_eq!(faults, (1, 0));
+        // SAFETY: as above, for the write.
+        let (result, faults) =
+            counting(|| unsafe { site::wrmsr_ns_const_safe::<CONST_MSR>(0x1_0000_0002) });
+        assert_eq!(result, Err(error));
+        assert_eq!(faults, (1, 0));
+    }
+    // Native: the stub's own instruction faults in ring 3, reported at the call site.
+    set_script(Outcome::Native);
+    // SAFETY: the stub's RDMSR raises #GP; the fixup rewinds and zeroes rax.
+    let (result, faults) = counting(|| unsafe { site::rdmsr_const_safe::<CONST_MSR>() });
+    assert_eq!(result, Err(GP));
+    assert_eq!(faults, (0, 1));
+    // SAFETY: the stub's WRMSR raises #GP.
+    let (result, faults) = counting(|| unsafe { site::wrmsr_ns_const_safe::<CONST_MSR>(3) });
+    assert_eq!(result, Err(GP));
+    assert_eq!(faults, (0, 1));
+
+    // Unchecked: 0, one warning per site, the value of a write is edx:eax = the value.
+    let _ = take_warnings();
+    let error = MsrError::Hypercall(Errno::EPERM);
+    set_script(Outcome::Failed(error));
+    assert_eq!(unchecked_read_const_site(), 0);
+    assert_eq!(unchecked_read_const_site(), 0);
+    let warnings = take_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = warnings[0];
+    assert_eq!(
+        (w.op, w.msr_or_counter, w.value, w.error),
+        (AccessOp::Read, CONST_MSR, 0, error)
+    );
+    assert!(site_of(PatchOp::ReadImm, w.site));
+
+    set_script(Outcome::Native);
+    let (_, faults) = counting(|| {
+        unchecked_write_const_site(0x8765_4321_0fed_cba9);
+        unchecked_write_const_site(1);
+    });
+    assert_eq!(faults, (0, 2));
+    let warnings = take_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = warnings[0];
+    assert_eq!(
+        (w.op, w.msr_or_counter, w.value, w.error),
+        (AccessOp::Write, CONST_MSR, 0x8765_4321_0fed_cba9, GP)
+    );
+    assert!(site_of(PatchOp::WriteImm, w.site));
+}

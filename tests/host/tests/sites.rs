@@ -1,12 +1,13 @@
 //! The linked image: the extable and patch-site sections survive linking (debug and
-//! release), every patch site is a `call` of exactly `CALL_LEN` bytes to the right stub,
-//! and every site and stub instruction has its extable entry.
+//! release), every patch site starts with a `call` of exactly `CALL_LEN` bytes to the right
+//! stub (followed, in a 9-byte constant-index site, by NOP padding to the end of the
+//! region), and every site and stub instruction has its extable entry.
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
 use xenmsr_asm::extable::{self, Kind, flags};
 use xenmsr_asm::patch::{FLAG_SAFE, PatchOp, patch_sites};
 use xenmsr_asm::stubs::{REWIND_ERROR, REWIND_NATIVE, Stub};
-use xenmsr_asm::{CALL_LEN, Outcome, SITE_LEN, site};
+use xenmsr_asm::{CALL_LEN, IMM_SITE_LEN, Outcome, SITE_LEN, site};
 use xenmsr_host_tests::{install, set_script};
 
 /// Instantiates every emitter at least once, so this binary has a site of each op and
@@ -33,7 +34,23 @@ fn every_emitter(run: bool) -> u64 {
     sum += unsafe { site::rdpmc(7) };
     // SAFETY: the scripted backend answers; no real MSR is touched.
     sum += unsafe { site::rdpmc_safe(8) }.unwrap_or(0);
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    sum += unsafe { site::rdmsr_const::<9>() };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    sum += unsafe { site::rdmsr_const_safe::<10>() }.unwrap_or(0);
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr_ns_const::<11>(11) };
+    // SAFETY: the scripted backend answers; no real MSR is touched.
+    unsafe { site::wrmsr_ns_const_safe::<12>(12) }.ok();
     sum
+}
+
+/// The region length every site of `op` has.
+fn region_len(op: PatchOp) -> usize {
+    match op {
+        PatchOp::ReadImm | PatchOp::WriteImm => IMM_SITE_LEN,
+        PatchOp::Read | PatchOp::Write | PatchOp::WriteNs | PatchOp::Rdpmc => SITE_LEN,
+    }
 }
 
 fn code(addr: usize, len: usize) -> &'static [u8] {
@@ -56,15 +73,15 @@ fn expected_kinds(op: PatchOp, safe: bool) -> Kind {
 #[test]
 fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
     install();
-    assert_eq!(every_emitter(true), 4);
+    assert_eq!(every_emitter(true), 6);
     let sites: Vec<_> = patch_sites().collect();
-    // Eight emitters in `every_emitter`, plus those of the helpers crate (none) at least.
-    assert!(sites.len() >= 8, "only {} patch sites found", sites.len());
+    // Twelve emitters in `every_emitter`, plus those of the helpers crate (none) at least.
+    assert!(sites.len() >= 12, "only {} patch sites found", sites.len());
     let mut ops_seen = std::collections::HashSet::new();
     for s in &sites {
         let op = s.op.unwrap_or_else(|| panic!("unknown op in {s:?}"));
         ops_seen.insert((op, s.flags & FLAG_SAFE != 0));
-        assert_eq!(usize::from(s.len), SITE_LEN, "{s:?}");
+        assert_eq!(usize::from(s.len), region_len(op), "{s:?}");
         let bytes = code(s.addr, usize::from(s.len));
         let mut decoder = Decoder::with_ip(64, bytes, s.addr as u64, DecoderOptions::NONE);
         let insn = decoder.decode();
@@ -82,6 +99,16 @@ fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
             insn.near_branch_target(),
             op.stub().name()
         );
+        // The rest of the region (constant-index sites only) is NOP padding: whole
+        // instructions that end exactly at the end of the region.
+        while decoder.position() < bytes.len() {
+            let pad = decoder.decode();
+            assert_eq!(pad.mnemonic(), Mnemonic::Nop, "{s:?}: {bytes:02x?}");
+        }
+        assert_eq!(decoder.position(), bytes.len(), "{s:?}: {bytes:02x?}");
+        if !matches!(op, PatchOp::ReadImm | PatchOp::WriteImm) {
+            assert_eq!(s.imm, 0, "{s:?}: imm is only for the constant-index ops");
+        }
         // The site's own entry: at the site, the right kind, fixup at the end of the region.
         let entry = extable::lookup(s.addr).unwrap_or_else(|| panic!("no extable entry for {s:?}"));
         let data = entry.data();
@@ -100,11 +127,27 @@ fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
             "{s:?}"
         );
     }
+    // The constant-index sites of `every_emitter` record their MSR.
+    for (op, safe, msr) in [
+        (PatchOp::ReadImm, false, 9),
+        (PatchOp::ReadImm, true, 10),
+        (PatchOp::WriteImm, false, 11),
+        (PatchOp::WriteImm, true, 12),
+    ] {
+        assert!(
+            sites
+                .iter()
+                .any(|s| s.op == Some(op) && (s.flags & FLAG_SAFE != 0) == safe && s.imm == msr),
+            "no {op:?} safe={safe} site with imm {msr}"
+        );
+    }
     for op in [
         PatchOp::Read,
         PatchOp::Write,
         PatchOp::WriteNs,
         PatchOp::Rdpmc,
+        PatchOp::ReadImm,
+        PatchOp::WriteImm,
     ] {
         for safe in [false, true] {
             assert!(

@@ -1,0 +1,102 @@
+//! The in-guest suites, and what the harness says about the machine they run on.
+
+pub mod boot;
+pub mod pmu;
+pub mod raw;
+pub mod routing;
+pub mod stubs;
+pub mod xen;
+
+use spin::Once;
+
+use crate::boot::BootInfo;
+use crate::testing;
+
+/// CPU vendor, as the tests care about it (Xen picks MSR semantics by host vendor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    /// AuthenticAMD (QEMU's `qemu64` is AMD family 0xf; `EPYC` family 0x17).
+    Amd,
+    /// GenuineIntel (`Skylake-Client`).
+    Intel,
+}
+
+/// What the harness told the kernel about the machine (`cpu=`, `vpmu=`), so that tests
+/// encode per-model expectations instead of discovering them.
+#[derive(Clone, Copy, Debug)]
+pub struct Model {
+    /// The QEMU CPU model name, if given.
+    pub cpu: Option<&'static str>,
+    /// The vendor that model implies, if known.
+    pub vendor: Option<Vendor>,
+    /// Whether Xen was booted with `vpmu=1` *and* its vPMU can initialise on this model
+    /// (only `EPYC` under TCG; see the reference notes §1.7).
+    pub vpmu_active: bool,
+    /// Whether the harness booted this kernel as dom0 (`suite=dom0`) rather than as a
+    /// domU (`suite=domu`): checked against `start_info` by `boot::start_info`.
+    pub dom0: bool,
+}
+
+static MODEL: Once<Model> = Once::new();
+
+/// The model of this run.
+pub fn model() -> &'static Model {
+    MODEL.get().expect("the model is set before the suites run")
+}
+
+fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
+    let cpu = info.arg("cpu");
+    let vendor = match cpu {
+        Some("qemu64" | "EPYC" | "max") => Some(Vendor::Amd),
+        Some("Skylake-Client") => Some(Vendor::Intel),
+        _ => None,
+    };
+    let vpmu = info.arg("vpmu") == Some("1");
+    Model {
+        cpu,
+        vendor,
+        vpmu_active: vpmu && cpu == Some("EPYC"),
+        dom0,
+    }
+}
+
+/// Runs the suites for `suite` (`dom0` or `domu`).
+pub fn run(suite: &str, info: &'static BootInfo) {
+    let dom0 = match suite {
+        "dom0" => true,
+        "domu" => false,
+        other => {
+            testing::record(
+                "suites::select",
+                Err(testing::Failure::new(format_args!(
+                    "unknown suite {other:?} (expected dom0, domu or demo)"
+                ))),
+            );
+            return;
+        }
+    };
+    let model = MODEL.call_once(|| parse_model(info, dom0));
+    crate::println!(
+        "suite {suite}: cpu {} vendor {:?} vpmu {}",
+        model.cpu.unwrap_or("?"),
+        model.vendor,
+        if model.vpmu_active { "active" } else { "off" }
+    );
+    testing::run(boot::TESTS);
+    testing::run(xen::TESTS);
+    testing::run(stubs::TESTS);
+    // From here on the library is initialised: sites are patched and routed.
+    testing::run(routing::TESTS);
+    testing::run(pmu::TESTS);
+}
+
+/// Shorthand for a test entry, named `<suite module>::<function>`.
+#[macro_export]
+macro_rules! test {
+    ($name:ident) => {
+        $crate::testing::Test {
+            name: $crate::testing::short_name(concat!(module_path!(), "::", stringify!($name))),
+            run: $name,
+        }
+    };
+}

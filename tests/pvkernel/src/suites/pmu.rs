@@ -1,0 +1,154 @@
+//! The library's vPMU backend and RDPMC emulation, per CPU model (run after
+//! `xenmsr::init`). Under QEMU TCG only `EPYC` with Xen's `vpmu=1` has a working vPMU;
+//! elsewhere Xen answers `-EOPNOTSUPP` and the backend must degrade to pass-through.
+
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+
+use xenmsr::pmu::{self, PmuError};
+use xenmsr::{MsrError, rdmsr_safe, rdpmc_safe};
+use xenmsr_hypercall::abi::XenPmuMode;
+
+use super::{Vendor, model, raw};
+use crate::hv::nr;
+use crate::testing::{Test, TestResult};
+use crate::{check, check_eq, fail, test, tracepage, traps};
+
+/// The vPMU tests.
+pub static TESTS: &[Test] = &[
+    test!(mode_get_matches_model),
+    test!(pmu_msrs_match_bare_instruction),
+    test!(rdpmc_is_emulated),
+    test!(init_and_finish_vcpu0),
+];
+
+const MSR_K7_EVNTSEL0: u32 = 0xc001_0000;
+const MSR_K7_PERFCTR0: u32 = 0xc001_0004;
+const MSR_F15H_PERF_CTL0: u32 = 0xc001_0200;
+const MSR_P6_PERFCTR0: u32 = 0xc1;
+const MSR_P6_EVNTSEL0: u32 = 0x186;
+
+fn mode_get_matches_model() -> TestResult {
+    let before = tracepage::snapshot();
+    let r = pmu::global().mode_get();
+    let after = tracepage::snapshot();
+    check_eq!(
+        after.count_since(&before, nr::XENPMU_OP),
+        1u64,
+        "xenpmu_op calls"
+    );
+    if model().vpmu_active {
+        check_eq!(
+            r,
+            Ok((XenPmuMode::SELF, 0, 1)),
+            "mode_get with an active vPMU"
+        );
+    } else {
+        check_eq!(
+            r,
+            Err(PmuError::Disabled),
+            "mode_get without an active vPMU"
+        );
+    }
+    Ok(())
+}
+
+fn pmu_msrs_match_bare_instruction() -> TestResult {
+    // Without a registered page nothing is cached: PMU MSRs of either vendor must behave
+    // exactly as the bare instruction does (RAZ for the host vendor's, #GP for the other's).
+    for msr in [
+        MSR_K7_EVNTSEL0,
+        MSR_K7_PERFCTR0,
+        MSR_F15H_PERF_CTL0,
+        MSR_P6_PERFCTR0,
+        MSR_P6_EVNTSEL0,
+    ] {
+        // SAFETY: reading PMU MSRs has no side effect.
+        let lib = unsafe { rdmsr_safe(msr) }.map_err(drop);
+        let bare = raw::rdmsr(msr).map_err(drop);
+        check_eq!(lib, bare, "library vs bare rdmsr of a PMU MSR");
+    }
+    Ok(())
+}
+
+fn rdpmc_is_emulated() -> TestResult {
+    let gp = traps::count(13);
+    // SAFETY: RDPMC emulation reads a counter MSR at most.
+    let r = unsafe { rdpmc_safe(0) };
+    match model().vendor {
+        Some(Vendor::Amd) if model().vpmu_active => {
+            check!(r.is_ok(), "rdpmc_safe(0) with an active vPMU: {r:?}");
+        }
+        // The counters never count under TCG and Xen reads them as 0.
+        Some(Vendor::Amd) => check_eq!(r, Ok(0), "rdpmc_safe(0) on AMD"),
+        // TCG's CPUID leaf 0xA is empty: the Intel layout has no counters at all.
+        Some(Vendor::Intel) => {
+            check_eq!(r, Err(MsrError::InvalidCounter), "rdpmc_safe(0) on Intel")
+        }
+        None => fail!("unknown vendor"),
+    }
+    // SAFETY: as above.
+    let r = unsafe { rdpmc_safe(0x100) };
+    check_eq!(
+        r,
+        Err(MsrError::InvalidCounter),
+        "rdpmc_safe of a counter that does not exist"
+    );
+    // Emulated: the RDPMC instruction itself (always #GP for a PV guest) never ran.
+    check_eq!(traps::count(13) - gp, 0, "#GP taken");
+    Ok(())
+}
+
+/// A page for the vPMU's shared data, owned by Xen and the backend while registered.
+#[repr(C, align(4096))]
+struct PmuPage(UnsafeCell<[u8; 4096]>);
+
+// SAFETY: the page is only handed to the backend and Xen (by one test on the one vCPU);
+// the kernel never reads or writes it itself.
+unsafe impl Sync for PmuPage {}
+
+static PMU_PAGE: PmuPage = PmuPage(UnsafeCell::new([0; 4096]));
+
+/// The machine frame of a kernel virtual address: its PFN (VIRT_BASE is 0) looked up in
+/// the p2m list Xen built (`start_info.mfn_list`).
+fn mfn_of(va: usize) -> u64 {
+    let p2m = crate::boot_info().start_info.mfn_list as *const u64;
+    let entry = p2m.wrapping_add(va >> 12);
+    // SAFETY: Xen maps the p2m list for the domain's whole life with one entry per PFN of
+    // the domain, and `va` is in the kernel image, so its PFN is in range.
+    unsafe { entry.read_volatile() }
+}
+
+fn init_and_finish_vcpu0() -> TestResult {
+    let page = NonNull::new(PMU_PAGE.0.get().cast::<u8>()).expect("static page");
+    let mfn = mfn_of(page.as_ptr() as usize);
+    // SAFETY: the page is 4 KiB, aligned, used by nothing else, and `mfn` is its frame;
+    // it stays allocated (static) and untouched until `finish` returns Ok below (or for
+    // ever, if that fails).
+    let r = unsafe { pmu::init(0, page, mfn) };
+    if !model().vpmu_active {
+        check_eq!(
+            r,
+            Err(PmuError::Disabled),
+            "pmu::init without an active vPMU"
+        );
+        check_eq!(pmu::finish(0), Err(PmuError::NotInitialized), "pmu::finish");
+        return Ok(());
+    }
+    check_eq!(r, Ok(()), "pmu::init(vcpu 0)");
+    // SAFETY: as above; the second registration is refused before Xen is asked again or
+    // by Xen (-EEXIST), and the page stays registered once.
+    let again = unsafe { pmu::init(0, page, mfn) };
+    check_eq!(again, Err(PmuError::AlreadyInitialized), "second pmu::init");
+    // Not inside a PMI: counters pass through, and RDPMC still works.
+    // SAFETY: RDPMC emulation reads a counter MSR at most.
+    let r = unsafe { rdpmc_safe(0) };
+    check!(r.is_ok(), "rdpmc_safe(0) with a registered page: {r:?}");
+    check_eq!(pmu::finish(0), Ok(()), "pmu::finish(vcpu 0)");
+    check_eq!(
+        pmu::finish(0),
+        Err(PmuError::NotInitialized),
+        "second pmu::finish"
+    );
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Booting the PV test kernel as dom0, directly under Xen in QEMU (TCG), with a deadline.
+//!
+//! Xen is QEMU's multiboot `-kernel`; the test kernel is the first multiboot module, whose
+//! string (`"path arg arg"`) Xen hands to dom0 as its command line minus the first word.
+//! The kernel reports on the serial line (through `console_io`) and leaves its verdict in
+//! QEMU's exit status through `isa-debug-exit` (33 = success, 35 = failure). The verdict
+//! needs both: the status alone cannot tell a lost test from a pass, and the log alone
+//! cannot tell a complete run from one cut short.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::XtaskResult;
+use crate::guestlog::{GuestLog, LineKind, clean};
+
+/// QEMU's exit status after the kernel wrote 0x10 to `isa-debug-exit`.
+pub const EXIT_SUCCESS: i32 = 33;
+/// QEMU's exit status after the kernel wrote 0x11 to `isa-debug-exit`.
+pub const EXIT_FAILURE: i32 = 35;
+/// How many serial lines to show when a run fails.
+pub const TAIL_LINES: usize = 60;
+/// How the kernel's first line starts.
+const BANNER: &str = "xenmsr-pvkernel:";
+
+/// One dom0 boot of the test kernel.
+#[derive(Clone, Debug)]
+pub struct Dom0Run {
+    /// A short name for reports (`dom0/qemu64`).
+    pub name: String,
+    /// QEMU's `-cpu`.
+    pub cpu: String,
+    /// Extra Xen command-line options (e.g. `vpmu=1`).
+    pub xen_args: Vec<String>,
+    /// The kernel's command line.
+    pub kernel_args: String,
+    /// Hard deadline for the QEMU run.
+    pub deadline: Duration,
+}
+
+/// What to echo while the run goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// Test, summary and result lines (progress).
+    Tests,
+    /// Every line the kernel prints from its banner on (not Xen's, not the firmware's),
+    /// without the run-name prefix: the demo's view.
+    Guest,
+    /// Everything, Xen's lines too.
+    All,
+}
+
+/// The outcome of one run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// [`Dom0Run::name`].
+    pub name: String,
+    /// Wall time of the QEMU run.
+    pub wall: Duration,
+    /// QEMU's exit status (`None` if it was killed).
+    pub exit_code: Option<i32>,
+    /// `Ok` if the run passed; otherwise why not.
+    pub verdict: Result<(), String>,
+    /// What the kernel reported.
+    pub log: GuestLog,
+    /// The last [`TAIL_LINES`] serial lines.
+    pub tail: Vec<String>,
+    /// Where the whole serial log was saved.
+    pub log_path: PathBuf,
+    /// The QEMU command, for reproducing the run by hand.
+    pub command: String,
+}
+
+impl RunReport {
+    /// Whether the run passed.
+    pub fn passed(&self) -> bool {
+        self.verdict.is_ok()
+    }
+
+    /// Prints why the run failed: the serial tail and the failing tests.
+    pub fn print_failure(&self) {
+        let Err(why) = &self.verdict else { return };
+        eprintln!(
+            "----- {}: last {} serial lines -----",
+            self.name,
+            self.tail.len()
+        );
+        for line in &self.tail {
+            eprintln!("{line}");
+        }
+        eprintln!("----- {}: FAILED: {why} -----", self.name);
+        eprintln!("  whole serial log: {}", self.log_path.display());
+        eprintln!("  reproduce with: {}", self.command);
+        for t in self.log.failures() {
+            eprintln!(
+                "  failed: {}{}",
+                t.name,
+                t.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Kills and reaps QEMU when dropped, so that no error path (or panic) leaves it running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The Xen command line of a dom0 run.
+fn xen_cmdline(extra: &[String]) -> String {
+    // No `noreboot`: a dom0 crash must reboot so that `-no-reboot` ends QEMU (in 5 s)
+    // instead of halting until the deadline. No `sync_console` either: it would make each
+    // run ~5 s slower; the kernel instead yields to Xen before its `isa-debug-exit` write
+    // so the serial buffer drains, and a lost line fails the run (the summary must match
+    // the test lines), it cannot fake a pass.
+    let mut s = String::from("loglvl=all guest_loglvl=all console=com1 console_timestamps=boot");
+    for a in extra {
+        s.push(' ');
+        s.push_str(a);
+    }
+    s
+}
+
+/// Boots Xen with the test kernel as dom0 and waits for the verdict or the deadline.
+pub fn run_dom0(
+    qemu: &Path,
+    xen: &Path,
+    kernel: &Path,
+    run: &Dom0Run,
+    echo: Echo,
+) -> XtaskResult<RunReport> {
+    let kernel_str = kernel.to_str().ok_or("kernel path is not UTF-8")?;
+    // QEMU splits multiboot modules at ',' and Xen the module string at spaces.
+    if kernel_str.contains([',', ' ']) || run.kernel_args.contains(',') {
+        return Err(format!(
+            "the kernel path and arguments must not contain ',' (or spaces in the path): {kernel_str} {}",
+            run.kernel_args
+        )
+        .into());
+    }
+    let xen_str = xen.to_str().ok_or("Xen path is not UTF-8")?;
+    let args: Vec<String> = [
+        "-nographic",
+        "-no-reboot",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-m",
+        "512",
+        "-cpu",
+        &run.cpu,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+        xen_str,
+        "-initrd",
+        &format!("{kernel_str} {}", run.kernel_args),
+        "-append",
+        &xen_cmdline(&run.xen_args),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let command = std::iter::once(qemu.display().to_string())
+        .chain(args.iter().map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        }))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new(qemu);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+
+    let start = Instant::now();
+    let mut child = KillOnDrop(
+        cmd.spawn()
+            .map_err(|e| format!("{}: {e}", qemu.display()))?,
+    );
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.0.stdout.take().ok_or("no QEMU stdout")?;
+    let stderr = child.0.stderr.take().ok_or("no QEMU stderr")?;
+    let tx_err = tx.clone();
+    let out_thread = std::thread::spawn(move || forward_lines(stdout, &tx, ""));
+    let err_thread = std::thread::spawn(move || forward_lines(stderr, &tx_err, "qemu: "));
+
+    let mut log = GuestLog::default();
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES + 1);
+    let mut whole: Vec<String> = Vec::new();
+    let deadline = start + run.deadline;
+    let mut timed_out = false;
+    let mut seen_banner = false;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = true;
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(line) => {
+                let kind = log.feed(&line);
+                seen_banner |= line.starts_with(BANNER);
+                match echo {
+                    Echo::All => println!("[{}] {line}", run.name),
+                    Echo::Guest if seen_banner && kind != LineKind::Xen => println!("{line}"),
+                    Echo::Tests
+                        if matches!(
+                            kind,
+                            LineKind::Test
+                                | LineKind::Reason
+                                | LineKind::Summary
+                                | LineKind::Result
+                        ) =>
+                    {
+                        println!("[{}] {line}", run.name)
+                    }
+                    _ => {}
+                }
+                whole.push(line.clone());
+                tail.push_back(line);
+                if tail.len() > TAIL_LINES {
+                    tail.pop_front();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
+            // Both pipes closed: QEMU has exited (or is about to).
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+
+    let exit_code = if timed_out {
+        None
+    } else {
+        wait_until(&mut child.0, deadline)?
+    };
+    let wall = start.elapsed();
+    drop(child); // kills QEMU if it is still running
+    let _ = out_thread.join();
+    let _ = err_thread.join();
+
+    let verdict = if timed_out || exit_code.is_none() {
+        Err(format!(
+            "deadline of {} s exceeded; QEMU killed",
+            run.deadline.as_secs()
+        ))
+    } else {
+        let code = exit_code.unwrap_or_default();
+        match (log.verdict(), code) {
+            (Ok(()), EXIT_SUCCESS) => Ok(()),
+            (Ok(()), code) => Err(format!(
+                "the log says SUCCESS but QEMU exited with {code}, not {EXIT_SUCCESS}"
+            )),
+            (Err(why), EXIT_FAILURE) => {
+                Err(format!("{why} (QEMU exit {code}: kernel reported failure)"))
+            }
+            (Err(why), code) => Err(format!("{why} (QEMU exit {code})")),
+        }
+    };
+    let log_dir = crate::cache_dir().join("logs");
+    let _ = std::fs::create_dir_all(&log_dir);
+    let log_path = log_dir.join(format!("{}.serial.log", run.name.replace(['/', '+'], "-")));
+    let _ = std::fs::write(&log_path, whole.join("\n") + "\n");
+    Ok(RunReport {
+        name: run.name.clone(),
+        wall,
+        exit_code,
+        verdict,
+        log,
+        tail: tail.into(),
+        log_path,
+        command,
+    })
+}
+
+/// Sends each line of `pipe` (cleaned of escapes, lossily decoded) to `tx`.
+fn forward_lines(pipe: impl Read, tx: &mpsc::Sender<String>, prefix: &str) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = clean(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
+                if tx.send(format!("{prefix}{line}")).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the child to exit until `deadline`; `None` if it did not.
+fn wait_until(child: &mut Child, deadline: Instant) -> XtaskResult<Option<i32>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            // A signal (no code) counts as "no verdict".
+            return Ok(status.code());
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
