@@ -18,6 +18,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod dispatch;
 pub mod patch;
 pub mod pmu;
 pub mod policy;
@@ -28,7 +29,8 @@ use core::fmt;
 use spin::Once;
 pub use xenmsr_asm::fixup::{TrapFrame, UncheckedAccess, fixup_exception};
 pub use xenmsr_asm::site::{
-    rdmsr, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns, wrmsr_ns_safe, wrmsr_safe,
+    rdmsr, rdmsr_const, rdmsr_const_safe, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns,
+    wrmsr_ns_const, wrmsr_ns_const_safe, wrmsr_ns_safe, wrmsr_safe,
 };
 pub use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::HypercallPage;

@@ -25,9 +25,9 @@ use xenmsr_asm::patch::{PatchSite, SiteOp};
 /// CPU features that select native variants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuFeatures {
-    /// `WRMSRNS`: CPUID.(EAX=7,ECX=1):EAX[19].
+    /// `WRMSRNS`: CPUID.(EAX=7,ECX=1):EAX\[19\].
     pub wrmsrns: bool,
-    /// The immediate forms of RDMSR and WRMSRNS: CPUID.(EAX=7,ECX=1):ECX[5].
+    /// The immediate forms of RDMSR and WRMSRNS: CPUID.(EAX=7,ECX=1):ECX\[5\].
     pub msr_imm: bool,
 }
 
@@ -86,8 +86,8 @@ pub enum PatchError {
     },
 }
 
-/// The largest site.
-pub const MAX_SITE_LEN: usize = 9;
+/// The largest site (a constant-index site).
+pub const MAX_SITE_LEN: usize = xenmsr_asm::IMM_SITE_LEN;
 
 /// The bytes of one variant of a site: the first `len` bytes of `bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +120,9 @@ const RDPMC: [u8; 2] = [0x0f, 0x33];
 const WRMSRNS: [u8; 3] = [0x0f, 0x01, 0xc6];
 /// `shl $32, %rdx; or %rdx, %rax`: folds `edx:eax` into `rax`.
 const FOLD_EDX_EAX: [u8; 7] = [0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
-const NOP4: [u8; 4] = [0x0f, 0x1f, 0x40, 0x00];
+/// The 4-byte NOP after the `call` in a 9-byte site: the emitters' own padding, so the
+/// Xen variant restores exactly the emitted bytes.
+const NOP4: [u8; 4] = xenmsr_asm::IMM_SITE_PAD;
 const NOP6: [u8; 6] = [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00];
 const NOP7: [u8; 7] = [0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00];
 /// VEX prefix and ModRM of `rdmsr $imm32, %rax` (VEX.128.F2.M7.W0 F6 /0).
@@ -131,8 +133,8 @@ const WRMSRNS_IMM: [u8; 5] = [0xc4, 0xe7, 0x7a, 0xf6, 0xc0];
 /// The length of every site of `op`.
 pub const fn site_len(op: SiteOp) -> usize {
     match op {
-        SiteOp::Read | SiteOp::Write | SiteOp::WriteNs | SiteOp::Rdpmc => 5,
-        SiteOp::ReadImm | SiteOp::WriteImm => 9,
+        SiteOp::Read | SiteOp::Write | SiteOp::WriteNs | SiteOp::Rdpmc => xenmsr_asm::SITE_LEN,
+        SiteOp::ReadImm | SiteOp::WriteImm => xenmsr_asm::IMM_SITE_LEN,
     }
 }
 
@@ -160,7 +162,7 @@ pub fn site_bytes(
                 (rel >> 16) as u8,
                 (rel >> 24) as u8,
             ];
-            if len == 9 {
+            if len == xenmsr_asm::IMM_SITE_LEN {
                 SiteBytes::new(&[&call, &NOP4])
             } else {
                 SiteBytes::new(&[&call])
@@ -186,7 +188,7 @@ pub fn site_bytes(
     Ok(bytes)
 }
 
-/// What [`patch_all`] did.
+/// What [`patch_sites`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PatchReport {
     /// Sites whose bytes were rewritten.

@@ -8,7 +8,8 @@
 use xenmsr_asm::{MsrBackend, MsrError, Outcome};
 use xenmsr_hypercall::HypercallPage;
 
-use crate::pmu::{NativeMsr, RawMsr, Vpmu};
+use crate::dispatch::{Class, ClassIndex, reference_class};
+use crate::pmu::{NativeMsr, PmuLayout, RawMsr, Vpmu};
 use crate::routes::{self, ReadRoute, WriteRoute};
 
 /// The routing policy of a Xen PV guest.
@@ -17,6 +18,8 @@ pub struct XenPvPolicy<N: NativeMsr + 'static = RawMsr> {
     vcpu_id: fn() -> u32,
     native: N,
     pmu: Option<&'static Vpmu>,
+    layout: PmuLayout,
+    index: Option<ClassIndex>,
 }
 
 impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
@@ -24,6 +27,8 @@ impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
         f.debug_struct("XenPvPolicy")
             .field("hypercalls", &self.hypercalls)
             .field("pmu", &self.pmu.is_some())
+            .field("layout", &self.layout)
+            .field("indexed", &self.index.as_ref().map(ClassIndex::len))
             .finish()
     }
 }
@@ -31,18 +36,32 @@ impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
 impl<N: NativeMsr> XenPvPolicy<N> {
     /// A policy that makes its hypercalls through `hypercalls`, learns the current vCPU
     /// from `vcpu_id`, reads MSRs natively through `native`, and sends PMU MSRs and RDPMC
-    /// to `pmu` (when `None`, they pass through).
-    pub const fn new(
+    /// to `pmu` (when `None`, they pass through). Builds the one-probe class index for
+    /// the routes and `pmu`'s layout.
+    pub fn new(
         hypercalls: HypercallPage,
         vcpu_id: fn() -> u32,
         native: N,
         pmu: Option<&'static Vpmu>,
     ) -> Self {
+        let layout = pmu.map_or(PmuLayout::None, Vpmu::layout);
         XenPvPolicy {
             hypercalls,
             vcpu_id,
             native,
             pmu,
+            layout,
+            index: ClassIndex::build(&layout),
+        }
+    }
+
+    /// The class of `msr`: one probe of the index (or, for a layout too large to index,
+    /// the equivalent two-step classification).
+    #[inline]
+    fn class(&self, msr: u32) -> Class {
+        match &self.index {
+            Some(index) => index.lookup(msr),
+            None => reference_class(&self.layout, msr),
         }
     }
 
@@ -50,16 +69,21 @@ impl<N: NativeMsr> XenPvPolicy<N> {
     /// without a stub in between.
     #[inline]
     pub fn decide_read(&self, msr: u32) -> Outcome {
-        match routes::lookup(msr) {
-            Some(route) => match route.read {
-                ReadRoute::Native => Outcome::Native,
-                ReadRoute::ApicBaseFixup => match self.native.read_safe(msr) {
-                    Ok(raw) => Outcome::Done(routes::fix_apic_base(raw, (self.vcpu_id)())),
-                    Err(error) => Outcome::Failed(error),
-                },
+        match self.class(msr) {
+            Class::Native
+            | Class::Route {
+                read: ReadRoute::Native,
+                ..
+            } => Outcome::Native,
+            Class::Route {
+                read: ReadRoute::ApicBaseFixup,
+                ..
+            } => match self.native.read_safe(msr) {
+                Ok(raw) => Outcome::Done(routes::fix_apic_base(raw, (self.vcpu_id)())),
+                Err(error) => Outcome::Failed(error),
             },
-            None => match self.pmu {
-                Some(pmu) => pmu.read((self.vcpu_id)(), msr).unwrap_or(Outcome::Native),
+            Class::Pmu(class) => match self.pmu {
+                Some(pmu) => pmu.read_classified((self.vcpu_id)(), class),
                 None => Outcome::Native,
             },
         }
@@ -68,21 +92,25 @@ impl<N: NativeMsr> XenPvPolicy<N> {
     /// Decides a write.
     #[inline]
     pub fn decide_write(&self, msr: u32, value: u64) -> Outcome {
-        match routes::lookup(msr) {
-            Some(route) => match route.write {
-                WriteRoute::Native => Outcome::Native,
-                WriteRoute::Ignore => Outcome::Done(0),
-                WriteRoute::SegmentBase(which) => {
-                    match self.hypercalls.set_segment_base(which, value) {
-                        Ok(()) => Outcome::Done(0),
-                        Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
-                    }
-                }
+        match self.class(msr) {
+            Class::Native
+            | Class::Route {
+                write: WriteRoute::Native,
+                ..
+            } => Outcome::Native,
+            Class::Route {
+                write: WriteRoute::Ignore,
+                ..
+            } => Outcome::Done(0),
+            Class::Route {
+                write: WriteRoute::SegmentBase(which),
+                ..
+            } => match self.hypercalls.set_segment_base(which, value) {
+                Ok(()) => Outcome::Done(0),
+                Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
             },
-            None => match self.pmu {
-                Some(pmu) => pmu
-                    .write((self.vcpu_id)(), msr, value)
-                    .unwrap_or(Outcome::Native),
+            Class::Pmu(class) => match self.pmu {
+                Some(pmu) => pmu.write_classified((self.vcpu_id)(), class, value),
                 None => Outcome::Native,
             },
         }

@@ -130,8 +130,10 @@ pub fn classify_intel(l: &IntelLayout, msr: u32) -> Option<IntelMsr> {
 /// on every AMD family.
 fn is_amd_pmu_msr(l: &AmdLayout, msr: u32) -> bool {
     let n = l.num_counters;
-    (super::layout::MSR_F15H_PERF_CTL..super::layout::MSR_F15H_PERF_CTR + 2 * n).contains(&msr)
-        || (MSR_K7_EVNTSEL0..MSR_K7_PERFCTR0 + n).contains(&msr)
+    // Saturating: a hand-built layout with an absurd count must not overflow.
+    let f15h_end = super::layout::MSR_F15H_PERF_CTR.saturating_add(n.saturating_mul(2));
+    (super::layout::MSR_F15H_PERF_CTL..f15h_end).contains(&msr)
+        || (MSR_K7_EVNTSEL0..MSR_K7_PERFCTR0.saturating_add(n)).contains(&msr)
 }
 
 /// The family-15h MSR that a K7 MSR mirrors: `EVNTSELn` → `CTLn` = `0xc0010200 + 2n`, and
@@ -195,7 +197,9 @@ impl PmcIndex {
                 Some(MSR_CORE_PERF_FIXED_CTR0 + u32::from(n))
             }
             (PmcIndex::IntelArch(n), PmuLayout::Intel(_)) => Some(MSR_IA32_PERFCTR0 + u32::from(n)),
-            (PmcIndex::Amd(n), PmuLayout::Amd(l)) => Some(l.counters_base + u32::from(n) * l.step),
+            (PmcIndex::Amd(n), PmuLayout::Amd(l)) => u32::from(n)
+                .checked_mul(l.step)
+                .and_then(|offset| l.counters_base.checked_add(offset)),
             _ => None,
         }
     }

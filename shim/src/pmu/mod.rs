@@ -537,13 +537,31 @@ impl Vpmu {
         self.access(vcpu, msr, Access::Write(value))
     }
 
+    /// `rdmsr` of an MSR the caller already classified (with this backend's
+    /// [`layout`](Self::layout)) as `class`: the policy's one-probe dispatch.
+    pub fn read_classified(&self, vcpu: u32, class: PmuMsr) -> Outcome {
+        self.access_classified(vcpu, class, Access::Read)
+    }
+
+    /// `wrmsr` of an MSR the caller already classified as `class`.
+    pub fn write_classified(&self, vcpu: u32, class: PmuMsr, value: u64) -> Outcome {
+        self.access_classified(vcpu, class, Access::Write(value))
+    }
+
     fn access(&self, vcpu: u32, msr: u32, access: Access) -> Option<Outcome> {
         let layout = self.config.get()?.layout;
         let class = classify(&layout, msr)?;
-        Some(match self.cached_page(vcpu) {
-            Some(page) => emulate::access(page, &layout, class, access),
+        Some(self.access_classified(vcpu, class, access))
+    }
+
+    fn access_classified(&self, vcpu: u32, class: PmuMsr, access: Access) -> Outcome {
+        let Some(config) = self.config.get() else {
+            return Outcome::Native;
+        };
+        match self.cached_page(vcpu) {
+            Some(page) => emulate::access(page, &config.layout, class, access),
             None => Outcome::Native,
-        })
+        }
     }
 
     /// `vcpu`'s page if it has `PMU_CACHED` set.

@@ -1,0 +1,291 @@
+//! One probe per access: the class index the policy dispatches on.
+//!
+//! The fixed routes ([`ROUTES`]) and the PMU MSRs of the CPU's layout are put into one
+//! perfect-hash index when the policy is built: a multiplicative hash picks one of 2,048
+//! slots, the slot names an entry, and one comparison confirms it. Every MSR, of every
+//! class (a route, a PMU MSR, or anything else), costs exactly that probe, so dispatch is
+//! flat by construction. The multiplier is searched when the index is built; a layout
+//! too large to index (more PMU MSRs than [`MAX_ENTRIES`], or no collision-free
+//! multiplier found quickly) gets no index, and the policy falls back to the two-step
+//! classification ([`reference_class`]), which gives the same answers.
+
+use crate::pmu::{PmuLayout, PmuMsr, classify};
+use crate::routes::{self, ROUTES, ReadRoute, WriteRoute};
+
+/// What the policy does with an MSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// No special handling: the stub executes the instruction.
+    Native,
+    /// A row of the routing table.
+    Route {
+        /// What a read does.
+        read: ReadRoute,
+        /// What a write does.
+        write: WriteRoute,
+    },
+    /// A PMU MSR of the layout, for the vPMU backend.
+    Pmu(PmuMsr),
+}
+
+/// The classification the index must reproduce: a route if the MSR has one, else a PMU
+/// MSR of `layout`, else native.
+pub fn reference_class(layout: &PmuLayout, msr: u32) -> Class {
+    if let Some(route) = routes::lookup(msr) {
+        return Class::Route {
+            read: route.read,
+            write: route.write,
+        };
+    }
+    match classify(layout, msr) {
+        Some(pmu) => Class::Pmu(pmu),
+        None => Class::Native,
+    }
+}
+
+const SLOT_BITS: u32 = 11;
+const SLOTS: usize = 1 << SLOT_BITS;
+/// The most entries (routes plus PMU MSRs) an index holds.
+pub const MAX_ENTRIES: usize = 255;
+const MAX_TRIES: u32 = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    msr: u32,
+    class: Class,
+}
+
+/// Entry 0 is the sentinel every empty slot names. Its class is `Native`, which is also
+/// the right answer for its MSR (0, `IA32_P5_MC_ADDR`), so a probe needs no emptiness test.
+const SENTINEL: Entry = Entry {
+    msr: 0,
+    class: Class::Native,
+};
+
+/// The perfect-hash index of every MSR with non-native handling.
+#[derive(Clone, Debug)]
+pub struct ClassIndex {
+    multiplier: u32,
+    slots: [u8; SLOTS],
+    entries: [Entry; MAX_ENTRIES + 1],
+    len: usize,
+}
+
+#[inline]
+const fn slot(msr: u32, multiplier: u32) -> usize {
+    (msr.wrapping_mul(multiplier) >> (32 - SLOT_BITS)) as usize
+}
+
+/// Every PMU MSR of `layout` (those [`classify`] accepts), possibly with repeats.
+fn pmu_msrs(layout: &PmuLayout, mut visit: impl FnMut(u32)) {
+    use crate::pmu::classify as c;
+    match layout {
+        PmuLayout::None => {}
+        PmuLayout::Intel(l) => {
+            for msr in [
+                c::MSR_CORE_PERF_FIXED_CTR_CTRL,
+                c::MSR_IA32_DS_AREA,
+                c::MSR_IA32_PEBS_ENABLE,
+                c::MSR_CORE_PERF_GLOBAL_CTRL,
+                c::MSR_CORE_PERF_GLOBAL_STATUS,
+                c::MSR_CORE_PERF_GLOBAL_OVF_CTRL,
+            ] {
+                visit(msr);
+            }
+            for i in 0..u32::from(l.fixed_counters) {
+                visit(c::MSR_CORE_PERF_FIXED_CTR0 + i);
+            }
+            for i in 0..u32::from(l.arch_counters) {
+                visit(c::MSR_P6_EVNTSEL0 + i);
+                visit(c::MSR_IA32_PERFCTR0 + i);
+                visit(c::MSR_IA32_PMC0 + i);
+            }
+        }
+        PmuLayout::Amd(l) => {
+            let n = l.num_counters;
+            let f15h = crate::pmu::layout::MSR_F15H_PERF_CTL
+                ..crate::pmu::layout::MSR_F15H_PERF_CTR.saturating_add(n.saturating_mul(2));
+            let k7 = crate::pmu::layout::MSR_K7_EVNTSEL0
+                ..crate::pmu::layout::MSR_K7_PERFCTR0.saturating_add(n);
+            // Bounded: a layout with absurd counts overflows the index and is refused
+            // by `build` before these ranges are walked to the end.
+            for msr in f15h.take(2 * MAX_ENTRIES).chain(k7.take(2 * MAX_ENTRIES)) {
+                visit(msr);
+            }
+        }
+    }
+}
+
+impl ClassIndex {
+    /// Builds the index for the routes and `layout`'s PMU MSRs; `None` if they do not
+    /// fit (the policy then uses [`reference_class`]).
+    pub fn build(layout: &PmuLayout) -> Option<ClassIndex> {
+        let mut entries = [SENTINEL; MAX_ENTRIES + 1];
+        let mut len = 0;
+        let mut overflow = false;
+        let mut add = |msr: u32| {
+            if entries[1..=len].iter().any(|e| e.msr == msr) {
+                return;
+            }
+            let class = reference_class(layout, msr);
+            if class == Class::Native {
+                return;
+            }
+            if len == MAX_ENTRIES {
+                overflow = true;
+                return;
+            }
+            len += 1;
+            entries[len] = Entry { msr, class };
+        };
+        for route in ROUTES {
+            add(route.msr);
+        }
+        pmu_msrs(layout, &mut add);
+        if overflow {
+            return None;
+        }
+        let mut multiplier: u32 = 0x9e37_79b1;
+        let mut slots = [0u8; SLOTS];
+        for _ in 0..MAX_TRIES {
+            if Self::fill(&mut slots, &entries[..=len], multiplier) {
+                return Some(ClassIndex {
+                    multiplier,
+                    slots,
+                    entries,
+                    len,
+                });
+            }
+            multiplier = multiplier.wrapping_add(0x2_0002);
+        }
+        None
+    }
+
+    /// Puts every entry (after the sentinel) in its own slot; false on a collision.
+    fn fill(slots: &mut [u8; SLOTS], entries: &[Entry], multiplier: u32) -> bool {
+        slots.fill(0);
+        for (i, entry) in entries.iter().enumerate().skip(1) {
+            let s = slot(entry.msr, multiplier);
+            if slots[s] != 0 {
+                return false;
+            }
+            slots[s] = i as u8;
+        }
+        true
+    }
+
+    /// The class of `msr`: one multiply, two loads, one compare, for every MSR.
+    #[inline]
+    pub fn lookup(&self, msr: u32) -> Class {
+        let entry = &self.entries[usize::from(self.slots[slot(msr, self.multiplier)])];
+        if entry.msr == msr {
+            entry.class
+        } else {
+            Class::Native
+        }
+    }
+
+    /// How many MSRs have non-native handling.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no MSR has non-native handling (never: the routes are always there).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pmu::{AmdLayout, IntelLayout};
+
+    fn layouts() -> std::vec::Vec<PmuLayout> {
+        let mut v = std::vec![PmuLayout::None];
+        for (arch, fixed) in [(0, 0), (2, 3), (4, 3), (8, 4), (8, 7), (16, 5), (32, 8)] {
+            v.push(PmuLayout::Intel(IntelLayout {
+                arch_counters: arch,
+                fixed_counters: fixed,
+            }));
+        }
+        for cpuid in [
+            amd_cpuid(0x15),
+            amd_cpuid(0x17),
+            amd_cpuid(0x10),
+            amd_cpuid(0x16),
+        ] {
+            v.push(PmuLayout::from_cpuid(cpuid));
+        }
+        v
+    }
+
+    fn amd_cpuid(family: u32) -> impl Fn(u32, u32) -> [u32; 4] {
+        move |leaf, _| match leaf {
+            // "AuthenticAMD"
+            0 => [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65],
+            1 => {
+                let (base, ext) = if family > 0xf {
+                    (0xf, family - 0xf)
+                } else {
+                    (family, 0)
+                };
+                [(ext << 20) | (base << 8), 0, 0, 0]
+            }
+            _ => [0; 4],
+        }
+    }
+
+    fn probe_msrs() -> impl Iterator<Item = u32> {
+        (0..0x2000u32)
+            .chain(0xc000_0000..0xc000_2000)
+            .chain(0xc001_0000..0xc001_0400)
+            .chain([0x4000_0000, 0x8000_0000, 0xffff_ffff, 0x1234_5678])
+    }
+
+    #[test]
+    fn index_agrees_with_the_reference_classification_everywhere() {
+        for layout in layouts() {
+            let index = ClassIndex::build(&layout).expect("typical layouts fit the index");
+            for msr in probe_msrs() {
+                assert_eq!(
+                    index.lookup(msr),
+                    reference_class(&layout, msr),
+                    "{layout:?} msr {msr:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn amd_layouts_index_the_pmu_msrs() {
+        let layout = PmuLayout::from_cpuid(amd_cpuid(0x17));
+        assert!(matches!(layout, PmuLayout::Amd(_)), "{layout:?}");
+        let index = ClassIndex::build(&layout).unwrap();
+        assert!(matches!(index.lookup(0xc001_0201), Class::Pmu(_)));
+        assert!(matches!(index.lookup(0xc001_0004), Class::Pmu(_)));
+        let expected = probe_msrs()
+            .filter(|&msr| reference_class(&layout, msr) != Class::Native)
+            .count();
+        assert_eq!(index.len(), expected);
+        // Linux's AMD ranges: [CTL0, CTR0 + 2n) and [K7 EVNTSEL0, K7 PERFCTR0 + n), n = 6.
+        assert_eq!(expected, ROUTES.len() + 13 + 10);
+    }
+
+    #[test]
+    fn oversized_layouts_are_refused_not_truncated() {
+        let huge = PmuLayout::Intel(IntelLayout {
+            arch_counters: 200,
+            fixed_counters: 31,
+        });
+        assert!(ClassIndex::build(&huge).is_none());
+        let huge_amd = PmuLayout::Amd(AmdLayout {
+            ctrls_base: 0xc001_0200,
+            counters_base: 0xc001_0201,
+            step: 2,
+            num_counters: u32::MAX,
+            k7_mirrored: true,
+        });
+        assert!(ClassIndex::build(&huge_amd).is_none());
+    }
+}
