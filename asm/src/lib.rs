@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cpuid;
 pub(crate) mod error;
 pub mod extable;
 pub mod fixup;

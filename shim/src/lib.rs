@@ -27,6 +27,8 @@ pub mod routes;
 use core::fmt;
 
 use spin::Once;
+pub use xenmsr_asm::cpuid::xen_cpuid;
+pub use xenmsr_asm::extable::init as init_extable;
 pub use xenmsr_asm::fixup::{TrapFrame, UncheckedAccess, fixup_exception};
 pub use xenmsr_asm::site::{
     rdmsr, rdmsr_const, rdmsr_const_safe, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns,
@@ -50,6 +52,10 @@ pub enum Platform {
         /// The current vCPU's id (0 for the boot vCPU); used for the APIC base's `BSP`
         /// bit and for the per-vCPU vPMU state.
         vcpu_id: fn() -> u32,
+        /// CPUID as the domain's policy answers it, which sizes the vPMU: pass
+        /// [`xen_cpuid`] (Xen's forced-emulation prefix) in a PV guest, where a plain
+        /// `cpuid` shows the host's leaves.
+        cpuid: fn(u32, u32) -> [u32; 4],
     },
     /// Bare metal or HVM: sites hold the instruction itself.
     Native,
@@ -144,7 +150,8 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 /// # Safety
 ///
 /// Must be called once, early, on the boot CPU, before any other CPU runs, and with
-/// `config.write_text` able to store into the kernel's text.
+/// `config.write_text` able to store into the kernel's text. `config.platform` must
+/// describe the machine: [`Platform::XenPv`] only in a 64-bit Xen PV guest.
 pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
     let mut first = false;
     SETTINGS.call_once(|| {
@@ -158,6 +165,8 @@ pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
     if !first {
         return Err(InitError::AlreadyInitialised);
     }
+    // Sort the extable now (idempotent), not lazily inside the first fault.
+    init_extable();
     xenmsr_asm::fixup::set_warn_hook(dispatch_warning);
     let variant = match config.platform {
         Platform::XenPv { .. } => Variant::XenPv,
@@ -177,8 +186,10 @@ pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
         Platform::XenPv {
             hypercalls,
             vcpu_id,
+            cpuid,
         } => {
-            let vpmu = pmu::install(hypercalls);
+            // Size the vPMU by the domain's CPUID policy (Xen's view), not the host's.
+            let vpmu = pmu::install_with(hypercalls, &RawMsr, cpuid);
             let policy =
                 XEN_POLICY.call_once(|| XenPvPolicy::new(hypercalls, vcpu_id, RawMsr, Some(vpmu)));
             xenmsr_asm::backend::set_backend(policy);
@@ -198,3 +209,8 @@ fn image_sites() -> impl Iterator<Item = xenmsr_asm::patch::PatchSite> + Clone {
         .iter()
         .map(xenmsr_asm::patch::PatchSiteRecord::decode)
 }
+
+/// `docs/integrating.md`, compiled here so that its example builds in CI.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/integrating.md")]
+pub struct IntegratingGuide;

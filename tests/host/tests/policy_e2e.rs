@@ -57,6 +57,8 @@ fn config() -> Config {
         platform: Platform::XenPv {
             hypercalls: mock::page(),
             vcpu_id,
+            // The host is no PV guest: Xen's forced-emulation prefix would #UD here.
+            cpuid: xenmsr::pmu::raw_cpuid,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn: record_warning,

@@ -46,6 +46,7 @@ pub fn config() -> Config {
         platform: Platform::XenPv {
             hypercalls: crate::tracepage::page(),
             vcpu_id,
+            cpuid: xenmsr::xen_cpuid,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn,
