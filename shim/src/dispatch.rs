@@ -174,15 +174,18 @@ impl ClassIndex {
         true
     }
 
-    /// The class of `msr`: one multiply, two loads, one compare, for every MSR.
+    /// The class of `msr`: one multiply, two loads, one compare and a select, for every
+    /// MSR. A mismatch selects the sentinel (entry 0), whose class is `Native`, so a hit
+    /// and a miss run the same instructions (no branch on the outcome).
     #[inline]
     pub fn lookup(&self, msr: u32) -> Class {
-        let entry = &self.entries[usize::from(self.slots[slot(msr, self.multiplier)])];
-        if entry.msr == msr {
-            entry.class
+        let candidate = usize::from(self.slots[slot(msr, self.multiplier)]);
+        let index = if self.entries[candidate].msr == msr {
+            candidate
         } else {
-            Class::Native
-        }
+            0
+        };
+        self.entries[index].class
     }
 
     /// How many MSRs have non-native handling.

@@ -55,10 +55,10 @@ impl<N: NativeMsr> XenPvPolicy<N> {
         }
     }
 
-    /// The class of `msr`: one probe of the index (or, for a layout too large to index,
-    /// the equivalent two-step classification).
+    /// The class of `msr`, the routing decision: one probe of the index (or, for a
+    /// layout too large to index, the equivalent two-step classification).
     #[inline]
-    fn class(&self, msr: u32) -> Class {
+    pub fn class(&self, msr: u32) -> Class {
         match &self.index {
             Some(index) => index.lookup(msr),
             None => reference_class(&self.layout, msr),

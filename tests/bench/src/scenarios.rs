@@ -73,6 +73,11 @@ scenarios! {
     "lstar_write/work" => lstar_write_work: "a handler with no work answering `Done` (one non-inlined call)",
     "tsc_read/policy" => tsc_read_policy: "`policy.decide_read(0x10)`: pass-through, `Native` (one non-inlined call)",
     "tsc_read/work" => tsc_read_work: "a handler with no work answering `Native` (one non-inlined call)",
+    "classify/fs_base" => classify_fs_base: "`policy.class(FS_BASE)`: the routing decision alone, a segment-base row (one non-inlined call)",
+    "classify/lstar" => classify_lstar: "`policy.class(LSTAR)`: an ignored row (one non-inlined call)",
+    "classify/apic_base" => classify_apic_base: "`policy.class(APIC_BASE)`: the APIC-base row (one non-inlined call)",
+    "classify/pmc0" => classify_pmc0: "`policy.class(PMC0)` with the vPMU layout: a PMU MSR (one non-inlined call)",
+    "classify/tsc" => classify_tsc: "`policy.class(0x10)`: pass-through (one non-inlined call)",
     "routes/lookup_hit" => lookup_hit: "`routes::lookup(LSTAR)` alone: a row (one non-inlined call)",
     "routes/lookup_miss" => lookup_miss: "`routes::lookup(0x10)` alone: no row (one non-inlined call)",
     "pmu_read/work" => pmu_read_work: "`vpmu.read(vcpu, PMC0)` alone, context not cached: `Native` (one non-inlined call)",
@@ -613,6 +618,43 @@ fn pmu_cached_read_work(n: u64) {
 
 fn pmu_cached_read_policy(n: u64) {
     step_scenario(n, pmu_spec(step_decide_read, true));
+}
+
+/// The routing decision alone: the class, folded into an outcome the harness can check
+/// (`Done(discriminant)`).
+#[inline(never)]
+fn step_classify(c: &Ctx, msr: u32, _value: u64) -> Outcome {
+    Outcome::Done(match c.policy.class(msr) {
+        xenmsr::dispatch::Class::Native => 0,
+        xenmsr::dispatch::Class::Route { .. } => 1,
+        xenmsr::dispatch::Class::Pmu(_) => 2,
+    })
+}
+
+fn classify_fs_base(n: u64) {
+    step_scenario(n, spec(step_classify, MSR_FS_BASE, Outcome::Done(1)));
+}
+
+fn classify_lstar(n: u64) {
+    step_scenario(n, spec(step_classify, MSR_LSTAR, Outcome::Done(1)));
+}
+
+fn classify_apic_base(n: u64) {
+    step_scenario(n, spec(step_classify, MSR_APIC_BASE, Outcome::Done(1)));
+}
+
+fn classify_pmc0(n: u64) {
+    step_scenario(
+        n,
+        StepSpec {
+            vpmu: Some(false),
+            ..spec(step_classify, MSR_PMC0, Outcome::Done(2))
+        },
+    );
+}
+
+fn classify_tsc(n: u64) {
+    step_scenario(n, spec(step_classify, MSR_TSC, Outcome::Done(0)));
 }
 
 fn lookup_hit(n: u64) {
