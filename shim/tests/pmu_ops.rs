@@ -102,6 +102,9 @@ fn disabled_vpmu_skips_later_inits_and_passes_through() {
         assert_eq!(v.read(vcpu, 0x309), Some(Outcome::Native));
         assert_eq!(v.read(vcpu, 0x1b), None, "not a PMU MSR");
     }
+    // With no page there is nothing to store the LVTPC in: the answer says why.
+    assert_eq!(v.lvtpc_set(0, 0x10), Err(PmuError::Disabled));
+    assert_eq!(pmu_ops(), Vec::<u32>::new(), "lvtpc_set made no hypercall");
     assert_eq!(MsrError::from(PmuError::Disabled), MsrError::PmuUnavailable);
 }
 

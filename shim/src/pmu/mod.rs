@@ -465,7 +465,13 @@ impl Vpmu {
     pub fn lvtpc_set(&self, vcpu: u32, value: u32) -> Result<(), PmuError> {
         let slot = self.slot(vcpu)?;
         let config = self.config()?;
-        let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        // With the vPMU known to be off there is never a page: say why.
+        let missing = if self.is_disabled() {
+            PmuError::Disabled
+        } else {
+            PmuError::NotInitialized
+        };
+        let page = slot.page().ok_or(missing)?;
         page.set_lapic_lvtpc(value);
         if slot.in_pmi.load(Ordering::Acquire) || page.cached() {
             return Ok(());

@@ -7,7 +7,8 @@ use core::ptr::NonNull;
 
 use xenmsr::pmu::{self, PmuError};
 use xenmsr::{MsrError, rdmsr_safe, rdpmc_safe};
-use xenmsr_hypercall::abi::XenPmuMode;
+use xenmsr_hypercall::Errno;
+use xenmsr_hypercall::abi::{XenPmuMode, XenPmuOp, XenPmuParams};
 
 use super::{Vendor, model, raw};
 use crate::hv::nr;
@@ -20,6 +21,8 @@ pub static TESTS: &[Test] = &[
     test!(pmu_msrs_match_bare_instruction),
     test!(rdpmc_is_emulated),
     test!(init_and_finish_vcpu0),
+    test!(xenpmu_ops_without_vpmu_are_eopnotsupp),
+    test!(xen_checks_init_arguments),
 ];
 
 const MSR_K7_EVNTSEL0: u32 = 0xc001_0000;
@@ -150,5 +153,125 @@ fn init_and_finish_vcpu0() -> TestResult {
         Err(PmuError::NotInitialized),
         "second pmu::finish"
     );
+    Ok(())
+}
+
+/// A machine frame no guest owns (far above the test machine's RAM).
+const BAD_MFN: u64 = 0xd_eadb_eef0;
+
+/// `xenpmu_op` straight to Xen (through the counting page), bypassing the library.
+fn raw_xenpmu_op(op: XenPmuOp, params: Option<&mut XenPmuParams>) -> Result<u64, Errno> {
+    // SAFETY: every caller passes either NULL (lvtpc_set, flush) or params naming vCPU 0
+    // and either a bad frame (which Xen refuses) or this suite's own static page, whose
+    // registration the calling test ends with `finish` before it returns.
+    unsafe { tracepage::page().xenpmu_op(op, params) }
+}
+
+fn params(mfn: u64) -> XenPmuParams {
+    XenPmuParams {
+        version_maj: 0,
+        version_min: 1,
+        val: mfn,
+        vcpu: 0,
+        pad: 0,
+    }
+}
+
+/// Without an active vPMU, Xen refuses every `xenpmu_op` with -EOPNOTSUPP before looking
+/// at its arguments, and the library degrades to pass-through (checked by the tests above).
+fn xenpmu_ops_without_vpmu_are_eopnotsupp() -> TestResult {
+    if model().vpmu_active {
+        // Covered by `xen_checks_init_arguments` on this model.
+        return Ok(());
+    }
+    for op in [
+        XenPmuOp::MODE_GET,
+        XenPmuOp::MODE_SET,
+        XenPmuOp::FEATURE_GET,
+        XenPmuOp::FEATURE_SET,
+        XenPmuOp::INIT,
+        XenPmuOp::FINISH,
+    ] {
+        let mut p = params(BAD_MFN);
+        check_eq!(
+            raw_xenpmu_op(op, Some(&mut p)),
+            Err(Errno::EOPNOTSUPP),
+            "xenpmu_op without vPMU"
+        );
+    }
+    for op in [XenPmuOp::LVTPC_SET, XenPmuOp::FLUSH] {
+        check_eq!(
+            raw_xenpmu_op(op, None),
+            Err(Errno::EOPNOTSUPP),
+            "xenpmu_op without vPMU"
+        );
+    }
+    check_eq!(
+        pmu::global().feature_get().map(drop),
+        Err(PmuError::Disabled),
+        "feature_get without vPMU"
+    );
+    check_eq!(
+        pmu::lvtpc_set(0, 0x10),
+        Err(PmuError::Disabled),
+        "lvtpc_set without vPMU"
+    );
+    Ok(())
+}
+
+/// With an active vPMU (EPYC, `vpmu=1`): Xen's own argument checks, and every op the
+/// library makes succeeding for real.
+fn xen_checks_init_arguments() -> TestResult {
+    if !model().vpmu_active {
+        return Ok(());
+    }
+    let page = NonNull::new(PMU_PAGE.0.get().cast::<u8>()).expect("static page");
+    let mfn = mfn_of(page.as_ptr() as usize);
+    // A frame the domain does not own: Xen says -EINVAL, the library a typed error, and
+    // the vCPU's slot stays free.
+    // SAFETY: the page is this suite's static page; Xen refuses the bad frame, so nothing
+    // is registered.
+    let bad = unsafe { pmu::init(0, page, BAD_MFN) };
+    check_eq!(
+        bad,
+        Err(PmuError::InvalidArgument),
+        "pmu::init with a bad MFN"
+    );
+    let mut p = params(BAD_MFN);
+    check_eq!(
+        raw_xenpmu_op(XenPmuOp::INIT, Some(&mut p)),
+        Err(Errno::EINVAL),
+        "XENPMU_init with a bad MFN"
+    );
+    // SAFETY: as in `init_and_finish_vcpu0`: a static, aligned page and its own frame,
+    // finished below.
+    let good = unsafe { pmu::init(0, page, mfn) };
+    check_eq!(good, Ok(()), "pmu::init after the refusal");
+    // Xen itself refuses a second registration of vCPU 0 (the library refuses it before
+    // asking, see `init_and_finish_vcpu0`).
+    let mut p = params(mfn);
+    check_eq!(
+        raw_xenpmu_op(XenPmuOp::INIT, Some(&mut p)),
+        Err(Errno::EEXIST),
+        "second XENPMU_init"
+    );
+    check_eq!(
+        pmu::global().mode_get().map(|(mode, _, _)| mode),
+        Ok(XenPmuMode::SELF),
+        "mode_get"
+    );
+    check!(pmu::global().feature_get().is_ok(), "feature_get");
+    // The LVTPC value (not the register number, which Linux passes) reaches Xen.
+    check_eq!(pmu::lvtpc_set(0, 0x0001_00fe), Ok(()), "lvtpc_set");
+    // A PMI handler run outside a real PMI (TCG cannot raise one) still ends with a flush
+    // Xen accepts.
+    let before = tracepage::snapshot();
+    check_eq!(pmu::on_pmi(0, |ctx| ctx.vcpu), Ok(0), "on_pmi (flush)");
+    check_eq!(
+        tracepage::snapshot().count_since(&before, nr::XENPMU_OP),
+        1u64,
+        "one flush hypercall"
+    );
+    check_eq!(pmu::finish(0), Ok(()), "pmu::finish");
     Ok(())
 }
