@@ -1,5 +1,6 @@
 //! The in-guest suites, and what the harness says about the machine they run on.
 
+pub mod bench;
 pub mod boot;
 pub mod pmu;
 pub mod raw;
@@ -60,16 +61,16 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
     }
 }
 
-/// Runs the suites for `suite` (`dom0` or `domu`).
+/// Runs the suites for `suite` (`dom0` or `domu`), or the benchmarks (`bench`, as dom0).
 pub fn run(suite: &str, info: &'static BootInfo) {
     let dom0 = match suite {
-        "dom0" => true,
+        "dom0" | "bench" => true,
         "domu" => false,
         other => {
             testing::record(
                 "suites::select",
                 Err(testing::Failure::new(format_args!(
-                    "unknown suite {other:?} (expected dom0, domu or demo)"
+                    "unknown suite {other:?} (expected dom0, domu, bench or demo)"
                 ))),
             );
             return;
@@ -82,6 +83,9 @@ pub fn run(suite: &str, info: &'static BootInfo) {
         model.vendor,
         if model.vpmu_active { "active" } else { "off" }
     );
+    if suite == "bench" {
+        return bench::run();
+    }
     testing::run(boot::TESTS);
     testing::run(xen::TESTS);
     testing::run(stubs::TESTS);

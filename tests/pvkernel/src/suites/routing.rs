@@ -1,7 +1,10 @@
 //! The library's routing on Xen PV, after `xenmsr::init`: what each MSR class does, which
 //! hypercalls it makes (counted by the tracing page), and the warn-once rule.
 
-use xenmsr::patch::Variant;
+use core::arch::asm;
+use core::hint::black_box;
+
+use xenmsr::patch::{CpuFeatures, Variant};
 use xenmsr::{InitError, MsrError, rdmsr, rdmsr_safe, wrmsr_safe};
 use xenmsr_hypercall::Errno;
 
@@ -24,6 +27,9 @@ pub static TESTS: &[Test] = &[
     test!(efer_passes_through),
     test!(unknown_msr_faults_like_native),
     test!(unchecked_fault_warns_once_per_site),
+    test!(segment_bases_take_effect_in_the_segment_registers),
+    test!(native_and_xen_sites_side_by_side),
+    test!(stress_random_operations),
 ];
 
 const GP_FAULT: MsrError = MsrError::Fault { vector: 13 };
@@ -108,8 +114,18 @@ fn segment_base_writes_are_hypercalls() -> TestResult {
 }
 
 fn segment_base_noncanonical_is_hypercall_error() -> TestResult {
+    let (gp, ud) = (traps::count(13), traps::count(6));
     // SAFETY: Xen refuses the value.
     let (r, before, after) = traced(|| unsafe { wrmsr_safe(MSR_FS_BASE, 0x8000_0000_0000_0000) });
+    // The failure really took the rewind path: the policy failed, the stub set CF and
+    // trapped at its `ud2` (one #UD), the fixup rewound to the call site and applied the
+    // site's write-safe entry. No #GP: no WRMSR ever ran.
+    check_eq!(
+        traps::count(6) - ud,
+        1,
+        "#UD taken (the stub's rewind trap)"
+    );
+    check_eq!(traps::count(13) - gp, 0, "#GP taken");
     check_eq!(
         r,
         Err(MsrError::Hypercall(Errno::EINVAL)),
@@ -237,5 +253,378 @@ fn unchecked_fault_warns_once_per_site() -> TestResult {
         0xfee0_0900u64,
         "APIC_BASE at site A"
     );
+    Ok(())
+}
+
+/// Two words the segment-base test points FS and GS at.
+static FS_TARGET: [u64; 2] = [0x1111_2222_3333_4444, 0];
+static GS_TARGET: [u64; 2] = [0x5555_6666_7777_8888, 0];
+
+fn read_fs0() -> u64 {
+    let value: u64;
+    // SAFETY: reads 8 bytes at FS base + 0, which the caller pointed at a static.
+    unsafe {
+        asm!("mov {}, qword ptr fs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
+    };
+    value
+}
+
+fn read_gs0() -> u64 {
+    let value: u64;
+    // SAFETY: reads 8 bytes at GS base + 0, which the caller pointed at a static.
+    unsafe {
+        asm!("mov {}, qword ptr gs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
+    };
+    value
+}
+
+/// The bases written through the library are the ones the CPU uses for `%fs:`/`%gs:`
+/// accesses. (`KERNEL_GS_BASE` is the *user* GS base of a PV guest, live only in guest
+/// user mode, which this kernel never enters: its read-back is checked above.)
+fn segment_bases_take_effect_in_the_segment_registers() -> TestResult {
+    let fs = FS_TARGET.as_ptr() as u64;
+    let gs = GS_TARGET.as_ptr() as u64;
+    // SAFETY: the kernel keeps no state in FS or GS; both point at statics until reset.
+    let r = unsafe { wrmsr_safe(MSR_FS_BASE, fs) };
+    check_eq!(r, Ok(()), "wrmsr_safe FS_BASE");
+    // SAFETY: as above.
+    let r = unsafe { wrmsr_safe(MSR_GS_BASE, gs) };
+    check_eq!(r, Ok(()), "wrmsr_safe GS_BASE");
+    check_eq!(read_fs0(), FS_TARGET[0], "%fs:0 after an FS_BASE write");
+    check_eq!(read_gs0(), GS_TARGET[0], "%gs:0 after a GS_BASE write");
+    // Point FS one word further: the effect follows every write.
+    // SAFETY: as above.
+    let r = unsafe { wrmsr_safe(MSR_FS_BASE, fs + 8) };
+    check_eq!(r, Ok(()), "wrmsr_safe FS_BASE");
+    check_eq!(
+        read_fs0(),
+        FS_TARGET[1],
+        "%fs:0 after a second FS_BASE write"
+    );
+    reset_segment_bases();
+    Ok(())
+}
+
+/// Points FS and GS back at 0.
+fn reset_segment_bases() {
+    // SAFETY: the kernel keeps no state in FS or GS.
+    let _ = unsafe { wrmsr_safe(MSR_FS_BASE, 0) };
+    // SAFETY: as above.
+    let _ = unsafe { wrmsr_safe(MSR_GS_BASE, 0) };
+}
+
+/// One write site that the test patches to the native instruction.
+#[inline(never)]
+fn side_native_site(msr: u32, value: u64) -> Result<(), MsrError> {
+    // Distinct from `side_xen_site`, so the compiler cannot merge the two functions.
+    black_box(0x6e61_7469_7665u64);
+    // SAFETY: the callers write only FS_BASE (unused by the kernel) or an unknown MSR.
+    unsafe { wrmsr_safe(msr, value) }
+}
+
+/// The same write, at a site left as Xen patched it (a call to the stub).
+#[inline(never)]
+fn side_xen_site(msr: u32, value: u64) -> Result<(), MsrError> {
+    black_box(0x0078_656eu64);
+    // SAFETY: as above.
+    unsafe { wrmsr_safe(msr, value) }
+}
+
+/// The patch site inside `function` (the first record whose site lies in its first
+/// 256 bytes).
+fn site_in(function: usize) -> Option<xenmsr_asm::patch::PatchSite> {
+    xenmsr_asm::patch::patch_sites().find(|s| (function..function + 256).contains(&s.addr))
+}
+
+/// Rewrites one site in place (the PV kernel's text is writable).
+fn patch_one(site: &xenmsr_asm::patch::PatchSite, variant: Variant) -> TestResult {
+    match xenmsr::patch::wanted_bytes(site, variant) {
+        Ok(bytes) => {
+            // SAFETY: `site` is a live patch site of this image, on the only vCPU, and
+            // no other code is executing it.
+            unsafe { xenmsr::patch::write_text_directly(site.addr, bytes.as_slice()) };
+            Ok(())
+        }
+        Err(e) => fail!("patching {:#x}: {e:?}", site.addr),
+    }
+}
+
+/// A native-patched site and a Xen-patched site of the same write, side by side: the
+/// same results, but the native one reaches Xen as a trapped WRMSR (no hypercall), the
+/// Xen one as a `set_segment_base` hypercall; a fault looks the same at both.
+fn native_and_xen_sites_side_by_side() -> TestResult {
+    let Some(native) = site_in(side_native_site as *const () as usize) else {
+        fail!("no patch site in side_native_site");
+    };
+    let Some(xen) = site_in(side_xen_site as *const () as usize) else {
+        fail!("no patch site in side_xen_site");
+    };
+    check!(native.addr != xen.addr, "the two probes share a site");
+    // SAFETY: reading the site's own bytes.
+    let emitted: [u8; 5] = unsafe { (native.addr as *const [u8; 5]).read() };
+    patch_one(&native, Variant::Native(CpuFeatures::default()))?;
+    let result = side_by_side();
+    // Whatever happened, put the Xen variant back and check it is the emitted code.
+    patch_one(&native, Variant::XenPv)?;
+    // SAFETY: as above.
+    let restored: [u8; 5] = unsafe { (native.addr as *const [u8; 5]).read() };
+    check_eq!(restored, emitted, "site bytes after patching back");
+    result
+}
+
+fn side_by_side() -> TestResult {
+    let (a, b) = (0x0000_7000_0000_1000u64, 0x0000_7000_0000_2000u64);
+    let gp = traps::count(13);
+    let (r, before, after) = traced(|| side_native_site(MSR_FS_BASE, a));
+    check_eq!(r, Ok(()), "native-patched FS_BASE write");
+    check_eq!(
+        after.total_since(&before),
+        0u64,
+        "hypercalls by the native site"
+    );
+    check_eq!(
+        traps::count(13) - gp,
+        0,
+        "#GP at the native site (Xen emulated it)"
+    );
+    check_eq!(
+        raw::rdmsr(MSR_FS_BASE),
+        Ok(a),
+        "FS_BASE after the native site"
+    );
+    let (r, before, after) = traced(|| side_xen_site(MSR_FS_BASE, b));
+    check_eq!(r, Ok(()), "Xen-patched FS_BASE write");
+    check_eq!(
+        after.count_since(&before, nr::SET_SEGMENT_BASE),
+        1u64,
+        "set_segment_base by the Xen site"
+    );
+    check_eq!(raw::rdmsr(MSR_FS_BASE), Ok(b), "FS_BASE after the Xen site");
+    // A fault: one #GP at each, and the same error.
+    let gp = traps::count(13);
+    check_eq!(
+        side_native_site(MSR_BOGUS, 1),
+        Err(GP_FAULT),
+        "native site, unknown MSR"
+    );
+    check_eq!(traps::count(13) - gp, 1, "#GP at the native site");
+    let (gp, ud) = (traps::count(13), traps::count(6));
+    check_eq!(
+        side_xen_site(MSR_BOGUS, 1),
+        Err(GP_FAULT),
+        "Xen site, unknown MSR"
+    );
+    check_eq!(traps::count(13) - gp, 1, "#GP in the stub's native WRMSR");
+    check_eq!(traps::count(6) - ud, 0, "#UD (no policy failure)");
+    // SAFETY: the kernel keeps no state in FS.
+    let _ = unsafe { wrmsr_safe(MSR_FS_BASE, 0) };
+    Ok(())
+}
+
+/// xorshift64*: a small deterministic generator (the seed is printed, so a failure can be
+/// replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// MSRs the stress test draws from: every routing row, MSRs Xen emulates, PMU MSRs of
+/// both vendors, and unknown ones. A random write to any of them is harmless to this
+/// kernel: Xen refuses or drops it, or it lands in FS/GS, which the kernel does not use.
+const STRESS_MSRS: [u32; 26] = [
+    MSR_FS_BASE,
+    MSR_GS_BASE,
+    MSR_KERNEL_GS_BASE,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0x174,
+    0x175,
+    0x176,
+    MSR_APIC_BASE,
+    MSR_EFER,
+    0x277, // PAT
+    0x10,  // TSC
+    0x1a0, // MISC_ENABLE
+    0x8b,  // UCODE_REV
+    0xce,  // PLATFORM_INFO
+    0xc1,
+    0x186,
+    0x38f,
+    0xc001_0000,
+    0xc001_0004,
+    0xc001_0200,
+    0xc001_0201,
+    MSR_BOGUS,
+    0xc001_1234,
+];
+
+/// Tallies of the stress run.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    gp_faults: u64,
+    rewinds: u64,
+    hypercall_errors: u64,
+    invalid_counters: u64,
+    unchecked_faults: u64,
+    hypercalls: u64,
+}
+
+/// 100,000 random MSR operations (random index, value and variant) through the library:
+/// no crash, and every exception accounted for: each operation's #GP/#UD count, hypercall
+/// count and result must agree with each other.
+fn stress_random_operations() -> TestResult {
+    const OPS: u64 = 100_000;
+    let seed = 0x5eed_0000_0000_0001 ^ crate::boot_info().start_info.nr_pages;
+    crate::println!("  stress: seed {seed:#x}, {OPS} operations");
+    let mut rng = Rng(seed);
+    let mut t = Tally::default();
+    let (gp_start, ud_start) = (traps::count(13), traps::count(6));
+    for i in 0..OPS {
+        let msr = if rng.below(4) == 0 {
+            0x1234_0000 + rng.below(0x1_0000) as u32 // unknown: Xen refuses both ways
+        } else {
+            STRESS_MSRS[rng.below(STRESS_MSRS.len() as u64) as usize]
+        };
+        let value = match rng.below(3) {
+            0 => rng.next(),
+            1 => rng.next() & 0x0000_7fff_ffff_f000, // canonical, page aligned
+            _ => 0,
+        };
+        let counter = match rng.below(3) {
+            0 => rng.below(8) as u32,
+            1 => (1 << 30) | rng.below(4) as u32,
+            _ => rng.next() as u32,
+        };
+        let variant = rng.below(8);
+        let (gp, ud) = (traps::count(13), traps::count(6));
+        let before = tracepage::snapshot();
+        // Every MSR in the pool is harmless to write (see STRESS_MSRS), and RDPMC
+        // emulation reads a counter MSR at most: that is the safety argument of each
+        // access below.
+        let safe: Option<Result<u64, MsrError>> = match variant {
+            // SAFETY: see above.
+            0 => Some(unsafe { rdmsr_safe(msr) }),
+            // SAFETY: see above.
+            1 => Some(unsafe { wrmsr_safe(msr, value) }.map(|()| 0)),
+            // SAFETY: see above.
+            2 => Some(unsafe { xenmsr::wrmsr_ns_safe(msr, value) }.map(|()| 0)),
+            // SAFETY: see above.
+            3 => Some(unsafe { xenmsr::rdpmc_safe(counter) }),
+            4 => {
+                // SAFETY: see above.
+                let v = unsafe { rdmsr(msr) };
+                if traps::count(13) != gp || traps::count(6) != ud {
+                    check_eq!(v, 0u64, "an unchecked read that faulted reads 0");
+                }
+                None
+            }
+            5 => {
+                // SAFETY: see above.
+                unsafe { xenmsr::wrmsr(msr, value) };
+                None
+            }
+            6 => {
+                // SAFETY: see above.
+                let v = unsafe { xenmsr::rdpmc(counter) };
+                if traps::count(13) != gp || traps::count(6) != ud {
+                    check_eq!(v, 0u64, "an unchecked RDPMC that faulted reads 0");
+                }
+                None
+            }
+            // SAFETY: see above.
+            _ => Some(unsafe { xenmsr::rdmsr_const_safe::<MSR_EFER>() }),
+        };
+        let after = tracepage::snapshot();
+        let (dgp, dud) = (traps::count(13) - gp, traps::count(6) - ud);
+        let hypercalls = after.total_since(&before);
+        let segbase_write = matches!(variant, 1 | 2 | 5)
+            && matches!(msr, MSR_FS_BASE | MSR_GS_BASE | MSR_KERNEL_GS_BASE);
+        t.hypercalls += hypercalls;
+        // Every Xen-routed operation makes exactly one hypercall; nothing else makes any.
+        check_eq!(
+            hypercalls,
+            u64::from(segbase_write),
+            "hypercalls of one operation"
+        );
+        match safe {
+            Some(Ok(_)) => {
+                check!(
+                    dgp == 0 && dud == 0,
+                    "op {i}: Ok after #GP {dgp} / #UD {dud}"
+                );
+                t.ok += 1;
+            }
+            Some(Err(MsrError::Fault { vector: 13 })) => {
+                check!(dgp == 1, "op {i}: Fault(13) after {dgp} #GP (msr {msr:#x})");
+                t.gp_faults += 1;
+                t.rewinds += dud;
+            }
+            Some(Err(MsrError::Hypercall(_))) => {
+                check!(
+                    dud == 1 && dgp == 0 && segbase_write,
+                    "op {i}: hypercall error after #GP {dgp} / #UD {dud}"
+                );
+                t.hypercall_errors += 1;
+                t.rewinds += 1;
+            }
+            Some(Err(MsrError::InvalidCounter)) => {
+                check!(
+                    dud == 1 && dgp == 0 && variant == 3,
+                    "op {i}: InvalidCounter"
+                );
+                t.invalid_counters += 1;
+                t.rewinds += 1;
+            }
+            Some(Err(e)) => {
+                fail!("op {i}: unexpected error {e:?} (msr {msr:#x}, variant {variant})")
+            }
+            None => {
+                check!(
+                    dgp <= 1 && dud <= 1,
+                    "op {i}: #GP {dgp} / #UD {dud} for one access"
+                );
+                if dgp + dud > 0 {
+                    t.unchecked_faults += 1;
+                } else {
+                    t.ok += 1;
+                }
+            }
+        }
+    }
+    let (gp_total, ud_total) = (traps::count(13) - gp_start, traps::count(6) - ud_start);
+    crate::println!(
+        "  stress: {} ok, {} #GP faults, {} hypercall errors, {} invalid counters, {} unchecked faults; {} hypercalls; traps #GP {gp_total} #UD {ud_total}",
+        t.ok,
+        t.gp_faults,
+        t.hypercall_errors,
+        t.invalid_counters,
+        t.unchecked_faults,
+        t.hypercalls
+    );
+    check_eq!(
+        t.ok + t.gp_faults + t.hypercall_errors + t.invalid_counters + t.unchecked_faults,
+        OPS,
+        "operations accounted for"
+    );
+    // Every #UD is a stub's rewind trap: one per policy failure (plus the unchecked ones).
+    check!(
+        ud_total >= t.rewinds,
+        "#UD {ud_total} < rewinds {}",
+        t.rewinds
+    );
+    reset_segment_bases();
     Ok(())
 }
