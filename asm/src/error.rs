@@ -26,7 +26,8 @@ pub enum MsrError {
 }
 
 const CLASS_FAULT: u64 = 2;
-const CLASS_HYPERCALL: u64 = 3;
+/// The class byte of [`MsrError::Hypercall`] codes (the segment-base stubs encode it).
+pub(crate) const CLASS_HYPERCALL: u64 = 3;
 const CLASS_PMU_UNAVAILABLE: u64 = 4;
 const CLASS_INVALID_COUNTER: u64 = 5;
 

@@ -136,6 +136,23 @@ pub const MAX_REWINDS: usize = 4;
 /// (13 for `#GP`, 6 for `#UD`) raised at `frame.rip`, and `frame.rsp` must be that
 /// context's stack pointer: for rewind entries this reads the interrupted stack at
 /// `frame.rsp` (the words a stub left above its return address).
+///
+/// # Examples
+///
+/// A kernel's `#GP`/`#UD` handler, called by its entry code with the saved registers:
+///
+/// ```no_run
+/// use xenmsr_asm::fixup::{TrapFrame, fixup_exception};
+///
+/// fn handle_exception(frame: &mut TrapFrame, vector: u8) {
+///     // SAFETY: `frame` is the interrupted context of this exception; the entry code
+///     // writes it back (including `rip` and `rsp`) before returning.
+///     if (vector == 13 || vector == 6) && unsafe { fixup_exception(frame, vector) } {
+///         return; // resume at the fixed-up `frame.rip`
+///     }
+///     panic!("unhandled exception {vector} at {:#x}", frame.rip);
+/// }
+/// ```
 pub unsafe fn fixup_exception(frame: &mut TrapFrame, vector: u8) -> bool {
     // SAFETY: forwarded from the caller; the table is the running image's.
     unsafe { fixup_with_table(extable::table(), frame, vector) }

@@ -79,6 +79,13 @@ fn join(lo: u32, hi: u32) -> u64 {
 /// Reads `msr` (RDMSR). A fault or a failure warns once per site (through the warn hook)
 /// and gives 0.
 ///
+/// # Examples
+///
+/// ```no_run
+/// // SAFETY: reading the TSC MSR has no side effects.
+/// let tsc = unsafe { xenmsr_asm::site::rdmsr(0x10) };
+/// ```
+///
 /// # Safety
 ///
 /// Reading an MSR can have side effects on the CPU state; the caller must know that
@@ -109,6 +116,19 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 }
 
 /// Reads `msr` (RDMSR), reporting a fault or failure as `Err`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use xenmsr_asm::MsrError;
+///
+/// // SAFETY: reading an MSR that may not exist has no side effects.
+/// match unsafe { xenmsr_asm::site::rdmsr_safe(0x1234_5678) } {
+///     Ok(value) => println!("{value:#x}"),
+///     Err(MsrError::Fault { vector }) => println!("no such MSR (#{vector})"),
+///     Err(other) => println!("failed: {other}"),
+/// }
+/// ```
 ///
 /// # Safety
 ///
@@ -208,6 +228,18 @@ write_site!(
 write_site!(
     /// Writes `value` to `msr` (WRMSR), reporting a fault or failure as `Err`.
     ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use xenmsr_asm::MsrError;
+    /// use xenmsr_hypercall::Errno;
+    ///
+    /// // SAFETY: this kernel keeps no state in FS.
+    /// let r = unsafe { xenmsr_asm::site::wrmsr_safe(0xc000_0100, 0x8000_0000_0000_0000) };
+    /// // On Xen PV a non-canonical base is refused by the set_segment_base hypercall.
+    /// assert!(matches!(r, Err(MsrError::Hypercall(Errno::EINVAL)) | Err(MsrError::Fault { .. })));
+    /// ```
+    ///
     /// # Safety
     ///
     /// As for [`wrmsr`].
@@ -266,6 +298,20 @@ pub unsafe fn rdpmc(counter: u32) -> u64 {
 }
 
 /// Reads performance counter `counter` (RDPMC), reporting a fault or failure as `Err`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use xenmsr_asm::MsrError;
+///
+/// // SAFETY: this code runs on the vCPU whose PMU it reads.
+/// let cycles = unsafe { xenmsr_asm::site::rdpmc_safe(0) };
+/// // A counter the CPU does not have is an error, never a read of another MSR.
+/// // SAFETY: as above.
+/// let bogus = unsafe { xenmsr_asm::site::rdpmc_safe(0x100) };
+/// assert!(matches!(bogus, Err(MsrError::InvalidCounter) | Err(MsrError::Fault { .. })));
+/// # let _ = cycles;
+/// ```
 ///
 /// # Safety
 ///
@@ -376,6 +422,16 @@ pub unsafe fn rdmsr_const<const MSR: u32>() -> u64 {
 /// Reads the constant MSR `MSR`, reporting a fault or failure as `Err`. The site is that
 /// of [`rdmsr_const`] with a checked extable entry (error register `rsi`).
 ///
+/// # Examples
+///
+/// ```no_run
+/// const MSR_EFER: u32 = 0xc000_0080;
+/// // SAFETY: reading EFER has no side effects.
+/// let efer = unsafe { xenmsr_asm::site::rdmsr_const_safe::<MSR_EFER>() }?;
+/// assert!(efer & (1 << 10) != 0, "long mode active");
+/// # Ok::<(), xenmsr_asm::MsrError>(())
+/// ```
+///
 /// # Safety
 ///
 /// As for [`rdmsr_const`].
@@ -455,6 +511,20 @@ pub unsafe fn wrmsr_ns_const<const MSR: u32>(value: u64) {
 /// Non-serialising write of `value` to the constant MSR `MSR`, reporting a fault or
 /// failure as `Err`. The site is that of [`wrmsr_ns_const`] with a checked extable entry
 /// (error register `rsi`).
+///
+/// On Xen PV, once the shim's `init` has patched the image, a site of `FS_BASE`,
+/// `GS_BASE` or `KERNEL_GS_BASE` calls a stub that makes the `set_segment_base` hypercall
+/// directly: the fastest way to switch a thread's TLS base.
+///
+/// # Examples
+///
+/// ```no_run
+/// const MSR_FS_BASE: u32 = 0xc000_0100;
+/// let next_tls: u64 = 0x7f00_0000_1000;
+/// // SAFETY: no code of the current thread uses FS-relative data during the switch.
+/// unsafe { xenmsr_asm::site::wrmsr_ns_const_safe::<MSR_FS_BASE>(next_tls) }?;
+/// # Ok::<(), xenmsr_asm::MsrError>(())
+/// ```
 ///
 /// # Safety
 ///

@@ -24,6 +24,10 @@
 //! tests that copy a site's exact shape) reference them, through `sym` operands.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use xenmsr_hypercall::HypercallPage;
+use xenmsr_hypercall::abi::SegmentBase;
 
 use crate::backend::{STATUS_NATIVE, xenmsr_handle_rdpmc, xenmsr_handle_read, xenmsr_handle_write};
 use crate::extable::Data;
@@ -73,6 +77,36 @@ global_asm!(
     options(att_syntax)
 );
 
+global_asm!(
+    include_str!("stubs/segbase.S"),
+    segbase_fs = const SegmentBase::FS.0,
+    segbase_gs_kernel = const SegmentBase::GS_KERNEL.0,
+    segbase_gs_user = const SegmentBase::GS_USER.0,
+    class_hypercall = const crate::error::CLASS_HYPERCALL,
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+/// The entry of the hypercall page for `set_segment_base`, which the segment-base stubs
+/// call. 0 until [`set_segbase_hypercall_page`] stores it; [`segbase_stubs_ready`] tells
+/// the patcher whether sites may be pointed at those stubs.
+#[unsafe(no_mangle)]
+static xenmsr_segbase_entry: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes the segment-base stubs call `set_segment_base` through `page`. Until this has
+/// run, the patcher keeps constant-index segment-base sites on the generic write stub.
+pub fn set_segbase_hypercall_page(page: HypercallPage) {
+    xenmsr_segbase_entry.store(
+        page.entry(xenmsr_hypercall::nr::SET_SEGMENT_BASE) as usize,
+        Ordering::Release,
+    );
+}
+
+/// Whether the segment-base stubs have a hypercall page to call.
+pub fn segbase_stubs_ready() -> bool {
+    xenmsr_segbase_entry.load(Ordering::Acquire) != 0
+}
+
 /// The code of one stub. Zero-sized and opaque: only its address means anything.
 #[repr(C)]
 #[derive(Debug)]
@@ -89,6 +123,14 @@ unsafe extern "C" {
     /// RDMSR stub for constant-index sites: in `ecx`; out `rax` (and `rdx` = high half).
     /// See `stubs/rdmsr_rax.S`.
     pub safe static xenmsr_stub_rdmsr_rax: StubCode;
+    /// `set_segment_base(SEGBASE_FS, rax)` for constant-index FS_BASE write sites. See
+    /// `stubs/segbase.S`.
+    pub safe static xenmsr_stub_segbase_fs: StubCode;
+    /// `set_segment_base(SEGBASE_GS_KERNEL, rax)` for constant-index GS_BASE write sites.
+    pub safe static xenmsr_stub_segbase_gs_kernel: StubCode;
+    /// `set_segment_base(SEGBASE_GS_USER, rax)` for constant-index KERNEL_GS_BASE write
+    /// sites.
+    pub safe static xenmsr_stub_segbase_gs_user: StubCode;
 }
 
 /// Which stub.
@@ -102,11 +144,33 @@ pub enum Stub {
     Rdpmc,
     /// [`xenmsr_stub_rdmsr_rax`]
     RdmsrRax,
+    /// [`xenmsr_stub_segbase_fs`]
+    SegbaseFs,
+    /// [`xenmsr_stub_segbase_gs_kernel`]
+    SegbaseGsKernel,
+    /// [`xenmsr_stub_segbase_gs_user`]
+    SegbaseGsUser,
 }
 
 impl Stub {
-    /// Every stub.
+    /// Every stub that asks the backend (the generic stubs of each op).
     pub const ALL: [Stub; 4] = [Stub::Rdmsr, Stub::Wrmsr, Stub::Rdpmc, Stub::RdmsrRax];
+
+    /// The segment-base stubs: the Xen PV variant of constant-index writes of the FS,
+    /// GS and KERNEL_GS bases. They make the hypercall themselves and consult no backend,
+    /// so they have no native instruction and only an error-carrying rewind entry.
+    pub const SEGMENT_BASE: [Stub; 3] =
+        [Stub::SegbaseFs, Stub::SegbaseGsKernel, Stub::SegbaseGsUser];
+
+    /// The segment-base stub for `which`, if there is one (not for `GS_USER_SEL`).
+    pub const fn segbase(which: SegmentBase) -> Option<Stub> {
+        match which {
+            SegmentBase::FS => Some(Stub::SegbaseFs),
+            SegmentBase::GS_KERNEL => Some(Stub::SegbaseGsKernel),
+            SegmentBase::GS_USER => Some(Stub::SegbaseGsUser),
+            _ => None,
+        }
+    }
 
     /// The stub's entry address.
     pub fn addr(self) -> usize {
@@ -115,6 +179,9 @@ impl Stub {
             Stub::Wrmsr => &raw const xenmsr_stub_wrmsr,
             Stub::Rdpmc => &raw const xenmsr_stub_rdpmc,
             Stub::RdmsrRax => &raw const xenmsr_stub_rdmsr_rax,
+            Stub::SegbaseFs => &raw const xenmsr_stub_segbase_fs,
+            Stub::SegbaseGsKernel => &raw const xenmsr_stub_segbase_gs_kernel,
+            Stub::SegbaseGsUser => &raw const xenmsr_stub_segbase_gs_user,
         };
         code as usize
     }
@@ -126,6 +193,9 @@ impl Stub {
             Stub::Wrmsr => "xenmsr_stub_wrmsr",
             Stub::Rdpmc => "xenmsr_stub_rdpmc",
             Stub::RdmsrRax => "xenmsr_stub_rdmsr_rax",
+            Stub::SegbaseFs => "xenmsr_stub_segbase_fs",
+            Stub::SegbaseGsKernel => "xenmsr_stub_segbase_gs_kernel",
+            Stub::SegbaseGsUser => "xenmsr_stub_segbase_gs_user",
         }
     }
 }

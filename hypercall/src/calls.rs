@@ -40,6 +40,17 @@ impl HypercallPage {
     /// (with [`SegmentBase::GS_USER_SEL`]) loads the user GS selector from `base[15:0]`.
     ///
     /// Xen answers `-EINVAL` for a non-canonical base or an unknown `which`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use xenmsr_hypercall::abi::SegmentBase;
+    /// use xenmsr_hypercall::{Errno, HypercallPage};
+    ///
+    /// fn set_tls(page: HypercallPage, base: u64) -> Result<(), Errno> {
+    ///     page.set_segment_base(SegmentBase::FS, base)
+    /// }
+    /// ```
     pub fn set_segment_base(self, which: SegmentBase, base: u64) -> Result<(), Errno> {
         // SAFETY: no pointer is passed; the call only changes segment state that no Rust
         // code in this program addresses memory through (see the module docs).

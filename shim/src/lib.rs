@@ -147,6 +147,28 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 /// site keeps its `call` to the stub. Natively every site gets the instruction inline,
 /// with WRMSRNS and the immediate forms where CPUID reports them.
 ///
+/// # Examples
+///
+/// ```no_run
+/// use xenmsr::{Config, Platform, UncheckedPolicy};
+/// use xenmsr_hypercall::HypercallPage;
+///
+/// fn boot(hypercalls: HypercallPage) {
+///     let config = Config {
+///         platform: Platform::XenPv { hypercalls, vcpu_id: || 0, cpuid: xenmsr::xen_cpuid },
+///         unchecked: UncheckedPolicy::WarnOnce,
+///         warn: |access| { let _ = access; /* the kernel's log */ },
+///         log: |args| { let _ = args; },
+///         write_text: xenmsr::patch::write_text_directly,
+///     };
+///     // SAFETY: once, on the boot vCPU, before other vCPUs run; the text is writable.
+///     let report = unsafe { xenmsr::init(config) }.expect("first init");
+///     let _ = report.patched.rewritten;
+/// }
+/// ```
+///
+/// `docs/integrating.md` shows the whole integration.
+///
 /// # Safety
 ///
 /// Must be called once, early, on the boot CPU, before any other CPU runs, and with
@@ -169,7 +191,12 @@ pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
     init_extable();
     xenmsr_asm::fixup::set_warn_hook(dispatch_warning);
     let variant = match config.platform {
-        Platform::XenPv { .. } => Variant::XenPv,
+        Platform::XenPv { hypercalls, .. } => {
+            // Before patching: constant-index segment-base sites may then be pointed at
+            // the stubs that make the hypercall directly.
+            xenmsr_asm::stubs::set_segbase_hypercall_page(hypercalls);
+            Variant::XenPv
+        }
         Platform::Native => Variant::Native(CpuFeatures::detect()),
     };
     let write_text = config.write_text;

@@ -14,6 +14,9 @@
 //! | read-imm (9) | `call stub; nop4` | `rdmsr; shl $32,%rdx; or %rdx,%rax` | — | `rdmsr $imm,%rax` |
 //! | write-imm (9) | `call stub; nop4` | `wrmsr; nop7` | `wrmsrns; nop6` | `wrmsrns %rax,$imm` |
 //!
+//! On Xen PV a constant-index write of `FS_BASE`, `GS_BASE` or `KERNEL_GS_BASE` calls a
+//! segment-base stub that makes the `set_segment_base` hypercall itself ([`xen_stub`]).
+//!
 //! Redundant CS prefixes pad the short instructions instead of a trailing NOP (Intel's
 //! JCC-erratum guidance prefers CS); the 9-byte sites use NOPs, because seven prefixes
 //! would exceed what decoders handle without penalty. The `call` is always the first five
@@ -21,6 +24,9 @@
 //! site start: the stubs' rewind rule.
 
 use xenmsr_asm::patch::{PatchSite, SiteOp};
+use xenmsr_asm::stubs::Stub;
+
+use crate::routes::{self, Route, WriteRoute};
 
 /// CPU features that select native variants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -197,6 +203,25 @@ pub struct PatchReport {
     pub unchanged: usize,
 }
 
+/// The stub a site of `op` calls on Xen PV. A constant-index write whose MSR the routing
+/// table sends to `set_segment_base` gets the segment-base stub that makes that hypercall
+/// directly (the index is a constant, so the route is known now); every other site gets
+/// its op's generic stub, which asks the policy at run time. Until `init` has given the
+/// segment-base stubs their hypercall page, those sites stay on the generic stub too.
+pub fn xen_stub(op: SiteOp, imm: u32) -> Stub {
+    if op == SiteOp::WriteImm
+        && xenmsr_asm::stubs::segbase_stubs_ready()
+        && let Some(Route {
+            write: WriteRoute::SegmentBase(which),
+            ..
+        }) = routes::lookup(imm)
+        && let Some(stub) = Stub::segbase(*which)
+    {
+        return stub;
+    }
+    op.stub()
+}
+
 /// The bytes `variant` wants at `site`.
 pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, PatchError> {
     let op = site.op.ok_or(PatchError::BadLength {
@@ -208,7 +233,7 @@ pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, Pat
         site.addr,
         usize::from(site.len),
         site.imm,
-        op.stub().addr(),
+        xen_stub(op, site.imm).addr(),
         variant,
     )
 }

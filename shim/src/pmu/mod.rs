@@ -698,7 +698,26 @@ pub fn global() -> &'static Vpmu {
     &VPMU
 }
 
-/// [`Vpmu::init_vcpu`] on the global backend.
+/// [`Vpmu::init_vcpu`] on the global backend: registers `page` (machine frame `mfn`) as
+/// `vcpu`'s shared PMU page with Xen (`XENPMU_init`, version 0.1).
+///
+/// # Examples
+///
+/// ```no_run
+/// use core::ptr::NonNull;
+/// use xenmsr::pmu::{self, PmuError};
+///
+/// fn start_pmu(vcpu: u32, page: NonNull<u8>, mfn: u64) {
+///     // SAFETY: `page` is a page-aligned 4 KiB page this kernel owns, `mfn` its frame,
+///     // and it stays allocated until `pmu::finish(vcpu)` returns Ok.
+///     match unsafe { pmu::init(vcpu, page, mfn) } {
+///         Ok(()) => {}
+///         // Xen's vPMU is off: PMU MSRs simply pass through.
+///         Err(PmuError::Disabled) => {}
+///         Err(e) => panic!("vPMU init: {e:?}"),
+///     }
+/// }
+/// ```
 ///
 /// # Safety
 ///
@@ -714,6 +733,21 @@ pub fn finish(vcpu: u32) -> Result<(), PmuError> {
 }
 
 /// [`Vpmu::on_pmi`] on the global backend.
+///
+/// # Examples
+///
+/// The `VIRQ_XENPMU` handler of a vCPU:
+///
+/// ```no_run
+/// fn pmu_interrupt(vcpu: u32) {
+///     let sampled = xenmsr::pmu::on_pmi(vcpu, |ctx| {
+///         // PMU MSR accesses in here read and write the context Xen cached in the page.
+///         (ctx.regs.ip, ctx.user_mode())
+///     });
+///     // The context was flushed back to Xen whatever the handler did.
+///     let _ = sampled;
+/// }
+/// ```
 pub fn on_pmi<R>(vcpu: u32, handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
     VPMU.on_pmi(vcpu, handler)
 }

@@ -340,6 +340,9 @@ pub const fn caller_data(stub: Stub) -> Data {
         Stub::Wrmsr => Data::site(Kind::WriteSafe, 0),
         Stub::Rdpmc => Data::site(Kind::RdpmcSafe, 0),
         Stub::RdmsrRax => Data::site(Kind::ReadSafe, flags::RAX_CONTRACT),
+        Stub::SegbaseFs | Stub::SegbaseGsKernel | Stub::SegbaseGsUser => {
+            Data::site(Kind::WriteSafe, 0)
+        }
     }
 }
 
@@ -449,6 +452,22 @@ harness!(
     caller_data(Stub::RdmsrRax)
 );
 
+harness!(
+    call_segbase_fs,
+    xenmsr_asm::stubs::xenmsr_stub_segbase_fs,
+    caller_data(Stub::SegbaseFs)
+);
+harness!(
+    call_segbase_gs_kernel,
+    xenmsr_asm::stubs::xenmsr_stub_segbase_gs_kernel,
+    caller_data(Stub::SegbaseGsKernel)
+);
+harness!(
+    call_segbase_gs_user,
+    xenmsr_asm::stubs::xenmsr_stub_segbase_gs_user,
+    caller_data(Stub::SegbaseGsUser)
+);
+
 /// Calls `stub` with every GPR except rsp loaded from `state.input`, then saves every GPR
 /// into `state.output` and rsp before/after. The call carries the caller entry
 /// [`caller_data`]`(stub)`, so on a failure the fixup resumes right after the call with
@@ -469,6 +488,9 @@ pub fn call_stub_with_current_backend(stub: Stub, state: &mut RegState, misalign
         Stub::Wrmsr => call_wrmsr,
         Stub::Rdpmc => call_rdpmc,
         Stub::RdmsrRax => call_rdmsr_rax,
+        Stub::SegbaseFs => call_segbase_fs,
+        Stub::SegbaseGsKernel => call_segbase_gs_kernel,
+        Stub::SegbaseGsUser => call_segbase_gs_user,
     };
     // SAFETY: the harness saves and restores rbx and rbp itself, declares every other GPR
     // as clobbered, keeps rsp balanced, and its call carries an extable entry whose fixup
@@ -484,4 +506,28 @@ pub fn native_rdpmc_probe(counter: u32) -> Result<u64, xenmsr_asm::MsrError> {
     // SAFETY: RDPMC reads a counter; at ring 3 it either runs or raises #GP, which the
     // installed handler turns into `Err`.
     unsafe { xenmsr_asm::native::rdpmc_safe(counter) }
+}
+
+/// Stores code bytes into this binary's (read-only) text, as a kernel with read-only text
+/// would in its `Config::write_text`: maps the pages read-write-execute around the store
+/// and back to read-execute after it.
+///
+/// # Safety
+///
+/// `address..address + bytes.len()` must be code of this binary that no thread is
+/// executing, and the bytes must leave it valid code for whoever runs it next.
+pub unsafe fn write_text_mprotect(address: usize, bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = address & !(PAGE - 1);
+    let end = (address + bytes.len()).next_multiple_of(PAGE);
+    let protect = |prot| {
+        // SAFETY: changes the protection of whole pages of this binary's own text, which
+        // stay mapped; no Rust reference covers them.
+        let rc = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot) };
+        assert_eq!(rc, 0, "mprotect: {}", std::io::Error::last_os_error());
+    };
+    protect(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    // SAFETY: the range was just made writable; the caller guarantees nobody runs it.
+    unsafe { xenmsr::patch::write_text_directly(address, bytes) };
+    protect(libc::PROT_READ | libc::PROT_EXEC);
 }

@@ -293,23 +293,11 @@ fn expected_vector(insn: Insn) -> Option<u8> {
 /// pages, and restore them, around each patch.
 static TEXT: Mutex<()> = Mutex::new(());
 
-const PAGE: usize = 4096;
-
-/// Stores `bytes` at `address` in this binary's text: maps the pages RWX around the store.
+/// Stores `bytes` at `address` in this binary's text.
 fn write_text(address: usize, bytes: &[u8]) {
-    let start = address & !(PAGE - 1);
-    let end = (address + bytes.len()).next_multiple_of(PAGE);
-    let protect = |prot| {
-        // SAFETY: changes the protection of whole pages of this binary's own text, which
-        // stay mapped; only code bytes of a probe site (not running now) are then stored.
-        let rc = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot) };
-        assert_eq!(rc, 0, "mprotect: {}", std::io::Error::last_os_error());
-    };
-    protect(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
-    // SAFETY: the range was just made writable; no thread executes it (the `TEXT` lock
-    // is held, and only this test's probes run these sites).
-    unsafe { xenmsr::patch::write_text_directly(address, bytes) };
-    protect(libc::PROT_READ | libc::PROT_EXEC);
+    // SAFETY: `address..+len` is a probe site of this binary that no thread is running
+    // (the `TEXT` lock is held, and only this test's probes run these sites).
+    unsafe { xenmsr_host_tests::write_text_mprotect(address, bytes) }
 }
 
 fn patch_one(site: PatchSite, variant: Variant) -> PatchReport {

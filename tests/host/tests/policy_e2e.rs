@@ -17,7 +17,7 @@ use xenmsr::routes::{
 };
 use xenmsr::{Config, InitError, InitReport, MsrError, Platform, UncheckedAccess, UncheckedPolicy};
 use xenmsr_asm::fixup::AccessOp;
-use xenmsr_asm::patch::patch_sites;
+use xenmsr_asm::patch::{PatchOp, patch_sites};
 use xenmsr_asm::stubs::Stub;
 use xenmsr_host_tests::{
     RegState, call_stub_with_current_backend, fixups, install_fault_handlers, r,
@@ -63,7 +63,9 @@ fn config() -> Config {
         unchecked: UncheckedPolicy::WarnOnce,
         warn: record_warning,
         log,
-        write_text: xenmsr::patch::write_text_directly,
+        // The host's text is read-only: map it writable around each store, as a kernel
+        // with read-only text would.
+        write_text: xenmsr_host_tests::write_text_mprotect,
     }
 }
 
@@ -72,8 +74,9 @@ fn init() -> InitReport {
     static REPORT: OnceLock<InitReport> = OnceLock::new();
     *REPORT.get_or_init(|| {
         install_fault_handlers();
-        // SAFETY: once per process (OnceLock), before any test touches an MSR site; on
-        // Xen PV every site keeps its emitted `call`, so `write_text` is never needed.
+        // SAFETY: once per process (OnceLock), before any test touches an MSR site; only
+        // the constant-index segment-base sites are rewritten (to their direct stubs),
+        // through `write_text_mprotect`.
         unsafe { xenmsr::init(config()) }.expect("xenmsr::init")
     })
 }
@@ -91,13 +94,48 @@ fn set_segment_base(which: u64, value: u64) -> MockCall {
 }
 
 #[test]
-fn init_leaves_every_site_unchanged_and_refuses_a_second_init() {
+fn init_rewrites_only_the_constant_segment_base_sites_and_refuses_a_second_init() {
     let report = init();
     let sites = patch_sites().count();
     assert!(sites > 0, "this binary has sites");
+    // On Xen PV every site keeps its emitted `call`, except the constant-index writes of a
+    // segment base, which now call the stub that makes the hypercall directly.
+    let segment_base_writes: Vec<_> = patch_sites()
+        .filter(|s| {
+            s.op == Some(PatchOp::WriteImm)
+                && [MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE].contains(&s.imm)
+        })
+        .collect();
+    assert!(
+        !segment_base_writes.is_empty(),
+        "this binary has such a site"
+    );
     assert_eq!(report.variant, Variant::XenPv);
-    assert_eq!(report.patched.rewritten, 0, "{report:?}");
-    assert_eq!(report.patched.unchanged, sites, "{report:?}");
+    assert_eq!(
+        report.patched.rewritten,
+        segment_base_writes.len(),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.patched.unchanged,
+        sites - segment_base_writes.len(),
+        "{report:?}"
+    );
+    for site in &segment_base_writes {
+        let stub = match site.imm {
+            MSR_FS_BASE => Stub::SegbaseFs,
+            MSR_GS_BASE => Stub::SegbaseGsKernel,
+            _ => Stub::SegbaseGsUser,
+        };
+        // SAFETY: the site lies in this binary's text, mapped readable.
+        let code = unsafe { core::slice::from_raw_parts(site.addr as *const u8, 5) };
+        let rel = i32::from_le_bytes(code[1..5].try_into().unwrap());
+        assert_eq!(code[0], 0xe8, "a call");
+        assert_eq!(
+            site.addr.wrapping_add(5).wrapping_add_signed(rel as isize),
+            stub.addr()
+        );
+    }
     // SAFETY: `init` refuses before touching anything when it already ran.
     let again = unsafe { xenmsr::init(config()) };
     assert_eq!(again.map(drop), Err(InitError::AlreadyInitialised));
@@ -135,7 +173,14 @@ fn segment_base_writes_are_one_hypercall_each_and_never_a_wrmsr() {
     let (result, faults) =
         counting(|| unsafe { xenmsr_asm::site::wrmsr_ns_const_safe::<MSR_GS_BASE>(value) });
     assert_eq!((result, faults), (Ok(()), (0, 0)));
-    mock::assert_calls(&[set_segment_base(2, value)]);
+    // Through the segment-base stub, which passes only the two arguments Xen reads
+    // (`rdx`, `r10`, `r8` are whatever the caller had).
+    let calls = mock::take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        (calls[0].nr, calls[0].args[0], calls[0].args[1]),
+        (nr::SET_SEGMENT_BASE, 2, value)
+    );
     assert!(take_warnings().is_empty());
 }
 
@@ -329,4 +374,64 @@ fn registers_survive_the_policy_on_success_and_failure() {
         assert_eq!((s.output[r::RAX], s.output[r::RDX]), (0, 0));
         assert_eq!(s.output[r::RSI], GP.to_code());
     }
+}
+
+/// A constant-index FS_BASE write site, unchecked.
+#[inline(never)]
+fn unchecked_const_fs_write(value: u64) {
+    // SAFETY: the write becomes a (mock) hypercall.
+    unsafe { xenmsr_asm::site::wrmsr_ns_const::<MSR_FS_BASE>(value) }
+}
+
+/// A constant-index site patched to the segment-base stub: one hypercall, and a failure
+/// taken through the same rewind path to the caller's own entry as every other stub.
+#[test]
+fn constant_segment_base_site_calls_the_hypercall_directly() {
+    init();
+    let _session = mock::session();
+    let _ = take_warnings();
+    let good = 0x0000_7fff_0000_1000;
+    // SAFETY: the write becomes a (mock) hypercall.
+    let (result, faults) =
+        counting(|| unsafe { xenmsr_asm::site::wrmsr_ns_const_safe::<MSR_FS_BASE>(good) });
+    assert_eq!((result, faults), (Ok(()), (0, 0)));
+    let calls = mock::take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        (calls[0].nr, calls[0].args[0], calls[0].args[1]),
+        (nr::SET_SEGMENT_BASE, 0, good)
+    );
+
+    mock::script_err(nr::SET_SEGMENT_BASE, Errno::EINVAL);
+    let bad = 0x8000_0000_0000_0000;
+    // SAFETY: as above; the (mock) hypercall fails.
+    let (result, faults) =
+        counting(|| unsafe { xenmsr_asm::site::wrmsr_ns_const_safe::<MSR_KERNEL_GS_BASE>(bad) });
+    assert_eq!(result, Err(MsrError::Hypercall(Errno::EINVAL)));
+    assert_eq!(faults, (1, 0), "one #UD: the stub's rewind trap");
+    let calls = mock::take_calls();
+    assert_eq!((calls[0].args[0], calls[0].args[1]), (1, bad));
+
+    // Unchecked: the failure is dropped, and warned once for the site.
+    for _ in 0..2 {
+        mock::script_err(nr::SET_SEGMENT_BASE, Errno::EINVAL);
+        let ((), faults) = counting(|| unchecked_const_fs_write(bad));
+        assert_eq!(faults, (1, 0));
+    }
+    let warnings = take_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        (
+            warnings[0].op,
+            warnings[0].msr_or_counter,
+            warnings[0].value,
+            warnings[0].error
+        ),
+        (
+            AccessOp::Write,
+            MSR_FS_BASE,
+            bad,
+            MsrError::Hypercall(Errno::EINVAL)
+        )
+    );
 }

@@ -208,6 +208,7 @@ fn every_stub_has_its_rewind_entries() {
         // A stub ends before the next stub starts (or within 256 bytes of its start).
         let end = Stub::ALL
             .iter()
+            .chain(Stub::SEGMENT_BASE.iter())
             .map(|s| s.addr())
             .filter(|&a| a > start)
             .min()
@@ -231,6 +232,9 @@ fn every_stub_has_its_rewind_entries() {
                     Stub::Rdmsr | Stub::RdmsrRax => &[0x0f, 0x32],
                     Stub::Wrmsr => &[0x0f, 0x30],
                     Stub::Rdpmc => &[0x0f, 0x33],
+                    Stub::SegbaseFs | Stub::SegbaseGsKernel | Stub::SegbaseGsUser => {
+                        unreachable!("not in Stub::ALL")
+                    }
                 };
                 assert_eq!(
                     &insn[..2],
@@ -242,4 +246,26 @@ fn every_stub_has_its_rewind_entries() {
             assert_eq!(i32::from(e.data().imm()), -(CALL_LEN as i32));
         }
     }
+}
+
+/// The segment-base stubs share one body: exactly one rewind entry, on its `ud2`, carrying
+/// the error, with the same rewind immediate as every other stub.
+#[test]
+fn segment_base_stubs_have_one_error_rewind_entry() {
+    install();
+    let entries: Vec<_> = extable::table()
+        .iter()
+        .filter(|e| e.data() == REWIND_ERROR)
+        .filter(|e| {
+            Stub::SEGMENT_BASE
+                .iter()
+                .any(|s| (s.addr()..s.addr() + 256).contains(&e.insn_addr()))
+        })
+        .map(|e| e.insn_addr())
+        .collect();
+    let mut unique = entries.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 1, "{entries:x?}");
+    assert_eq!(code(unique[0], 2), &[0x0f, 0x0b], "not ud2");
 }

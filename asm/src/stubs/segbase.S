@@ -1,0 +1,101 @@
+/*
+ * xenmsr_stub_segbase_fs, _gs_kernel, _gs_user: the Xen PV variant of a constant-index
+ * write site whose MSR is FS_BASE, GS_BASE or KERNEL_GS_BASE. The index is known when the
+ * site is patched, so the route is too: the stub makes the one hypercall the policy would
+ * make, HYPERVISOR_set_segment_base(which, value), with no Rust and no dispatch.
+ *
+ *   in:        rax = the full 64-bit base (a constant-index write site's value register;
+ *              ecx = the MSR and edx = the high half are not used)
+ *   out:       nothing
+ *   preserved: every GPR and rsp
+ *   clobbered: flags
+ *
+ * Entered only by the `call` that starts a 9-byte constant-index write site, which has
+ * its own extable entry. The hypercall goes through the page entry for
+ * set_segment_base that `xenmsr_segbase_entry` holds (stored by `init` before any site is
+ * patched to these stubs). A hypercall page entry preserves everything except rax and the
+ * five argument registers, which are saved here (debug Xen poisons the ones it uses; the
+ * mock page poisons all five). No Rust is called, so no stack alignment is needed.
+ *
+ *   result 0:  restore everything and return;
+ *   -errno:    encode MsrError::Hypercall(errno) (class 3 in the low byte, errno << 32), restore
+ *              everything, leave the code just above the return address, and trap at ud2
+ *              (REWIND entry, skip 1, carries error): the caller's write-safe or write
+ *              entry then runs exactly as for the generic stub.
+ *
+ * The caller's rax is saved first, so that after the other registers are popped it is
+ * the word above the return address, where `xchg` swaps the error code in.
+ */
+	.pushsection .text.xenmsr_stub_segbase,"ax",@progbits
+	.balign 16
+	.globl xenmsr_stub_segbase_fs
+	.hidden xenmsr_stub_segbase_fs
+	.type xenmsr_stub_segbase_fs,@function
+xenmsr_stub_segbase_fs:
+	push %rax
+	push %rdi
+	mov ${segbase_fs}, %edi
+	jmp .Lxenmsr_segbase_common
+	.size xenmsr_stub_segbase_fs, . - xenmsr_stub_segbase_fs
+
+	.balign 16
+	.globl xenmsr_stub_segbase_gs_kernel
+	.hidden xenmsr_stub_segbase_gs_kernel
+	.type xenmsr_stub_segbase_gs_kernel,@function
+xenmsr_stub_segbase_gs_kernel:
+	push %rax
+	push %rdi
+	mov ${segbase_gs_kernel}, %edi
+	jmp .Lxenmsr_segbase_common
+	.size xenmsr_stub_segbase_gs_kernel, . - xenmsr_stub_segbase_gs_kernel
+
+	.balign 16
+	.globl xenmsr_stub_segbase_gs_user
+	.hidden xenmsr_stub_segbase_gs_user
+	.type xenmsr_stub_segbase_gs_user,@function
+xenmsr_stub_segbase_gs_user:
+	push %rax
+	push %rdi
+	mov ${segbase_gs_user}, %edi
+	/* fall through */
+	.size xenmsr_stub_segbase_gs_user, . - xenmsr_stub_segbase_gs_user
+
+	.type .Lxenmsr_segbase_common,@function
+.Lxenmsr_segbase_common:
+	push %rsi
+	push %rdx
+	push %r10
+	push %r8
+	mov %rax, %rsi
+	mov xenmsr_segbase_entry(%rip), %rax
+	call *%rax
+	test %rax, %rax
+	jnz .Lxenmsr_segbase_fail
+	pop %r8
+	pop %r10
+	pop %rdx
+	pop %rsi
+	pop %rdi
+	pop %rax
+	ret
+.Lxenmsr_segbase_fail:
+	neg %rax
+	shl $32, %rax
+	or ${class_hypercall}, %rax
+	pop %r8
+	pop %r10
+	pop %rdx
+	pop %rsi
+	pop %rdi
+	xchg %rax, (%rsp)
+.Lxenmsr_segbase_trap:
+	ud2
+	.size .Lxenmsr_segbase_common, . - .Lxenmsr_segbase_common
+
+	.pushsection xenmsr_extable,"awR",@progbits
+	.balign 4
+	.long .Lxenmsr_segbase_trap - .
+	.long .Lxenmsr_segbase_trap - .
+	.long {rewind_error}
+	.popsection
+	.popsection
