@@ -199,7 +199,8 @@ fn tool_version(cmd: &mut Command) -> XtaskResult<String> {
     Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
-fn cpu_model() -> String {
+/// The host CPU's model name, for the benchmark reports.
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -746,7 +746,7 @@ fn markdown(results: &[ModelResult], qemu_version: &str, kernel: &Path) -> Xtask
         "- Host: {} (2 cores shared with other work: a batch that the host preempted \
          shows up as an outlier in the min–max range; the median and quartiles are \
          robust to it).\n",
-        host_cpu()
+        crate::bench::cpu_model()
     )?;
     writeln!(
         md,
@@ -785,17 +785,6 @@ fn host_stub_delta() -> Option<String> {
     let row = doc.lines().find(|l| l.starts_with("| `fs_write/stub` |"))?;
     let delta: f64 = row.split('|').nth(4)?.trim().parse().ok()?;
     Some(format!("{delta:.0}"))
-}
-
-fn host_cpu() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn write_targets(md: &mut String, results: &[ModelResult]) -> XtaskResult<()> {

@@ -42,7 +42,9 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use spin::Once;
 use xenmsr_asm::{MsrError, Outcome};
-use xenmsr_hypercall::abi::{PmuFlags, XenPmuFeature, XenPmuMode, XenPmuOp, XenPmuParams};
+use xenmsr_hypercall::abi::{
+    PmuFlags, XenPmuFeature, XenPmuMode, XenPmuOp, XenPmuParams, XenPmuRegs,
+};
 use xenmsr_hypercall::{Errno, HypercallPage};
 
 pub use classify::{PmcIndex, PmuMsr, classify, decode_pmc};
@@ -139,30 +141,14 @@ impl From<PmuError> for MsrError {
     }
 }
 
-/// The registers of the sampled (interrupted) context, as Xen stored them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SampledRegs {
-    /// Instruction pointer.
-    pub ip: u64,
-    /// Stack pointer.
-    pub sp: u64,
-    /// RFLAGS.
-    pub flags: u64,
-    /// Code selector.
-    pub cs: u16,
-    /// Stack selector.
-    pub ss: u16,
-    /// `regs.cpl` as Xen stored it (meaningful only without `PMU_SAMPLE_PV`).
-    pub cpl: u8,
-}
-
 /// What a PMI handler gets: the sample, read from the shared page when the PMI began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PmiContext {
     /// The vCPU handling the PMI.
     pub vcpu: u32,
-    /// The sampled registers.
-    pub regs: SampledRegs,
+    /// The sampled registers as Xen stored them (a copy; use [`PmiContext::cpl`] rather
+    /// than `regs.cpl`, which is meaningful only without `PMU_SAMPLE_PV`).
+    pub regs: XenPmuRegs,
     /// `pmu_flags` when the PMI began.
     pub flags: PmuFlags,
     /// The sampled vCPU (`xen_pmu_data.vcpu_id`).
@@ -505,14 +491,7 @@ impl Vpmu {
         let (sampled_vcpu, pcpu, domain_id) = page.sample_ids();
         let ctx = PmiContext {
             vcpu,
-            regs: SampledRegs {
-                ip: regs.ip,
-                sp: regs.sp,
-                flags: regs.flags,
-                cs: regs.cs,
-                ss: regs.ss,
-                cpl: regs.cpl,
-            },
+            regs,
             flags: page.flags(),
             sampled_vcpu,
             pcpu,
