@@ -79,6 +79,7 @@ pub fn host_bench() -> XtaskResult<String> {
     let bin = root_dir().join("target").join("release").join(PACKAGE);
     let work = root_dir().join("target").join("xenmsr-bench");
     std::fs::create_dir_all(&work)?;
+    crate::provision::valgrind()?;
     let valgrind = tool_version(Command::new("valgrind").arg("--version"))
         .map_err(|e| format!("valgrind is needed for the host benchmarks: {e}"))?;
 

@@ -383,6 +383,7 @@ fn cmd_bench(args: &[String]) -> XtaskResult<()> {
 
 /// Host tests: the whole workspace on the host (mock hypercall page, real fault paths).
 fn host_tests() -> XtaskResult<()> {
+    provision::host_test_tools()?;
     eprintln!("xtask: host tests");
     run_checked(cargo().args(["test", "--workspace", "--exclude", "xenmsr-pvkernel"]))
 }

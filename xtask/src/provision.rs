@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{XtaskResult, cache_dir, run_checked};
+use std::time::Duration;
+
+use crate::{XtaskResult, cache_dir};
 
 /// The Debian package that carries the hypervisor binary.
 pub const XEN_HYPERVISOR_PKG: &str = "xen-hypervisor-4.17-amd64";
@@ -14,7 +16,11 @@ fn apt_update_once() -> XtaskResult<()> {
     use std::sync::OnceLock;
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
-        run_checked(Command::new("apt-get").args(["update", "-qq"])).map_err(|e| e.to_string())
+        run_checked_timeout(
+            Command::new("apt-get").args(["update", "-qq"]),
+            Duration::from_secs(600),
+        )
+        .map_err(|e| e.to_string())
     })
     .clone()
     .map_err(Into::into)
@@ -27,11 +33,12 @@ pub fn apt_install(packages: &[&str], probe: &Path) -> XtaskResult<()> {
     }
     eprintln!("xtask: installing {} (apt-get)", packages.join(" "));
     apt_update_once()?;
-    run_checked(
+    run_checked_timeout(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(packages),
+        Duration::from_secs(1200),
     )
 }
 
@@ -54,7 +61,10 @@ pub fn rust_target() -> XtaskResult<()> {
         return Ok(());
     }
     eprintln!("xtask: adding rustup target x86_64-unknown-none");
-    run_checked(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]))
+    run_checked_timeout(
+        Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]),
+        Duration::from_secs(600),
+    )
 }
 
 /// Downloads (once) the `.deb` of a Debian package into the cache and returns its path.
@@ -66,11 +76,12 @@ pub fn download_deb(package: &str) -> XtaskResult<PathBuf> {
     }
     eprintln!("xtask: downloading {package}.deb");
     apt_update_once()?;
-    run_checked(
+    run_checked_timeout(
         Command::new("apt-get")
             .arg("download")
             .arg(package)
             .current_dir(&dir),
+        Duration::from_secs(600),
     )?;
     find_deb(&dir, package)?
         .ok_or_else(|| format!("apt-get download {package}: no .deb appeared").into())
@@ -102,7 +113,10 @@ pub fn xen_binary() -> XtaskResult<PathBuf> {
     let deb = download_deb(XEN_HYPERVISOR_PKG)?;
     let unpack = cache_dir().join("xen-hypervisor-unpacked");
     let _ = std::fs::remove_dir_all(&unpack);
-    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    run_checked_timeout(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack),
+        Duration::from_secs(300),
+    )?;
     let boot = unpack.join("boot");
     let gz = std::fs::read_dir(&boot)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -173,4 +187,16 @@ pub fn download_debs(packages: &[String]) -> XtaskResult<Vec<PathBuf>> {
                 .ok_or_else(|| format!("apt-get download {p}: no .deb appeared").into())
         })
         .collect()
+}
+
+/// What the host tests need beyond Rust: gcc and Debian's Xen headers (`libxen-dev`) for
+/// the ABI layout cross-check.
+pub fn host_test_tools() -> XtaskResult<()> {
+    apt_install(&["gcc"], Path::new("/usr/bin/gcc"))?;
+    apt_install(&["libxen-dev"], Path::new("/usr/include/xen/xen.h"))
+}
+
+/// `valgrind`, for the host benchmarks' instruction counts.
+pub fn valgrind() -> XtaskResult<()> {
+    apt_install(&["valgrind"], Path::new("/usr/bin/valgrind"))
 }
