@@ -21,6 +21,7 @@ pub static TESTS: &[Test] = &[
     test!(pat_write_is_gp),
     test!(rdpmc_is_gp),
     test!(vendor_pmu_msrs),
+    test!(hardware_domain_only_msr),
     test!(xenpmu_mode_get),
 ];
 
@@ -182,5 +183,30 @@ fn xenpmu_mode_get() -> TestResult {
             "XENPMU_mode_get without an active vPMU"
         );
     }
+    Ok(())
+}
+
+/// AMD's `K8_SYSCFG` (0xc0010010).
+const MSR_K8_SYSCFG: u32 = 0xc001_0010;
+
+/// Xen treats the hardware domain specially for some MSRs: `K8_SYSCFG` on an AMD model
+/// reads (the real value) only for dom0, and #GPs for a domU; on an Intel model it #GPs for
+/// both. The library passes the MSR through, so its safe read sees exactly the same.
+fn hardware_domain_only_msr() -> TestResult {
+    let m = model();
+    let bare = raw::rdmsr(MSR_K8_SYSCFG);
+    let readable = m.dom0 && m.vendor == Some(Vendor::Amd);
+    if readable {
+        check!(bare.is_ok(), "dom0 rdmsr K8_SYSCFG on AMD: {bare:?}");
+    } else {
+        check_eq!(bare, Err(GP), "rdmsr K8_SYSCFG (domU, or not AMD)");
+    }
+    // SAFETY: reading SYSCFG has no side effect.
+    let lib = unsafe { xenmsr::rdmsr_safe(MSR_K8_SYSCFG) };
+    check_eq!(
+        lib.map_err(drop),
+        bare.map_err(drop),
+        "library vs bare read of K8_SYSCFG"
+    );
     Ok(())
 }
