@@ -60,7 +60,9 @@ xenmsr_stub_segbase_gs_user:
 	/* fall through */
 	.size xenmsr_stub_segbase_gs_user, . - xenmsr_stub_segbase_gs_user
 
-	.type .Lxenmsr_segbase_common,@function
+	.hidden xenmsr_stub_segbase_common
+	.type xenmsr_stub_segbase_common,@function
+xenmsr_stub_segbase_common:
 .Lxenmsr_segbase_common:
 	push %rsi
 	push %rdx
@@ -90,7 +92,7 @@ xenmsr_stub_segbase_gs_user:
 	xchg %rax, (%rsp)
 .Lxenmsr_segbase_trap:
 	ud2
-	.size .Lxenmsr_segbase_common, . - .Lxenmsr_segbase_common
+	.size xenmsr_stub_segbase_common, . - xenmsr_stub_segbase_common
 
 	.pushsection xenmsr_extable,"awR",@progbits
 	.balign 4
