@@ -76,88 +76,104 @@ fn join(lo: u32, hi: u32) -> u64 {
     (hi as u64) << 32 | lo as u64
 }
 
-/// Reads `msr` (RDMSR). A fault or a failure warns once per site (through the warn hook)
-/// and gives 0.
-///
-/// # Examples
-///
-/// ```no_run
-/// // SAFETY: reading the TSC MSR has no side effects.
-/// let tsc = unsafe { xenmsr_asm::site::rdmsr(0x10) };
-/// ```
-///
-/// # Safety
-///
-/// Reading an MSR can have side effects on the CPU state; the caller must know that
-/// reading `msr` here cannot break memory safety.
-#[inline(always)]
-pub unsafe fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: the site calls the read stub, which preserves every register except eax and
-    // edx (declared as outputs) and flags, keeps rsp balanced, and on failure ends at the
-    // site's own fixup label (`3:`) through the extable; the caller vouches for the access.
-    unsafe {
-        asm!(
-            site_template!(),
-            stub = sym stubs::xenmsr_stub_rdmsr,
-            call_len = const CALL_LEN,
-            site_len = const SITE_LEN,
-            data = const Data::site(Kind::Read, 0).bits(),
-            op = const PatchOp::Read as u8,
-            pflags = const pflags(Kind::Read),
-            imm = const 0,
-            in("ecx") msr,
-            out("eax") lo,
-            out("edx") hi,
-            options(att_syntax),
-        );
-    }
-    join(lo, hi)
+macro_rules! read_site {
+    ($(#[$doc:meta])* $name:ident($arg:ident), $stub:path, $op:expr, $kind:expr, warn) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name($arg: u32) -> u64 {
+            let (lo, hi): (u32, u32);
+            // SAFETY: the site calls the stub, which preserves every register except eax
+            // and edx (declared as outputs) and flags, keeps rsp balanced, and on failure
+            // ends at the site's own fixup label (`3:`) through the extable; the caller
+            // vouches for the access.
+            unsafe {
+                asm!(
+                    site_template!(),
+                    stub = sym $stub,
+                    call_len = const CALL_LEN,
+                    site_len = const SITE_LEN,
+                    data = const Data::site($kind, 0).bits(),
+                    op = const $op as u8,
+                    pflags = const pflags($kind),
+                    imm = const 0,
+                    in("ecx") $arg,
+                    out("eax") lo,
+                    out("edx") hi,
+                    options(att_syntax),
+                );
+            }
+            join(lo, hi)
+        }
+    };
+    ($(#[$doc:meta])* $name:ident($arg:ident), $stub:path, $op:expr, $kind:expr, safe) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name($arg: u32) -> Result<u64, MsrError> {
+            let (lo, hi): (u32, u32);
+            let err: u64;
+            // SAFETY: as for the unchecked read; in addition the fixup writes the error
+            // code into rsi, which is declared as an in/out operand (0 in, error code out).
+            unsafe {
+                asm!(
+                    site_template!(),
+                    stub = sym $stub,
+                    call_len = const CALL_LEN,
+                    site_len = const SITE_LEN,
+                    data = const Data::site($kind, 0).bits(),
+                    op = const $op as u8,
+                    pflags = const pflags($kind),
+                    imm = const 0,
+                    in("ecx") $arg,
+                    out("eax") lo,
+                    out("edx") hi,
+                    inout("rsi") 0u64 => err,
+                    options(att_syntax),
+                );
+            }
+            result_of(err, join(lo, hi))
+        }
+    };
 }
 
-/// Reads `msr` (RDMSR), reporting a fault or failure as `Err`.
-///
-/// # Examples
-///
-/// ```no_run
-/// use xenmsr_asm::MsrError;
-///
-/// // SAFETY: reading an MSR that may not exist has no side effects.
-/// match unsafe { xenmsr_asm::site::rdmsr_safe(0x1234_5678) } {
-///     Ok(value) => println!("{value:#x}"),
-///     Err(MsrError::Fault { vector }) => println!("no such MSR (#{vector})"),
-///     Err(other) => println!("failed: {other}"),
-/// }
-/// ```
-///
-/// # Safety
-///
-/// As for [`rdmsr`].
-#[inline(always)]
-pub unsafe fn rdmsr_safe(msr: u32) -> Result<u64, MsrError> {
-    let (lo, hi): (u32, u32);
-    let err: u64;
-    // SAFETY: as in `rdmsr`; in addition the fixup writes the error code into rsi, which is
-    // declared as an in/out operand (0 in, error code out).
-    unsafe {
-        asm!(
-            site_template!(),
-            stub = sym stubs::xenmsr_stub_rdmsr,
-            call_len = const CALL_LEN,
-            site_len = const SITE_LEN,
-            data = const Data::site(Kind::ReadSafe, 0).bits(),
-            op = const PatchOp::Read as u8,
-            pflags = const pflags(Kind::ReadSafe),
-            imm = const 0,
-            in("ecx") msr,
-            out("eax") lo,
-            out("edx") hi,
-            inout("rsi") 0u64 => err,
-            options(att_syntax),
-        );
-    }
-    result_of(err, join(lo, hi))
-}
+read_site!(
+    /// Reads `msr` (RDMSR). A fault or a failure warns once per site (through the warn hook)
+    /// and gives 0.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// // SAFETY: reading the TSC MSR has no side effects.
+    /// let tsc = unsafe { xenmsr_asm::site::rdmsr(0x10) };
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// Reading an MSR can have side effects on the CPU state; the caller must know that
+    /// reading `msr` here cannot break memory safety.
+    rdmsr(msr), stubs::xenmsr_stub_rdmsr, PatchOp::Read, Kind::Read, warn
+);
+
+read_site!(
+    /// Reads `msr` (RDMSR), reporting a fault or failure as `Err`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use xenmsr_asm::MsrError;
+    ///
+    /// // SAFETY: reading an MSR that may not exist has no side effects.
+    /// match unsafe { xenmsr_asm::site::rdmsr_safe(0x1234_5678) } {
+    ///     Ok(value) => println!("{value:#x}"),
+    ///     Err(MsrError::Fault { vector }) => println!("no such MSR (#{vector})"),
+    ///     Err(other) => println!("failed: {other}"),
+    /// }
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// As for [`rdmsr`].
+    rdmsr_safe(msr), stubs::xenmsr_stub_rdmsr, PatchOp::Read, Kind::ReadSafe, safe
+);
 
 macro_rules! write_site {
     ($(#[$doc:meta])* $name:ident, $op:expr, warn) => {
@@ -267,79 +283,39 @@ write_site!(
     wrmsr_ns_safe, PatchOp::WriteNs, safe
 );
 
-/// Reads performance counter `counter` (RDPMC). A fault or failure warns once per site
-/// and gives 0.
-///
-/// # Safety
-///
-/// RDPMC has no side effects on memory, but on Xen PV the emulation may touch the vPMU
-/// state; the caller must own that state (e.g. run on the vCPU whose PMU it reads).
-#[inline(always)]
-pub unsafe fn rdpmc(counter: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: as in `rdmsr`, with the RDPMC stub.
-    unsafe {
-        asm!(
-            site_template!(),
-            stub = sym stubs::xenmsr_stub_rdpmc,
-            call_len = const CALL_LEN,
-            site_len = const SITE_LEN,
-            data = const Data::site(Kind::Rdpmc, 0).bits(),
-            op = const PatchOp::Rdpmc as u8,
-            pflags = const pflags(Kind::Rdpmc),
-            imm = const 0,
-            in("ecx") counter,
-            out("eax") lo,
-            out("edx") hi,
-            options(att_syntax),
-        );
-    }
-    join(lo, hi)
-}
+read_site!(
+    /// Reads performance counter `counter` (RDPMC). A fault or failure warns once per site
+    /// and gives 0.
+    ///
+    /// # Safety
+    ///
+    /// RDPMC has no side effects on memory, but on Xen PV the emulation may touch the vPMU
+    /// state; the caller must own that state (e.g. run on the vCPU whose PMU it reads).
+    rdpmc(counter), stubs::xenmsr_stub_rdpmc, PatchOp::Rdpmc, Kind::Rdpmc, warn
+);
 
-/// Reads performance counter `counter` (RDPMC), reporting a fault or failure as `Err`.
-///
-/// # Examples
-///
-/// ```no_run
-/// use xenmsr_asm::MsrError;
-///
-/// // SAFETY: this code runs on the vCPU whose PMU it reads.
-/// let cycles = unsafe { xenmsr_asm::site::rdpmc_safe(0) };
-/// // A counter the CPU does not have is an error, never a read of another MSR.
-/// // SAFETY: as above.
-/// let bogus = unsafe { xenmsr_asm::site::rdpmc_safe(0x100) };
-/// assert!(matches!(bogus, Err(MsrError::InvalidCounter) | Err(MsrError::Fault { .. })));
-/// # let _ = cycles;
-/// ```
-///
-/// # Safety
-///
-/// As for [`rdpmc`].
-#[inline(always)]
-pub unsafe fn rdpmc_safe(counter: u32) -> Result<u64, MsrError> {
-    let (lo, hi): (u32, u32);
-    let err: u64;
-    // SAFETY: as in `rdmsr_safe`, with the RDPMC stub.
-    unsafe {
-        asm!(
-            site_template!(),
-            stub = sym stubs::xenmsr_stub_rdpmc,
-            call_len = const CALL_LEN,
-            site_len = const SITE_LEN,
-            data = const Data::site(Kind::RdpmcSafe, 0).bits(),
-            op = const PatchOp::Rdpmc as u8,
-            pflags = const pflags(Kind::RdpmcSafe),
-            imm = const 0,
-            in("ecx") counter,
-            out("eax") lo,
-            out("edx") hi,
-            inout("rsi") 0u64 => err,
-            options(att_syntax),
-        );
-    }
-    result_of(err, join(lo, hi))
-}
+read_site!(
+    /// Reads performance counter `counter` (RDPMC), reporting a fault or failure as `Err`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use xenmsr_asm::MsrError;
+    ///
+    /// // SAFETY: this code runs on the vCPU whose PMU it reads.
+    /// let cycles = unsafe { xenmsr_asm::site::rdpmc_safe(0) };
+    /// // A counter the CPU does not have is an error, never a read of another MSR.
+    /// // SAFETY: as above.
+    /// let bogus = unsafe { xenmsr_asm::site::rdpmc_safe(0x100) };
+    /// assert!(matches!(bogus, Err(MsrError::InvalidCounter) | Err(MsrError::Fault { .. })));
+    /// # let _ = cycles;
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// As for [`rdpmc`].
+    rdpmc_safe(counter), stubs::xenmsr_stub_rdpmc, PatchOp::Rdpmc, Kind::RdpmcSafe, safe
+);
 
 /// The text of one constant-index site: `call {stub}` at `2:` (exactly `call_len` bytes),
 /// the 4-byte NOP `pad0..pad3` as explicit bytes, and the end of the region at `4:`

@@ -41,41 +41,25 @@ pub const REWIND_ERROR: Data = Data::rewind(1, true);
 
 const NEG_NATIVE: i64 = -(STATUS_NATIVE as i64);
 
-global_asm!(
-    include_str!("stubs/rdmsr.S"),
-    handler = sym xenmsr_handle_read,
-    neg_native = const NEG_NATIVE,
-    rewind_native = const REWIND_NATIVE.bits(),
-    rewind_error = const REWIND_ERROR.bits(),
-    options(att_syntax)
-);
+/// Assembles one generic stub (a `.S` file next to this module) with the operands every
+/// generic stub uses: its C-ABI handler, the "native" status, and its two rewind entries.
+macro_rules! generic_stub {
+    ($file:literal, $handler:path) => {
+        global_asm!(
+            include_str!($file),
+            handler = sym $handler,
+            neg_native = const NEG_NATIVE,
+            rewind_native = const REWIND_NATIVE.bits(),
+            rewind_error = const REWIND_ERROR.bits(),
+            options(att_syntax)
+        );
+    };
+}
 
-global_asm!(
-    include_str!("stubs/rdmsr_rax.S"),
-    handler = sym xenmsr_handle_read,
-    neg_native = const NEG_NATIVE,
-    rewind_native = const REWIND_NATIVE.bits(),
-    rewind_error = const REWIND_ERROR.bits(),
-    options(att_syntax)
-);
-
-global_asm!(
-    include_str!("stubs/wrmsr.S"),
-    handler = sym xenmsr_handle_write,
-    neg_native = const NEG_NATIVE,
-    rewind_native = const REWIND_NATIVE.bits(),
-    rewind_error = const REWIND_ERROR.bits(),
-    options(att_syntax)
-);
-
-global_asm!(
-    include_str!("stubs/rdpmc.S"),
-    handler = sym xenmsr_handle_rdpmc,
-    neg_native = const NEG_NATIVE,
-    rewind_native = const REWIND_NATIVE.bits(),
-    rewind_error = const REWIND_ERROR.bits(),
-    options(att_syntax)
-);
+generic_stub!("stubs/rdmsr.S", xenmsr_handle_read);
+generic_stub!("stubs/rdmsr_rax.S", xenmsr_handle_read);
+generic_stub!("stubs/wrmsr.S", xenmsr_handle_write);
+generic_stub!("stubs/rdpmc.S", xenmsr_handle_rdpmc);
 
 global_asm!(
     include_str!("stubs/segbase.S"),
