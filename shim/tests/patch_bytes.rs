@@ -230,3 +230,52 @@ fn cpuid_feature_bits() {
         features(false, false)
     );
 }
+
+/// One corrupt record among good ones: nothing is written, and the error names it.
+#[test]
+fn a_corrupt_record_leaves_every_site_untouched() {
+    use xenmsr::patch::patch_sites;
+    use xenmsr_asm::patch::PatchSite;
+
+    // Sites in a buffer of our own, so the check can read them.
+    let buffer = [0x90u8; 64];
+    let base = buffer.as_ptr() as usize;
+    let good = PatchSite {
+        addr: base,
+        len: 5,
+        op: Some(SiteOp::Read),
+        flags: 0,
+        imm: 0,
+    };
+    let bad_len = PatchSite {
+        addr: base + 16,
+        len: 7,
+        ..good
+    };
+    let unknown_op = PatchSite {
+        addr: base + 32,
+        op: None,
+        ..good
+    };
+    for bad in [bad_len, unknown_op] {
+        let sites = [good, bad];
+        let mut writes = 0;
+        // SAFETY: every site lies in `buffer`, which nothing executes; the writer only
+        // counts, so nothing is stored.
+        let r = unsafe {
+            // Native bytes do not depend on where the buffer lies (a `call` would need the
+            // stub within rel32 reach), so only the bad record can fail.
+            patch_sites(
+                sites.iter().copied(),
+                Variant::Native(CpuFeatures::default()),
+                &mut |_, _| writes += 1,
+            )
+        };
+        assert!(
+            matches!(r, Err(PatchError::BadLength { site, .. }) if site == bad.addr),
+            "{r:?}"
+        );
+        assert_eq!(writes, 0, "no site written when any record is bad");
+    }
+    assert!(buffer.iter().all(|&b| b == 0x90));
+}

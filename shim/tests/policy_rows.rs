@@ -235,3 +235,33 @@ fn every_row_behaves_as_its_route_says() {
         }
     }
 }
+
+/// A PMU layout too large for the one-probe index: the policy falls back to the two-step
+/// classification and gives the same answers.
+#[test]
+fn oversized_pmu_layout_falls_back_to_the_same_classification() {
+    use xenmsr::dispatch::{Class, reference_class};
+    use xenmsr::pmu::{IntelLayout, PmuLayout, Vpmu};
+
+    let _session = mock::session();
+    let layout = PmuLayout::Intel(IntelLayout {
+        arch_counters: 200,
+        fixed_counters: 31,
+    });
+    let vpmu: &'static Vpmu =
+        Box::leak(Box::new(Vpmu::with(mock::page(), layout, &ScriptedNative)));
+    let policy = XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, Some(vpmu));
+    assert!(
+        format!("{policy:?}").contains("indexed: None"),
+        "the layout should not fit the index: {policy:?}"
+    );
+    for msr in (0..0x800u32).chain(0xc000_0080..0xc000_0110) {
+        assert_eq!(policy.class(msr), reference_class(&layout, msr), "{msr:#x}");
+    }
+    // The 200th general counter is a PMU MSR of this layout, and passes through (no page).
+    assert!(matches!(policy.class(0xc1 + 199), Class::Pmu(_)));
+    assert_eq!(policy.decide_read(0xc1 + 199), Outcome::Native);
+    // The routes still work.
+    assert_eq!(policy.decide_write(routes::MSR_LSTAR, 1), Outcome::Done(0));
+    mock::assert_calls(&[]);
+}
