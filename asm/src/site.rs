@@ -351,6 +351,30 @@ macro_rules! imm_site_template {
     };
 }
 
+/// The `asm!` of one constant-index site: [`imm_site_template`] with the operands every
+/// such site shares (`ecx` = the constant index), then the site's own outputs.
+macro_rules! imm_site_asm {
+    ($msr:ident, $stub:path, $kind:expr, $flags:expr, $op:expr; $($outputs:tt)*) => {
+        asm!(
+            imm_site_template!(),
+            stub = sym $stub,
+            call_len = const CALL_LEN,
+            site_len = const IMM_SITE_LEN,
+            pad0 = const IMM_SITE_PAD[0],
+            pad1 = const IMM_SITE_PAD[1],
+            pad2 = const IMM_SITE_PAD[2],
+            pad3 = const IMM_SITE_PAD[3],
+            data = const Data::site($kind, $flags).bits(),
+            op = const $op as u8,
+            pflags = const pflags($kind),
+            imm = const $msr,
+            in("ecx") $msr,
+            $($outputs)*
+            options(att_syntax),
+        )
+    };
+}
+
 /// Reads the constant MSR `MSR` into a 64-bit value (RDMSR; the immediate form
 /// `rdmsr $MSR, %rax` when patched natively on a CPU that has it). A fault or a failure
 /// warns once per site (through the warn hook) and gives 0.
@@ -373,23 +397,10 @@ pub unsafe fn rdmsr_const<const MSR: u32>() -> u64 {
     // variant the patcher may write writes only rax and rdx and faults at the site start.
     // The caller vouches for the access.
     unsafe {
-        asm!(
-            imm_site_template!(),
-            stub = sym stubs::xenmsr_stub_rdmsr_rax,
-            call_len = const CALL_LEN,
-            site_len = const IMM_SITE_LEN,
-            pad0 = const IMM_SITE_PAD[0],
-            pad1 = const IMM_SITE_PAD[1],
-            pad2 = const IMM_SITE_PAD[2],
-            pad3 = const IMM_SITE_PAD[3],
-            data = const Data::site(Kind::Read, flags::RAX_CONTRACT).bits(),
-            op = const PatchOp::ReadImm as u8,
-            pflags = const pflags(Kind::Read),
-            imm = const MSR,
-            in("ecx") MSR,
+        imm_site_asm!(
+            MSR, stubs::xenmsr_stub_rdmsr_rax, Kind::Read, flags::RAX_CONTRACT, PatchOp::ReadImm;
             out("rax") value,
             out("rdx") _,
-            options(att_syntax),
         );
     }
     value
@@ -418,24 +429,11 @@ pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
     // SAFETY: as in `rdmsr_const`; in addition the fixup writes the error code into rsi,
     // which is declared as an in/out operand (0 in, error code out).
     unsafe {
-        asm!(
-            imm_site_template!(),
-            stub = sym stubs::xenmsr_stub_rdmsr_rax,
-            call_len = const CALL_LEN,
-            site_len = const IMM_SITE_LEN,
-            pad0 = const IMM_SITE_PAD[0],
-            pad1 = const IMM_SITE_PAD[1],
-            pad2 = const IMM_SITE_PAD[2],
-            pad3 = const IMM_SITE_PAD[3],
-            data = const Data::site(Kind::ReadSafe, flags::RAX_CONTRACT).bits(),
-            op = const PatchOp::ReadImm as u8,
-            pflags = const pflags(Kind::ReadSafe),
-            imm = const MSR,
-            in("ecx") MSR,
+        imm_site_asm!(
+            MSR, stubs::xenmsr_stub_rdmsr_rax, Kind::ReadSafe, flags::RAX_CONTRACT, PatchOp::ReadImm;
             out("rax") value,
             out("rdx") _,
             inout("rsi") 0u64 => err,
-            options(att_syntax),
         );
     }
     result_of(err, value)
@@ -463,23 +461,10 @@ pub unsafe fn wrmsr_ns_const<const MSR: u32>(value: u64) {
     // extable; every native variant writes no register and faults at the site start. The
     // caller vouches for the access.
     unsafe {
-        asm!(
-            imm_site_template!(),
-            stub = sym stubs::xenmsr_stub_wrmsr,
-            call_len = const CALL_LEN,
-            site_len = const IMM_SITE_LEN,
-            pad0 = const IMM_SITE_PAD[0],
-            pad1 = const IMM_SITE_PAD[1],
-            pad2 = const IMM_SITE_PAD[2],
-            pad3 = const IMM_SITE_PAD[3],
-            data = const Data::site(Kind::Write, 0).bits(),
-            op = const PatchOp::WriteImm as u8,
-            pflags = const pflags(Kind::Write),
-            imm = const MSR,
-            in("ecx") MSR,
+        imm_site_asm!(
+            MSR, stubs::xenmsr_stub_wrmsr, Kind::Write, 0, PatchOp::WriteImm;
             in("rax") value,
             in("edx") (value >> 32) as u32,
-            options(att_syntax),
         );
     }
 }
@@ -511,24 +496,11 @@ pub unsafe fn wrmsr_ns_const_safe<const MSR: u32>(value: u64) -> Result<(), MsrE
     // SAFETY: as in `wrmsr_ns_const`; the fixup writes the error code into rsi, declared
     // as an in/out operand.
     unsafe {
-        asm!(
-            imm_site_template!(),
-            stub = sym stubs::xenmsr_stub_wrmsr,
-            call_len = const CALL_LEN,
-            site_len = const IMM_SITE_LEN,
-            pad0 = const IMM_SITE_PAD[0],
-            pad1 = const IMM_SITE_PAD[1],
-            pad2 = const IMM_SITE_PAD[2],
-            pad3 = const IMM_SITE_PAD[3],
-            data = const Data::site(Kind::WriteSafe, 0).bits(),
-            op = const PatchOp::WriteImm as u8,
-            pflags = const pflags(Kind::WriteSafe),
-            imm = const MSR,
-            in("ecx") MSR,
+        imm_site_asm!(
+            MSR, stubs::xenmsr_stub_wrmsr, Kind::WriteSafe, 0, PatchOp::WriteImm;
             in("rax") value,
             in("edx") (value >> 32) as u32,
             inout("rsi") 0u64 => err,
-            options(att_syntax),
         );
     }
     result_of(err, 0).map(drop)
