@@ -13,6 +13,7 @@
 
 pub mod abi;
 mod calls;
+mod calls_smp;
 mod errno;
 #[cfg(feature = "mock")]
 pub mod mock;

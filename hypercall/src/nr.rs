@@ -131,6 +131,49 @@ pub const EVTCHNOP_SEND: u32 = xen_sys::EVTCHNOP_send;
 /// Not in `xen-sys`.
 pub const PHYSDEVOP_SET_IOPL: u32 = 6;
 
+/// `event_channel_op` command: bind a virtual IRQ to a vCPU (`struct evtchn_bind_virq *`).
+pub const EVTCHNOP_BIND_VIRQ: u32 = xen_sys::EVTCHNOP_bind_virq;
+/// `event_channel_op` command: unmask a port, re-raising it if it is pending
+/// (`struct evtchn_unmask *`). Not in `xen-sys`.
+pub const EVTCHNOP_UNMASK: u32 = 9;
+
+/// The per-vCPU timer VIRQ (the periodic tick and the single-shot timer).
+pub const VIRQ_TIMER: u32 = xen_sys::VIRQ_TIMER;
+
+// ---------------------------------------------------------------------------------------
+// vcpu_op, callback_op, update_va_mapping, xen_version (not in xen-sys)
+// ---------------------------------------------------------------------------------------
+
+/// `vcpu_op`: set the initial context of a down vCPU (`struct vcpu_guest_context *`).
+pub const VCPUOP_INITIALISE: u32 = 0;
+/// `vcpu_op`: start an initialised vCPU.
+pub const VCPUOP_UP: u32 = 1;
+/// `vcpu_op`: stop a vCPU.
+pub const VCPUOP_DOWN: u32 = 2;
+/// `vcpu_op`: 1 if the vCPU is up, 0 if not (`-ENOENT` if it does not exist).
+pub const VCPUOP_IS_UP: u32 = 3;
+/// `vcpu_op`: copy out a vCPU's run-state accounting (`struct vcpu_runstate_info *`).
+pub const VCPUOP_GET_RUNSTATE_INFO: u32 = 4;
+/// `vcpu_op`: start the periodic timer (`struct vcpu_set_periodic_timer *`).
+pub const VCPUOP_SET_PERIODIC_TIMER: u32 = 6;
+/// `vcpu_op`: stop the periodic timer (NULL argument).
+pub const VCPUOP_STOP_PERIODIC_TIMER: u32 = 7;
+/// `vcpu_op`: arm the calling vCPU's one-shot timer (`struct vcpu_set_singleshot_timer *`).
+pub const VCPUOP_SET_SINGLESHOT_TIMER: u32 = 8;
+/// `vcpu_op`: disarm the calling vCPU's one-shot timer (NULL argument).
+pub const VCPUOP_STOP_SINGLESHOT_TIMER: u32 = 9;
+
+/// `callback_op`: register a callback (`struct callback_register *`).
+pub const CALLBACKOP_REGISTER: u32 = 0;
+
+/// `update_va_mapping` flags: flush only the one TLB entry.
+pub const UVMF_INVLPG: u64 = 2;
+/// `update_va_mapping` flags: flush on every vCPU of the domain (with a flush type).
+pub const UVMF_ALL: u64 = 4;
+
+/// `xen_version` command: `major << 16 | minor` (NULL argument).
+pub const XENVER_VERSION: u32 = 0;
+
 // ---------------------------------------------------------------------------------------
 // xenpmu_op (none of this is in xen-sys)
 // ---------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ use xenmsr_hypercall::abi::pmu::{
     LAPIC_LVTPC_OFFSET, PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, XENPMU_CTXT_PAD_SZ, XENPMU_REGS_PAD_SZ,
 };
 use xenmsr_hypercall::abi::{
+    ArchSharedInfo, ArchVcpuInfo, CALLBACKF_MASK_EVENTS, CallbackRegister, CallbackType,
+    CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SharedInfo, VcpuGuestContext,
+    VcpuInfo, VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
+};
+use xenmsr_hypercall::abi::{
     EvtchnSend, MulticallEntry, PhysdevSetIopl, PmuFlags, SchedShutdown, SegmentBase,
     ShutdownReason, StartInfo, TrapInfo, XenPmuAmdCtxt, XenPmuArch, XenPmuCntrPair, XenPmuData,
     XenPmuFeature, XenPmuIntelCtxt, XenPmuMode, XenPmuOp, XenPmuParams, XenPmuRegs,
@@ -80,6 +85,14 @@ macro_rules! field {
             concat!("sizeof(((struct ", $c, " *)0)->", $cf, ")"),
         );
     }};
+}
+
+/// `for_fields!(checks, RustType, "c_struct", { rust_field "c_field", ... })`: [`field!`]
+/// for each pair.
+macro_rules! for_fields {
+    ($checks:ident, $rust:ty, $c:literal, { $($rf:ident $cf:literal),+ $(,)? }) => {
+        $(field!($checks, $rust, $rf, $c, $cf);)+
+    };
 }
 
 /// `constant!(checks, rust_expr, "C_MACRO")`.
@@ -344,6 +357,67 @@ fn layout_checks() -> Checks {
     size!(c, PhysdevSetIopl, "physdev_set_iopl");
     field!(c, PhysdevSetIopl, iopl, "physdev_set_iopl", "iopl");
 
+    // xen/arch-x86/xen-x86_64.h, xen/arch-x86/xen.h, xen/xen.h: vCPUs and events
+    size!(c, CpuUserRegs, "cpu_user_regs");
+    for_fields!(c, CpuUserRegs, "cpu_user_regs", {
+        r15 "r15", r14 "r14", r13 "r13", r12 "r12", rbp "rbp", rbx "rbx", r11 "r11",
+        r10 "r10", r9 "r9", r8 "r8", rax "rax", rcx "rcx", rdx "rdx", rsi "rsi", rdi "rdi",
+        error_code "error_code", entry_vector "entry_vector", rip "rip", cs "cs",
+        saved_upcall_mask "saved_upcall_mask", rflags "rflags", rsp "rsp", ss "ss",
+        es "es", ds "ds", fs "fs", gs "gs"
+    });
+    size!(c, VcpuGuestContext, "vcpu_guest_context");
+    for_fields!(c, VcpuGuestContext, "vcpu_guest_context", {
+        fpu_ctxt "fpu_ctxt", flags "flags", user_regs "user_regs", trap_ctxt "trap_ctxt",
+        ldt_base "ldt_base", ldt_ents "ldt_ents", gdt_frames "gdt_frames",
+        gdt_ents "gdt_ents", kernel_ss "kernel_ss", kernel_sp "kernel_sp",
+        ctrlreg "ctrlreg", debugreg "debugreg", event_callback_eip "event_callback_eip",
+        failsafe_callback_eip "failsafe_callback_eip",
+        syscall_callback_eip "syscall_callback_eip", vm_assist "vm_assist",
+        fs_base "fs_base", gs_base_kernel "gs_base_kernel", gs_base_user "gs_base_user"
+    });
+    size!(c, VcpuTimeInfo, "vcpu_time_info");
+    for_fields!(c, VcpuTimeInfo, "vcpu_time_info", {
+        version "version", tsc_timestamp "tsc_timestamp", system_time "system_time",
+        tsc_to_system_mul "tsc_to_system_mul", tsc_shift "tsc_shift", flags "flags"
+    });
+    size!(c, ArchVcpuInfo, "arch_vcpu_info");
+    field!(c, ArchVcpuInfo, cr2, "arch_vcpu_info", "cr2");
+    size!(c, VcpuInfo, "vcpu_info");
+    for_fields!(c, VcpuInfo, "vcpu_info", {
+        evtchn_upcall_pending "evtchn_upcall_pending",
+        evtchn_upcall_mask "evtchn_upcall_mask",
+        evtchn_pending_sel "evtchn_pending_sel", arch "arch", time "time"
+    });
+    size!(c, ArchSharedInfo, "arch_shared_info");
+    for_fields!(c, ArchSharedInfo, "arch_shared_info", {
+        max_pfn "max_pfn", pfn_to_mfn_frame_list_list "pfn_to_mfn_frame_list_list",
+        nmi_reason "nmi_reason", p2m_cr3 "p2m_cr3", p2m_vaddr "p2m_vaddr",
+        p2m_generation "p2m_generation"
+    });
+    size!(c, SharedInfo, "shared_info");
+    for_fields!(c, SharedInfo, "shared_info", {
+        vcpu_info "vcpu_info", evtchn_pending "evtchn_pending", evtchn_mask "evtchn_mask",
+        wc_version "wc_version", wc_sec "wc_sec", wc_nsec "wc_nsec",
+        wc_sec_hi "wc_sec_hi", arch "arch"
+    });
+    size!(c, EvtchnBindVirq, "evtchn_bind_virq");
+    for_fields!(c, EvtchnBindVirq, "evtchn_bind_virq", { virq "virq", vcpu "vcpu", port "port" });
+    size!(c, EvtchnUnmask, "evtchn_unmask");
+    field!(c, EvtchnUnmask, port, "evtchn_unmask", "port");
+    size!(c, VcpuSetSingleshotTimer, "vcpu_set_singleshot_timer");
+    for_fields!(c, VcpuSetSingleshotTimer, "vcpu_set_singleshot_timer", {
+        timeout_abs_ns "timeout_abs_ns", flags "flags"
+    });
+    size!(c, VcpuRunstateInfo, "vcpu_runstate_info");
+    for_fields!(c, VcpuRunstateInfo, "vcpu_runstate_info", {
+        state "state", state_entry_time "state_entry_time", time "time"
+    });
+    size!(c, CallbackRegister, "callback_register");
+    for_fields!(c, CallbackRegister, "callback_register", {
+        kind "type", flags "flags", address "address"
+    });
+
     // xen/io/console.h
     size!(c, XenconsInterface, "xencons_interface");
     field!(c, XenconsInterface, in_, "xencons_interface", "in");
@@ -414,6 +488,46 @@ fn constant_checks() -> Checks {
     constant!(c, nr::EVTCHNOP_SEND, "EVTCHNOP_send");
     constant!(c, nr::PHYSDEVOP_SET_IOPL, "PHYSDEVOP_set_iopl");
     constant!(c, nr::VIRQ_XENPMU, "VIRQ_XENPMU");
+    constant!(c, nr::EVTCHNOP_BIND_VIRQ, "EVTCHNOP_bind_virq");
+    constant!(c, nr::EVTCHNOP_UNMASK, "EVTCHNOP_unmask");
+    constant!(c, nr::VIRQ_TIMER, "VIRQ_TIMER");
+    constant!(c, nr::VCPUOP_INITIALISE, "VCPUOP_initialise");
+    constant!(c, nr::VCPUOP_UP, "VCPUOP_up");
+    constant!(c, nr::VCPUOP_DOWN, "VCPUOP_down");
+    constant!(c, nr::VCPUOP_IS_UP, "VCPUOP_is_up");
+    constant!(c, nr::VCPUOP_GET_RUNSTATE_INFO, "VCPUOP_get_runstate_info");
+    constant!(c, nr::VCPUOP_SET_PERIODIC_TIMER, "VCPUOP_set_periodic_timer");
+    constant!(c, nr::VCPUOP_STOP_PERIODIC_TIMER, "VCPUOP_stop_periodic_timer");
+    constant!(c, nr::VCPUOP_SET_SINGLESHOT_TIMER, "VCPUOP_set_singleshot_timer");
+    constant!(c, nr::VCPUOP_STOP_SINGLESHOT_TIMER, "VCPUOP_stop_singleshot_timer");
+    constant!(c, VcpuSetSingleshotTimer::FUTURE, "VCPU_SSHOTTMR_future");
+    constant!(c, VcpuRunstateInfo::RUNNING, "RUNSTATE_running");
+    constant!(c, VcpuRunstateInfo::RUNNABLE, "RUNSTATE_runnable");
+    constant!(c, VcpuRunstateInfo::BLOCKED, "RUNSTATE_blocked");
+    constant!(c, VcpuRunstateInfo::OFFLINE, "RUNSTATE_offline");
+    constant!(c, nr::CALLBACKOP_REGISTER, "CALLBACKOP_register");
+    constant!(c, CallbackType::EVENT.0, "CALLBACKTYPE_event");
+    constant!(c, CallbackType::FAILSAFE.0, "CALLBACKTYPE_failsafe");
+    constant!(c, CallbackType::SYSCALL.0, "CALLBACKTYPE_syscall");
+    constant!(c, CallbackType::NMI.0, "CALLBACKTYPE_nmi");
+    constant!(c, CALLBACKF_MASK_EVENTS, "CALLBACKF_mask_events");
+    constant!(c, nr::UVMF_INVLPG, "UVMF_INVLPG");
+    constant!(c, nr::UVMF_ALL, "UVMF_ALL");
+    constant!(c, nr::XENVER_VERSION, "XENVER_version");
+    constant!(c, LEGACY_MAX_VCPUS, "XEN_LEGACY_MAX_VCPUS");
+    constant!(c, VcpuGuestContext::VGCF_I387_VALID, "VGCF_I387_VALID");
+    constant!(c, VcpuGuestContext::VGCF_IN_KERNEL, "VGCF_in_kernel");
+    constant!(
+        c,
+        VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS,
+        "VGCF_failsafe_disables_events"
+    );
+    constant!(
+        c,
+        VcpuGuestContext::VGCF_SYSCALL_DISABLES_EVENTS,
+        "VGCF_syscall_disables_events"
+    );
+
     constant!(
         c,
         TrapInfo::DPL_MASK,
@@ -536,6 +650,9 @@ const HEADERS: &[&str] = &[
     "xen/sched.h",
     "xen/event_channel.h",
     "xen/physdev.h",
+    "xen/vcpu.h",
+    "xen/callback.h",
+    "xen/version.h",
     "xen/features.h",
     "xen/elfnote.h",
     "xen/errno.h",

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod pmu;
+pub mod vcpu;
 pub mod xen;
 
 pub use console::XenconsInterface;
@@ -15,6 +16,11 @@ pub use pmu::{
     XENPMU_REGS_PAD_SZ, XenPmuAmdCtxt, XenPmuArch, XenPmuArchC, XenPmuArchL, XenPmuArchR,
     XenPmuCntrPair, XenPmuData, XenPmuFeature, XenPmuIntelCtxt, XenPmuMode, XenPmuOp, XenPmuParams,
     XenPmuRegs,
+};
+pub use vcpu::{
+    ArchSharedInfo, ArchVcpuInfo, CALLBACKF_MASK_EVENTS, CallbackRegister, CallbackType, CpuUserRegs,
+    EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SharedInfo, VcpuGuestContext, VcpuInfo,
+    VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
 };
 pub use xen::{
     EvtchnSend, MulticallEntry, PhysdevSetIopl, SIF_INITDOMAIN, SIF_MOD_START_PFN, SIF_PRIVILEGED,
