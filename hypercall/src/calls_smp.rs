@@ -254,12 +254,7 @@ impl HypercallPage {
     /// `xen_version(XENVER_version, NULL)`: the running Xen's `(major, minor)`.
     pub fn xen_version(self) -> Result<(u16, u16), Errno> {
         // SAFETY: no pointer is passed and nothing changes.
-        let v = unsafe {
-            self.call(
-                nr::XEN_VERSION,
-                [u64::from(nr::XENVER_VERSION), 0, 0, 0, 0],
-            )
-        }?;
+        let v = unsafe { self.call(nr::XEN_VERSION, [u64::from(nr::XENVER_VERSION), 0, 0, 0, 0]) }?;
         Ok(((v >> 16) as u16, v as u16))
     }
 }

@@ -496,10 +496,26 @@ fn constant_checks() -> Checks {
     constant!(c, nr::VCPUOP_DOWN, "VCPUOP_down");
     constant!(c, nr::VCPUOP_IS_UP, "VCPUOP_is_up");
     constant!(c, nr::VCPUOP_GET_RUNSTATE_INFO, "VCPUOP_get_runstate_info");
-    constant!(c, nr::VCPUOP_SET_PERIODIC_TIMER, "VCPUOP_set_periodic_timer");
-    constant!(c, nr::VCPUOP_STOP_PERIODIC_TIMER, "VCPUOP_stop_periodic_timer");
-    constant!(c, nr::VCPUOP_SET_SINGLESHOT_TIMER, "VCPUOP_set_singleshot_timer");
-    constant!(c, nr::VCPUOP_STOP_SINGLESHOT_TIMER, "VCPUOP_stop_singleshot_timer");
+    constant!(
+        c,
+        nr::VCPUOP_SET_PERIODIC_TIMER,
+        "VCPUOP_set_periodic_timer"
+    );
+    constant!(
+        c,
+        nr::VCPUOP_STOP_PERIODIC_TIMER,
+        "VCPUOP_stop_periodic_timer"
+    );
+    constant!(
+        c,
+        nr::VCPUOP_SET_SINGLESHOT_TIMER,
+        "VCPUOP_set_singleshot_timer"
+    );
+    constant!(
+        c,
+        nr::VCPUOP_STOP_SINGLESHOT_TIMER,
+        "VCPUOP_stop_singleshot_timer"
+    );
     constant!(c, VcpuSetSingleshotTimer::FUTURE, "VCPU_SSHOTTMR_future");
     constant!(c, VcpuRunstateInfo::RUNNING, "RUNSTATE_running");
     constant!(c, VcpuRunstateInfo::RUNNABLE, "RUNSTATE_runnable");

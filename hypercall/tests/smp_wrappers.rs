@@ -23,7 +23,13 @@ fn only_call() -> (u32, [u64; 5]) {
 
 /// Every error Xen can answer comes back as that `Errno`; 0 is success.
 fn check_errors<T: std::fmt::Debug>(nr: u32, mut f: impl FnMut() -> Result<T, Errno>) {
-    for errno in [Errno::EINVAL, Errno::ENOENT, Errno::EEXIST, Errno::ETIME, Errno(4095)] {
+    for errno in [
+        Errno::EINVAL,
+        Errno::ENOENT,
+        Errno::EEXIST,
+        Errno::ETIME,
+        Errno(4095),
+    ] {
         mock::script_err(nr, errno);
         assert_eq!(f().unwrap_err(), errno);
         mock::take_calls();
@@ -229,7 +235,10 @@ fn pvclock_scales_the_tsc_delta() {
     let doubled = VcpuTimeInfo { tsc_shift: 1, ..t };
     assert_eq!(doubled.system_time_at(2_000), 5_001_000);
     // Large deltas do not overflow the intermediate product.
-    let big = VcpuTimeInfo { tsc_to_system_mul: u32::MAX, ..t };
+    let big = VcpuTimeInfo {
+        tsc_to_system_mul: u32::MAX,
+        ..t
+    };
     assert_eq!(
         big.system_time_at(1_000 + (1 << 40)),
         5_000_000 + ((u128::from(1u64 << 40) * u128::from(u32::MAX)) >> 32) as u64

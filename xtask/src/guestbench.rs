@@ -574,6 +574,7 @@ pub fn run() -> XtaskResult<String> {
         let run = Dom0Run {
             name: model.run_name(),
             cpu: model.cpu.to_string(),
+            smp: 1,
             xen_args: model.xen_args(),
             kernel_args: model.kernel_args(),
             deadline: DEADLINE,

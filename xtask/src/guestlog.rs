@@ -126,6 +126,36 @@ impl GuestLog {
         LineKind::Other
     }
 
+    /// The kernel's SMP report lines: how many vCPUs came up, each vCPU's stress totals,
+    /// where its upcalls landed, and the totals inside stubs and call sites.
+    pub fn smp_report(&self) -> Vec<String> {
+        self.other
+            .iter()
+            .filter(|l| {
+                l.starts_with("smp: ")
+                    || l.starts_with("upcalls: ")
+                    || (l.starts_with("stress: vCPU") && !l.contains("seed"))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// `(vCPUs, upcalls inside a stub, upcalls at a call site)` from the SMP report.
+    pub fn upcall_summary(&self) -> Option<(u32, u64, u64)> {
+        let vcpus = self.other.iter().find_map(|l| {
+            l.strip_prefix("smp: ")?
+                .strip_suffix(" vCPUs up")?
+                .parse()
+                .ok()
+        })?;
+        let (stub, site) = self.other.iter().find_map(|l| {
+            let rest = l.strip_prefix("upcalls: inside a stub ")?;
+            let (stub, site) = rest.split_once(", at a call site ")?;
+            Some((stub.parse().ok()?, site.parse().ok()?))
+        })?;
+        Some((vcpus, stub, site))
+    }
+
     /// Parses a whole log.
     pub fn parse(text: &str) -> GuestLog {
         let mut log = GuestLog::default();
@@ -229,6 +259,25 @@ mod tests {
                 .verdict()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn smp_report_is_collected() {
+        let log = GuestLog::parse(
+            "smp: 4 vCPUs up\n  stress: vCPU 1: seed 0x5, 10 operations\n  stress: vCPU 1: 7 ok, 3 #GP faults\n\
+             upcalls: vCPU 1: 9 upcalls\nupcalls: inside a stub 5, at a call site 2\n",
+        );
+        assert_eq!(log.upcall_summary(), Some((4, 5, 2)));
+        assert_eq!(
+            log.smp_report(),
+            [
+                "smp: 4 vCPUs up",
+                "stress: vCPU 1: 7 ok, 3 #GP faults",
+                "upcalls: vCPU 1: 9 upcalls",
+                "upcalls: inside a stub 5, at a call site 2"
+            ]
+        );
+        assert_eq!(GuestLog::parse("test a ... ok\n").upcall_summary(), None);
     }
 
     #[test]

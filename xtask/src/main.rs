@@ -35,7 +35,9 @@ fn main() {
             eprintln!("usage: cargo xtask <run|test|bench|xl> [options]");
             eprintln!("  run  [--cpu MODEL] [--timeout SECS] [-v]");
             eprintln!("  test [--no-host] [--no-xl] [--only NAME] [--timeout SECS] [-v]");
-            eprintln!("  xl   [KERNEL] [--args ARGS] [--timeout SECS] [--memory MIB] [-v]");
+            eprintln!(
+                "  xl   [KERNEL] [--args ARGS] [--timeout SECS] [--memory MIB] [--vcpus N] [-v]"
+            );
             std::process::exit(2);
         }
     };
@@ -50,18 +52,30 @@ const DOM0_DEADLINE: Duration = Duration::from_secs(120);
 /// The deadline of the xl path (Linux dom0 + toolstack + domU: about 30 s when green).
 const XL_DEADLINE: Duration = Duration::from_secs(300);
 
+/// The dom0's vCPUs in the test runs: every suite runs on all of them at once.
+const DOM0_VCPUS: u32 = 4;
+/// The physical CPUs QEMU gives Xen: fewer than the vCPUs, so that Xen also switches vCPUs
+/// on one CPU (and must save and restore each one's state).
+const DOM0_PCPUS: u32 = 2;
+
 /// The dom0 suites: one per CPU model, each telling the kernel what to expect.
 fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
-    let suite = |cpu: &str, vpmu: bool| Dom0Run {
-        name: format!("dom0/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
-        cpu: cpu.to_string(),
-        xen_args: if vpmu {
-            vec!["vpmu=1".to_string()]
-        } else {
-            vec![]
-        },
-        kernel_args: format!("suite=dom0 cpu={cpu} vpmu={}", u8::from(vpmu)),
-        deadline,
+    let suite = |cpu: &str, vpmu: bool| {
+        let mut xen_args = vec![format!("dom0_max_vcpus={DOM0_VCPUS}")];
+        if vpmu {
+            xen_args.push("vpmu=1".to_string());
+        }
+        Dom0Run {
+            name: format!("dom0/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
+            cpu: cpu.to_string(),
+            smp: DOM0_PCPUS,
+            xen_args,
+            kernel_args: format!(
+                "suite=dom0 cpu={cpu} vpmu={} vcpus={DOM0_VCPUS}",
+                u8::from(vpmu)
+            ),
+            deadline,
+        }
     };
     vec![
         // AMD family 0xf: K7 PMU MSRs are RAZ/WI, Intel's #GP; vPMU unsupported.
@@ -74,7 +88,9 @@ fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
 }
 
 /// The domU command line of the xl path (its QEMU runs the default `qemu64` model).
-const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0";
+const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0 vcpus=2";
+/// The domU's vCPUs (as `vcpus=` in `DOMU_ARGS`).
+const DOMU_VCPUS: u32 = 2;
 
 /// Options shared by `run` and `test`.
 struct Options {
@@ -126,6 +142,7 @@ fn cmd_run(args: &[String]) -> XtaskResult<()> {
     let run = Dom0Run {
         name: "demo".to_string(),
         cpu: o.cpu.clone(),
+        smp: 1,
         xen_args: vec![],
         kernel_args: format!("suite=demo cpu={} vpmu=0", o.cpu),
         deadline: o.deadline,
@@ -156,6 +173,18 @@ struct SuiteResult {
     name: String,
     wall: Duration,
     outcome: Result<String, String>,
+    /// The kernel's SMP report (vCPUs, stress totals, where upcalls landed).
+    report: Vec<String>,
+}
+
+/// " on N vCPUs, upcalls inside stubs S, at call sites C" for a run's summary line.
+fn upcall_note(log: &guestlog::GuestLog) -> String {
+    match log.upcall_summary() {
+        Some((vcpus, stub, site)) => {
+            format!(" on {vcpus} vCPUs; upcalls inside stubs {stub}, at call sites {site}")
+        }
+        None => String::new(),
+    }
 }
 
 /// `cargo xtask test`: host tests, the dom0 suites on three CPU models, the xl path.
@@ -174,6 +203,7 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
             name: "host".into(),
             wall: start.elapsed(),
             outcome,
+            report: Vec::new(),
         });
     }
 
@@ -193,6 +223,7 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
                     name: "kernel build".into(),
                     wall: build_wall,
                     outcome: Err("cargo build -p xenmsr-pvkernel failed".into()),
+                    report: Vec::new(),
                 })
             }
             Ok(kernel) => {
@@ -200,6 +231,7 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
                     name: "kernel build".into(),
                     wall: build_wall,
                     outcome: Ok("ok".into()),
+                    report: Vec::new(),
                 });
                 let echo = if o.verbose { Echo::All } else { Echo::Tests };
                 dom0_tests(&kernel, &suites, echo, &mut results)?;
@@ -248,14 +280,17 @@ fn dom0_tests(
             suite.deadline.as_secs()
         );
         let start = Instant::now();
+        let mut smp_report = Vec::new();
         let outcome = match qemu::run_dom0(&qemu, &xen, kernel, suite, echo) {
             Ok(report) => {
                 report.print_failure();
                 let n = report.log.tests.len();
                 let failed: Vec<&str> = report.log.failures().map(|t| t.name.as_str()).collect();
+                smp_report = report.log.smp_report();
+                let note = upcall_note(&report.log);
                 report
                     .verdict
-                    .map(|()| format!("{n} tests ok"))
+                    .map(|()| format!("{n} tests ok{note}"))
                     .map_err(|why| {
                         if failed.is_empty() {
                             why
@@ -270,6 +305,7 @@ fn dom0_tests(
             name: suite.name.clone(),
             wall: start.elapsed(),
             outcome,
+            report: smp_report,
         });
     }
     Ok(())
@@ -281,10 +317,20 @@ fn domu_test(kernel: &Path) -> SuiteResult {
     let name = "domU/xl".to_string();
     eprintln!("xtask: {name}: kernel as a domU under a Linux dom0 (xl create)");
     let start = Instant::now();
-    let outcome = match xl::run_domu_suite(kernel, DOMU_ARGS, XL_DEADLINE) {
+    let mut smp_report = Vec::new();
+    let outcome = match xl::run_domu_suite(kernel, DOMU_ARGS, DOMU_VCPUS, XL_DEADLINE) {
         Err(e) => Err(e.to_string()),
         Ok(run) => {
             let log = guestlog::GuestLog::parse(&run.console_log);
+            let log_path = cache_dir().join("logs").join("domU-xl.console.log");
+            if std::fs::create_dir_all(cache_dir().join("logs"))
+                .and_then(|()| std::fs::write(&log_path, &run.console_log))
+                .is_ok()
+            {
+                eprintln!("xtask: {name}: console log in {}", log_path.display());
+            }
+            smp_report = log.smp_report();
+            let note = upcall_note(&log);
             for t in &log.tests {
                 println!(
                     "[{name}] test {} ... {}",
@@ -294,7 +340,7 @@ fn domu_test(kernel: &Path) -> SuiteResult {
             }
             match log.verdict() {
                 Ok(()) => Ok(format!(
-                    "{} tests ok ({:?})",
+                    "{} tests ok{note} ({:?})",
                     log.tests.len(),
                     run.guest_end
                 )),
@@ -333,10 +379,18 @@ fn domu_test(kernel: &Path) -> SuiteResult {
         name,
         wall: start.elapsed(),
         outcome,
+        report: smp_report,
     }
 }
 
 fn print_summary(results: &[SuiteResult]) {
+    for r in results.iter().filter(|r| !r.report.is_empty()) {
+        println!();
+        println!("SMP report of {}:", r.name);
+        for line in &r.report {
+            println!("  {line}");
+        }
+    }
     println!();
     println!("{:<24} {:>9}  result", "suite", "wall");
     for r in results {

@@ -80,6 +80,8 @@ pub struct DomuOptions {
     pub deadline: Duration,
     /// MiB of memory for the domU.
     pub memory_mib: u32,
+    /// The domU's vCPUs.
+    pub vcpus: u32,
     /// Echo every serial line (otherwise only the dom0's progress lines).
     pub verbose: bool,
 }
@@ -88,13 +90,19 @@ pub struct DomuOptions {
 /// and returns its console log. Provisions (and caches) everything first; `deadline`
 /// bounds the QEMU run only. Errors are infrastructure failures (dom0 or toolstack
 /// broken, deadline exceeded); the test verdict is in [`DomuRun::test_result`].
-pub fn run_domu_suite(kernel: &Path, args: &str, deadline: Duration) -> XtaskResult<DomuRun> {
+pub fn run_domu_suite(
+    kernel: &Path,
+    args: &str,
+    vcpus: u32,
+    deadline: Duration,
+) -> XtaskResult<DomuRun> {
     run_domu(
         kernel,
         &DomuOptions {
             args: args.to_string(),
             deadline,
             memory_mib: 64,
+            vcpus,
             verbose: std::env::var_os("XENMSR_XL_VERBOSE").is_some(),
         },
     )
@@ -111,6 +119,7 @@ pub fn run_domu(kernel: &Path, opts: &DomuOptions) -> XtaskResult<DomuRun> {
         kernel,
         args: &opts.args,
         memory_mib: opts.memory_mib,
+        vcpus: opts.vcpus,
         // A safety net only: `drive_qemu` stops the wait before the deadline.
         max_polls: secs.saturating_mul(25),
     })?;
@@ -415,6 +424,7 @@ pub fn cmd_xl(args: &[String]) -> XtaskResult<()> {
         args: String::new(),
         deadline: Duration::from_secs(180),
         memory_mib: 64,
+        vcpus: 1,
         verbose: std::env::var_os("XENMSR_XL_VERBOSE").is_some(),
     };
     let mut it = args.iter();
@@ -434,11 +444,17 @@ pub fn cmd_xl(args: &[String]) -> XtaskResult<()> {
                     .parse()
                     .map_err(|_| format!("--memory: not a number: {v}"))?;
             }
+            "--vcpus" => {
+                let v = it.next().ok_or("--vcpus needs a count")?;
+                opts.vcpus = v
+                    .parse()
+                    .map_err(|_| format!("--vcpus: not a number: {v}"))?;
+            }
             "-v" | "--verbose" => opts.verbose = true,
             other if other.starts_with('-') => {
                 return Err(format!(
                     "xl: unknown option {other}; usage: cargo xtask xl [KERNEL] \
-                     [--args ARGS] [--timeout SECS] [--memory MIB] [--verbose]"
+                     [--args ARGS] [--timeout SECS] [--memory MIB] [--vcpus N] [--verbose]"
                 )
                 .into());
             }

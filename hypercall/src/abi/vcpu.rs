@@ -18,7 +18,9 @@ pub const LEGACY_MAX_VCPUS: usize = 32;
 
 /// The general registers of a vCPU context (`struct cpu_user_regs`, x86-64, 200 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[allow(missing_docs)] // the registers are their names
 pub struct CpuUserRegs {
     pub r15: u64,
@@ -132,7 +134,9 @@ impl VcpuGuestContext {
 /// (a right shift for a negative `tsc_shift`), read under the `version` seqlock (odd
 /// while Xen updates it).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct VcpuTimeInfo {
     /// Odd while Xen updates the record.
     pub version: u32,
@@ -168,7 +172,9 @@ impl VcpuTimeInfo {
 
 /// The arch part of a `vcpu_info` (`struct arch_vcpu_info`, x86, 16 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct ArchVcpuInfo {
     /// The faulting address of the last page fault.
     pub cr2: u64,
@@ -178,7 +184,9 @@ pub struct ArchVcpuInfo {
 
 /// One vCPU's slot of the shared info page (`struct vcpu_info`, 64 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct VcpuInfo {
     /// Set by Xen when an event is pending for this vCPU; the guest clears it.
     pub evtchn_upcall_pending: u8,
@@ -196,7 +204,9 @@ pub struct VcpuInfo {
 
 /// The x86 part of the shared info page (`struct arch_shared_info`, x86-64, 48 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[allow(missing_docs)] // p2m bookkeeping for the toolstack, named as in Xen
 pub struct ArchSharedInfo {
     pub max_pfn: u64,
@@ -231,7 +241,9 @@ pub struct SharedInfo {
 
 /// The argument of `EVTCHNOP_bind_virq` (`struct evtchn_bind_virq`, 12 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct EvtchnBindVirq {
     /// The VIRQ (`VIRQ_*`).
     pub virq: u32,
@@ -243,7 +255,9 @@ pub struct EvtchnBindVirq {
 
 /// The argument of `EVTCHNOP_unmask` (`struct evtchn_unmask`, 4 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct EvtchnUnmask {
     /// The port.
     pub port: u32,
@@ -252,7 +266,9 @@ pub struct EvtchnUnmask {
 /// The argument of `VCPUOP_set_singleshot_timer` (`struct vcpu_set_singleshot_timer`,
 /// 16 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct VcpuSetSingleshotTimer {
     /// The absolute system time (ns) at which `VIRQ_TIMER` fires.
     pub timeout_abs_ns: u64,
@@ -270,7 +286,9 @@ impl VcpuSetSingleshotTimer {
 
 /// The result of `VCPUOP_get_runstate_info` (`struct vcpu_runstate_info`, 48 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct VcpuRunstateInfo {
     /// The current `RUNSTATE_*`.
     pub state: i32,
@@ -295,7 +313,9 @@ impl VcpuRunstateInfo {
 
 /// The argument of `CALLBACKOP_register` (`struct callback_register`, 16 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct CallbackRegister {
     /// `CALLBACKTYPE_*`.
     pub kind: u16,

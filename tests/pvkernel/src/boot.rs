@@ -48,13 +48,11 @@ global_asm!(
     options(att_syntax)
 );
 
-/// Size of the boot stack the entry point switches to (Xen's own is one page).
-pub const STACK_SIZE: usize = 64 * 1024;
-
 // The entry point. Xen enters at CPL3 (ring 3 is the PV kernel's ring) with rsi = the
 // virtual address of start_info, rsp = the top of a one-page boot stack, events masked.
-// We move to our own stack (16-byte aligned at the call, as the SysV ABI requires) and
-// call Rust with start_info as the first argument.
+// We move to vCPU 0's slot of the vCPU stacks (`smp`: the slot is how code knows its
+// vCPU), 16-byte aligned at the call as the SysV ABI requires, and call Rust with
+// start_info as the first argument.
 global_asm!(
     r#"
     .pushsection .text.entry, "ax", @progbits
@@ -63,23 +61,16 @@ global_asm!(
 xenmsr_pvkernel_start:
     cld
     mov %rsi, %rdi
-    lea pvk_boot_stack_top(%rip), %rsp
+    lea pvk_stacks + {stack_size}(%rip), %rsp
     and $-16, %rsp
     xor %ebp, %ebp
     call {main}
     ud2
     .size xenmsr_pvkernel_start, . - xenmsr_pvkernel_start
     .popsection
-
-    .pushsection .bss.pvk_boot_stack, "aw", @nobits
-    .p2align 12
-pvk_boot_stack:
-    .skip {stack_size}
-pvk_boot_stack_top:
-    .popsection
     "#,
     main = sym crate::kernel_main,
-    stack_size = const STACK_SIZE,
+    stack_size = const crate::smp::STACK_SIZE,
     options(att_syntax)
 );
 

@@ -198,10 +198,28 @@ impl Drop for Console {
     }
 }
 
-/// Prints formatted text (used by `print!`/`println!`).
+/// Serialises printing between vCPUs, so that one `print` call's lines stay together
+/// (a failing test's line and its reason) and the domU ring has one producer at a time.
+static LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Prints formatted text (used by `print!`/`println!`): with this vCPU's upcalls masked
+/// (an upcall must not find the lock held by the code it interrupted) and the console
+/// lock held for the whole call.
 pub fn print(args: fmt::Arguments<'_>) {
+    let _masked = crate::events::mask();
+    let _locked = LOCK.lock();
     let mut console = Console::new();
     let _ = console.write_fmt(args);
+}
+
+/// Releases the console lock whoever holds it: for the panic path, which may have
+/// interrupted a `print` on its own vCPU and must still get its message out.
+pub fn force_unlock() {
+    if LOCK.is_locked() {
+        // SAFETY: only called on the way to ending the run; the interrupted `print` never
+        // resumes, and at worst two vCPUs' final lines interleave.
+        unsafe { LOCK.force_unlock() };
+    }
 }
 
 /// Prints to the console.

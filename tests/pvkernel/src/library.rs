@@ -11,8 +11,22 @@ static WARNINGS: AtomicU32 = AtomicU32::new(0);
 static LAST_WARN_MSR: AtomicU64 = AtomicU64::new(0);
 static LAST_WARN_SITE: AtomicUsize = AtomicUsize::new(0);
 
+/// Warnings per call site: `(site, count)`, for the check that no site warns twice when
+/// every vCPU runs the same unchecked accesses.
+static PER_SITE: spin::Mutex<[(usize, u32); 128]> = spin::Mutex::new([(0, 0); 128]);
+
 fn warn(access: &UncheckedAccess) {
     WARNINGS.fetch_add(1, Ordering::Relaxed);
+    {
+        // The warn hook runs in the fixup path, with upcalls masked.
+        let mut table = PER_SITE.lock();
+        if let Some(slot) = table
+            .iter_mut()
+            .find(|(site, _)| *site == access.site || *site == 0)
+        {
+            *slot = (access.site, slot.1 + 1);
+        }
+    }
     LAST_WARN_MSR.store(u64::from(access.msr_or_counter), Ordering::Relaxed);
     LAST_WARN_SITE.store(access.site, Ordering::Relaxed);
     println!(
@@ -35,9 +49,18 @@ pub fn warnings() -> (u32, u32, usize) {
     )
 }
 
-/// The vCPU id: this kernel runs on vCPU 0 only.
+/// How many sites warned, the most warnings of one site, and the total.
+pub fn warnings_per_site() -> (usize, u32, u32) {
+    let table = PER_SITE.lock();
+    let used = table.iter().filter(|(site, _)| *site != 0);
+    let sites = used.clone().count();
+    let max = used.clone().map(|(_, n)| *n).max().unwrap_or(0);
+    (sites, max, used.map(|(_, n)| *n).sum())
+}
+
+/// The vCPU id: from the stack the code runs on (`smp::current_vcpu`).
 fn vcpu_id() -> u32 {
-    0
+    crate::smp::current_vcpu()
 }
 
 /// The configuration the kernel initialises the library with.
@@ -58,7 +81,8 @@ pub fn config() -> Config {
 
 /// Initialises the library (patching every site for Xen PV and installing the policy).
 pub fn init() -> Result<InitReport, InitError> {
-    // SAFETY: called on the boot (only) vCPU, after the trap table is in place and before
-    // any MSR access whose routing matters; the text is writable and no other CPU runs.
+    // SAFETY: called on vCPU 0 with every other vCPU parked outside any call site and
+    // upcalls masked on all of them (`smp::stop_the_world`), after the trap table is in
+    // place; the text is writable.
     unsafe { xenmsr::init(config()) }
 }

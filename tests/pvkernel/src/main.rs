@@ -13,12 +13,16 @@
 fn main() {}
 
 #[cfg(target_os = "none")]
+mod accounting;
+#[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
 #[macro_use]
 mod console;
 #[cfg(target_os = "none")]
 mod demo;
+#[cfg(target_os = "none")]
+mod events;
 #[cfg(target_os = "none")]
 mod exit;
 #[cfg(target_os = "none")]
@@ -27,6 +31,8 @@ mod fixup;
 mod hv;
 #[cfg(target_os = "none")]
 mod library;
+#[cfg(target_os = "none")]
+mod smp;
 #[cfg(target_os = "none")]
 mod suites;
 #[cfg(target_os = "none")]
@@ -95,6 +101,7 @@ mod kernel {
 
     #[panic_handler]
     fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
+        console::force_unlock();
         println!("PANIC: {panic}");
         testing::abort_run("panic")
     }

@@ -7,29 +7,38 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
-/// A failure message, kept in one static buffer: the kernel runs one test at a time on
-/// one vCPU, so the message of the failing test is the only one alive. (A `Failure`
-/// carrying its text inline would make every `TestResult` hundreds of bytes.)
+use crate::smp::{CacheAligned, MAX_VCPUS, PerVcpu, vcpu_index};
+
+/// A failure message, kept in a static buffer per vCPU: each vCPU runs one test at a
+/// time, so the message of its failing test is the only one alive. (A `Failure` carrying
+/// its text inline would make every `TestResult` hundreds of bytes.)
 struct Message {
     buf: [u8; 240],
     len: usize,
     squash: bool,
 }
 
-static MESSAGE: spin::Mutex<Message> = spin::Mutex::new(Message {
-    buf: [0; 240],
-    len: 0,
-    squash: false,
-});
+static MESSAGE: PerVcpu<spin::Mutex<Message>> = [const {
+    CacheAligned(spin::Mutex::new(Message {
+        buf: [0; 240],
+        len: 0,
+        squash: false,
+    }))
+}; MAX_VCPUS];
 
-/// Why a test failed. The text lives in [`MESSAGE`] until the next failure is made.
+/// This vCPU's message buffer.
+fn message() -> &'static spin::Mutex<Message> {
+    &MESSAGE[vcpu_index()].0
+}
+
+/// Why a test failed. The text lives in this vCPU's [`MESSAGE`] until its next failure.
 #[derive(Debug)]
 pub struct Failure(());
 
 impl Failure {
     /// A failure with a formatted message (truncated to fit).
     pub fn new(args: fmt::Arguments<'_>) -> Self {
-        let mut m = MESSAGE.lock();
+        let mut m = message().lock();
         m.len = 0;
         m.squash = false;
         let _ = m.write_fmt(args);
@@ -38,7 +47,7 @@ impl Failure {
 
     /// Writes the message to `out`.
     pub fn write_message(&self, out: &mut impl Write) -> fmt::Result {
-        let m = MESSAGE.lock();
+        let m = message().lock();
         out.write_str(core::str::from_utf8(&m.buf[..m.len]).unwrap_or("<invalid message>"))
     }
 }
@@ -110,27 +119,39 @@ macro_rules! check_eq {
 
 static PASSED: AtomicU32 = AtomicU32::new(0);
 static FAILED: AtomicU32 = AtomicU32::new(0);
-/// The name of the test running now (pointer and length; null between tests), so that an
-/// abort can name it.
-static CURRENT_PTR: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
-static CURRENT_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The name of the test a vCPU runs now (pointer and length; null between tests), so that
+/// an abort can name it.
+struct Current {
+    ptr: AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+
+static CURRENT: PerVcpu<Current> = [const {
+    CacheAligned(Current {
+        ptr: AtomicPtr::new(core::ptr::null_mut()),
+        len: AtomicUsize::new(0),
+    })
+}; MAX_VCPUS];
 
 fn set_current(name: Option<&'static str>) {
     let (ptr, len) = name.map_or((core::ptr::null_mut(), 0), |n| {
         (n.as_ptr().cast_mut(), n.len())
     });
-    CURRENT_LEN.store(len, Ordering::Relaxed);
-    CURRENT_PTR.store(ptr, Ordering::Release);
+    let current = &CURRENT[vcpu_index()].0;
+    current.len.store(len, Ordering::Relaxed);
+    current.ptr.store(ptr, Ordering::Release);
 }
 
 fn current() -> Option<&'static str> {
-    let ptr = CURRENT_PTR.load(Ordering::Acquire);
+    let current = &CURRENT[vcpu_index()].0;
+    let ptr = current.ptr.load(Ordering::Acquire);
     if ptr.is_null() {
         return None;
     }
-    let len = CURRENT_LEN.load(Ordering::Relaxed);
-    // SAFETY: `ptr`/`len` were stored together from a `&'static str` by `set_current`
-    // (the kernel has one vCPU and the pair is only written between tests).
+    let len = current.len.load(Ordering::Relaxed);
+    // SAFETY: `ptr`/`len` were stored together from a `&'static str` by `set_current` on
+    // this vCPU, between its tests.
     let bytes = unsafe { core::slice::from_raw_parts(ptr, len) };
     core::str::from_utf8(bytes).ok()
 }
@@ -164,37 +185,28 @@ pub struct Test {
     pub run: fn() -> TestResult,
 }
 
-/// Runs tests in order, printing one line each.
+/// Runs tests in order on this vCPU, printing one line each, named `v<vcpu>/<test>`.
 pub fn run(tests: &[Test]) {
     for test in tests {
         set_current(Some(test.name));
         let result = (test.run)();
         set_current(None);
-        match result {
-            Ok(()) => {
-                PASSED.fetch_add(1, Ordering::Relaxed);
-                crate::println!("test {} ... ok", test.name);
-            }
-            Err(failure) => {
-                FAILED.fetch_add(1, Ordering::Relaxed);
-                crate::println!("test {} ... FAILED", test.name);
-                crate::println!("    reason: {failure}");
-            }
-        }
+        record(test.name, result);
     }
 }
 
-/// Records the outcome of a test run outside [`run`], printing its line.
+/// Records the outcome of a test run outside [`run`], printing its line (and, for a
+/// failure, its reason, in the same console write so vCPUs cannot split them).
 pub fn record(name: &str, result: TestResult) {
+    let vcpu = crate::smp::current_vcpu();
     match result {
         Ok(()) => {
             PASSED.fetch_add(1, Ordering::Relaxed);
-            crate::println!("test {name} ... ok");
+            crate::println!("test v{vcpu}/{name} ... ok");
         }
         Err(failure) => {
             FAILED.fetch_add(1, Ordering::Relaxed);
-            crate::println!("test {name} ... FAILED");
-            crate::println!("    reason: {failure}");
+            crate::println!("test v{vcpu}/{name} ... FAILED\n    reason: {failure}");
         }
     }
 }
@@ -217,8 +229,8 @@ pub fn abort_run(why: &str) -> ! {
     let passed = PASSED.load(Ordering::Relaxed);
     let failed = FAILED.load(Ordering::Relaxed);
     if let Some(name) = current() {
-        crate::println!("test {name} ... FAILED");
-        crate::println!("    reason: {why}");
+        let vcpu = crate::smp::current_vcpu();
+        crate::println!("test v{vcpu}/{name} ... FAILED\n    reason: {why}");
     }
     crate::println!("run aborted: {why}");
     crate::println!("{passed} passed, {} failed", failed + 1);

@@ -1,10 +1,12 @@
 //! A tracing hypercall page: the page the kernel hands to the library, so that every
-//! hypercall the library makes is counted before it reaches Xen.
+//! hypercall the library makes is counted, per vCPU, before it reaches Xen.
 //!
-//! Entry `n` (at `n * 32`, as in Xen's page) is `lock incq COUNTS[n]; jmp <Xen's entry n>`.
-//! It changes no register but the flags, which Xen's entries clobber anyway, so it honours
-//! the same contract as Xen's page; the tests and the demo read the counters to say which
-//! hypercalls an MSR access made.
+//! Entry `n` (at `n * 32`, as in Xen's page) is `mov $n, %eax; jmp pvk_trace_common`. The
+//! common path finds the vCPU from the stack pointer (as `smp::current_vcpu` does),
+//! increments `COUNTS[vcpu][n]` and jumps to Xen's entry `n`. It changes only `rax` (which
+//! Xen's entry sets to the hypercall number anyway) and the flags, so it honours the same
+//! contract as Xen's page; the tests and the demo read the counters to say which
+//! hypercalls an MSR access made on their vCPU.
 
 use core::arch::global_asm;
 use core::ptr::NonNull;
@@ -13,8 +15,13 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use xenmsr_hypercall::HypercallPage;
 use xenmsr_hypercall::{ENTRIES, ENTRY_SIZE};
 
-/// Hypercalls made through the tracing page, by number.
-static COUNTS: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];
+use crate::smp::{CacheAligned, MAX_VCPUS, PerVcpu, STACK_SHIFT, vcpu_index};
+
+/// Hypercalls made through the tracing page, by vCPU and number.
+static COUNTS: PerVcpu<[AtomicU64; ENTRIES]> =
+    [const { CacheAligned([const { AtomicU64::new(0) }; ENTRIES]) }; MAX_VCPUS];
+
+const ROW_BYTES: usize = core::mem::size_of::<CacheAligned<[AtomicU64; ENTRIES]>>();
 
 global_asm!(
     r#"
@@ -24,19 +31,44 @@ pvk_trace_page:
     .set pvk_trace_n, 0
     .rept {entries}
     .p2align 5
-    lock incq {counts} + 8 * pvk_trace_n(%rip)
-    jmp xenmsr_hypercall_page + {entry_size} * pvk_trace_n
+    mov $pvk_trace_n, %eax
+    jmp pvk_trace_common
     .set pvk_trace_n, pvk_trace_n + 1
     .endr
     .p2align 12
 pvk_trace_page_end:
+
+pvk_trace_common:
+    push %rcx
+    push %rdx
+    lea pvk_stacks(%rip), %rdx
+    mov %rsp, %rcx
+    sub %rdx, %rcx
+    shr ${stack_shift}, %rcx
+    cmp ${max_vcpus}, %rcx
+    jae 2f
+    imul ${row_bytes}, %rcx, %rcx
+    lea {counts}(%rip), %rdx
+    add %rdx, %rcx
+    lock incq (%rcx,%rax,8)
+2:
+    shl $5, %eax
+    lea xenmsr_hypercall_page(%rip), %rdx
+    add %rdx, %rax
+    pop %rdx
+    pop %rcx
+    jmp *%rax
     .popsection
     "#,
     counts = sym COUNTS,
     entries = const ENTRIES,
-    entry_size = const ENTRY_SIZE,
+    stack_shift = const STACK_SHIFT,
+    max_vcpus = const MAX_VCPUS,
+    row_bytes = const ROW_BYTES,
     options(att_syntax)
 );
+
+const _: () = assert!(ENTRY_SIZE == 32);
 
 unsafe extern "C" {
     static pvk_trace_page: [u8; 4096];
@@ -57,13 +89,18 @@ pub fn page() -> HypercallPage {
 #[derive(Clone, Copy, Debug)]
 pub struct Snapshot([u64; ENTRIES]);
 
-/// Reads the counters.
+/// Reads this vCPU's counters.
 pub fn snapshot() -> Snapshot {
-    let mut s = [0; ENTRIES];
-    for (slot, c) in s.iter_mut().zip(COUNTS.iter()) {
-        *slot = c.load(Ordering::Relaxed);
+    let row = &COUNTS[vcpu_index()].0;
+    Snapshot(core::array::from_fn(|n| row[n].load(Ordering::Relaxed)))
+}
+
+/// Puts this vCPU's counters back to `saved`.
+pub fn restore(saved: &Snapshot) {
+    let row = &COUNTS[vcpu_index()].0;
+    for (c, v) in row.iter().zip(saved.0) {
+        c.store(v, Ordering::Relaxed);
     }
-    Snapshot(s)
 }
 
 impl Snapshot {

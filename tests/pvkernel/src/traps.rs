@@ -13,6 +13,7 @@ use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::hv::{self, TrapInfo};
+use crate::smp::{CacheAligned, MAX_VCPUS, PerVcpu, vcpu_index};
 
 pub use xenmsr_asm::fixup::TrapFrame;
 
@@ -105,6 +106,53 @@ trap_stubs! {
     19 pvk_trap_19 none;
 }
 
+/// The pseudo-vector the event-upcall entry passes to the common path.
+pub const VECTOR_UPCALL: u8 = 32;
+/// The pseudo-vector of the failsafe callback.
+pub const VECTOR_FAILSAFE: u8 = 33;
+
+// The event upcall and the failsafe callback arrive on the same kind of bounce frame as an
+// exception without an error code (rcx and r11 on top); they go through the common path
+// with a pseudo-vector.
+global_asm!(
+    r#"
+    .pushsection .text.pvk_traps, "ax", @progbits
+    .p2align 4
+    .globl pvk_upcall
+pvk_upcall:
+    pop %rcx
+    pop %r11
+    push $0
+    push ${upcall}
+    jmp pvk_trap_common
+    .p2align 4
+    .globl pvk_failsafe
+pvk_failsafe:
+    pop %rcx
+    pop %r11
+    push $0
+    push ${failsafe}
+    jmp pvk_trap_common
+    .popsection
+    "#,
+    upcall = const VECTOR_UPCALL,
+    failsafe = const VECTOR_FAILSAFE,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn pvk_upcall();
+    fn pvk_failsafe();
+}
+
+/// The entry points of the event callback and the failsafe callback.
+pub fn callback_entries() -> (u64, u64) {
+    (
+        pvk_upcall as *const () as usize as u64,
+        pvk_failsafe as *const () as usize as u64,
+    )
+}
+
 // The common path. On entry the stack holds, from rsp upwards: vector, error code, rip,
 // cs, rflags, rsp, ss. The TrapFrame (144 bytes) goes below that, so the hardware frame
 // is at rsp+144 once it is built.
@@ -179,20 +227,39 @@ pvk_trap_common:
     options(att_syntax)
 );
 
-/// How many exceptions each vector has taken (recovered or not).
-static COUNTS: [AtomicU64; VECTORS] = [const { AtomicU64::new(0) }; VECTORS];
-/// Nesting depth of the dispatcher, to stop a fault in the fault path from recursing.
-static DEPTH: AtomicU32 = AtomicU32::new(0);
+/// How many exceptions each vector has taken on each vCPU (recovered or not).
+static COUNTS: PerVcpu<[AtomicU64; VECTORS]> =
+    [const { CacheAligned([const { AtomicU64::new(0) }; VECTORS]) }; MAX_VCPUS];
+/// Each vCPU's nesting depth of the exception dispatcher, to stop a fault in the fault
+/// path from recursing. (An upcall is not counted: a #GP inside the upcall handler is a
+/// first-level fault.)
+static DEPTH: PerVcpu<AtomicU32> = [const { CacheAligned(AtomicU32::new(0)) }; MAX_VCPUS];
 
-/// How many times `vector` has been taken so far.
+/// How many times `vector` has been taken so far on this vCPU.
 pub fn count(vector: u8) -> u64 {
-    COUNTS
+    COUNTS[vcpu_index()]
+        .0
         .get(vector as usize)
         .map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
-/// Registers a handler for every vector 0-19.
-pub fn install() -> Result<(), xenmsr_hypercall::Errno> {
+/// This vCPU's counts of every vector.
+pub fn counts() -> [u64; VECTORS] {
+    let row = &COUNTS[vcpu_index()].0;
+    core::array::from_fn(|v| row[v].load(Ordering::Relaxed))
+}
+
+/// Puts this vCPU's counts back to `saved` (what [`counts`] returned).
+pub fn set_counts(saved: &[u64; VECTORS]) {
+    let row = &COUNTS[vcpu_index()].0;
+    for (c, v) in row.iter().zip(saved) {
+        c.store(*v, Ordering::Relaxed);
+    }
+}
+
+/// The trap table every vCPU registers: a handler for every vector 0-19, then the
+/// terminator.
+pub fn trap_table() -> [TrapInfo; VECTORS + 1] {
     let mut table = [TrapInfo::TERMINATOR; VECTORS + 1];
     for (vector, stub) in STUBS.iter().enumerate() {
         // DPL 3 for #BP/#OF so `int3`/`into` may raise them; mask events on entry, like an
@@ -200,19 +267,34 @@ pub fn install() -> Result<(), xenmsr_hypercall::Errno> {
         let dpl = if vector == 3 || vector == 4 { 3 } else { 0 };
         table[vector] = TrapInfo::new(vector as u8, dpl, true, *stub as usize as u64);
     }
+    table
+}
+
+/// Registers [`trap_table`] on this vCPU.
+pub fn install() -> Result<(), xenmsr_hypercall::Errno> {
+    let table = trap_table();
     // SAFETY: the last entry is the terminator, and every other address is a stub above,
     // which follows Xen's bounce-frame contract (pops rcx/r11, returns via iret) and is
     // part of the kernel image for its whole life.
     unsafe { hv::page().set_trap_table(&table) }
 }
 
-/// The Rust side of every exception.
+/// The Rust side of every exception and upcall.
 extern "C" fn pvk_trap_handler(frame: &mut TrapFrame, vector: u64, error_code: u64, cs: u64) {
     let vector = vector as u8;
-    if let Some(c) = COUNTS.get(vector as usize) {
+    if vector == VECTOR_UPCALL {
+        crate::events::upcall(frame);
+        return;
+    }
+    if vector == VECTOR_FAILSAFE {
+        crate::println!("PANIC: Xen's failsafe callback (a bad segment on return?)");
+        crate::exit::crash();
+    }
+    let vcpu = vcpu_index();
+    if let Some(c) = COUNTS[vcpu].0.get(vector as usize) {
         c.fetch_add(1, Ordering::Relaxed);
     }
-    if DEPTH.fetch_add(1, Ordering::Relaxed) > 0 {
+    if DEPTH[vcpu].0.fetch_add(1, Ordering::Relaxed) > 0 {
         // A fault while handling a fault: report as little as possible and stop.
         crate::println!(
             "PANIC: nested exception {} ({}) at rip {:#x}",
@@ -227,7 +309,7 @@ extern "C" fn pvk_trap_handler(frame: &mut TrapFrame, vector: u64, error_code: u
         report_unhandled(frame, vector, error_code, cs);
         crate::testing::abort_run("unhandled exception");
     }
-    DEPTH.fetch_sub(1, Ordering::Relaxed);
+    DEPTH[vcpu].0.fetch_sub(1, Ordering::Relaxed);
 }
 
 fn report_unhandled(frame: &TrapFrame, vector: u8, error_code: u64, cs: u64) {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod percpu;
 pub mod pmu;
 pub mod raw;
 pub mod routing;
@@ -10,8 +11,10 @@ pub mod xen;
 
 use spin::Once;
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use crate::boot::BootInfo;
-use crate::testing;
+use crate::{events, smp, testing};
 
 /// CPU vendor, as the tests care about it (Xen picks MSR semantics by host vendor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +39,11 @@ pub struct Model {
     /// Whether the harness booted this kernel as dom0 (`suite=dom0`) rather than as a
     /// domU (`suite=domu`): checked against `start_info` by `boot::start_info`.
     pub dom0: bool,
+    /// How many vCPUs the domain has (`vcpus=`, default 1): all of them run the suites.
+    pub vcpus: u32,
+    /// The one-shot timer period while the suites run, in µs (`tick_us=`, default 200;
+    /// 0: no upcalls).
+    pub tick_us: u64,
 }
 
 static MODEL: Once<Model> = Once::new();
@@ -58,7 +66,21 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
         vendor,
         vpmu_active: vpmu && cpu == Some("EPYC"),
         dom0,
+        vcpus: info.arg("vcpus").and_then(|v| v.parse().ok()).unwrap_or(1),
+        tick_us: info
+            .arg("tick_us")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_TICK_US),
     }
+}
+
+/// The default one-shot timer period: short enough that upcalls land inside stubs
+/// thousands of times per run under TCG, long enough that the suites still progress.
+const DEFAULT_TICK_US: u64 = 200;
+
+/// Whether this run's vPMU is active (false before the model is known).
+pub fn vpmu_active() -> bool {
+    MODEL.get().is_some_and(|m| m.vpmu_active)
 }
 
 /// Runs the suites for `suite` (`dom0` or `domu`), or the benchmarks (`bench`, as dom0).
@@ -86,12 +108,52 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     if suite == "bench" {
         return bench::run();
     }
+    // vCPU 0 alone: the boot protocol and the trap path, before anything else.
     testing::run(boot::TESTS);
-    testing::run(xen::TESTS);
-    testing::run(stubs::TESTS);
+    // Events, then the other vCPUs.
+    testing::run(percpu::BRING_UP);
+    if smp::online() != model.vcpus || !events_ready() {
+        return;
+    }
+    // From here on every vCPU runs, each taking timer upcalls whose handler accesses MSRs
+    // through the library.
+    let tick_ns = model.tick_us * 1000;
+    TICK_NS.store(tick_ns, Ordering::Relaxed);
+    events::set_handler_work(true);
+    smp::run_on_all(start_ticking);
+    // Before `xenmsr::init`: the trap path, Xen's behaviour (the oracle) and the
+    // instruction layer, on every vCPU at once.
+    smp::run_on_all(|_| {
+        testing::run(boot::TESTS);
+        testing::run(xen::TESTS);
+        testing::run(stubs::TESTS);
+    });
+    // `xenmsr::init` patches code: every other vCPU parked, upcalls masked everywhere.
+    smp::stop_the_world(|| testing::run(routing::INIT_TESTS));
     // From here on the library is initialised: sites are patched and routed.
-    testing::run(routing::TESTS);
-    testing::run(pmu::TESTS);
+    smp::run_on_all(|_| testing::run(routing::TESTS));
+    // Tests that rewrite a site or count warnings globally: the others parked, vCPU 0
+    // still taking upcalls.
+    smp::with_others_parked(|| testing::run(routing::SERIAL_TESTS));
+    smp::run_on_all(|_| {
+        testing::run(pmu::TESTS);
+        testing::run(percpu::TESTS);
+    });
+    smp::run_on_all(|_| events::stop_ticking());
+    testing::run(percpu::REPORT);
+}
+
+static TICK_NS: AtomicU64 = AtomicU64::new(0);
+
+fn start_ticking(_vcpu: u32) {
+    let tick = TICK_NS.load(Ordering::Relaxed);
+    if tick != 0 {
+        events::start_ticking(tick);
+    }
+}
+
+fn events_ready() -> bool {
+    percpu::events_ready()
 }
 
 /// Shorthand for a test entry, named `<suite module>::<function>`.

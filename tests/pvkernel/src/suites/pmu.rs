@@ -12,6 +12,7 @@ use xenmsr_hypercall::abi::{XenPmuMode, XenPmuOp, XenPmuParams};
 
 use super::{Vendor, model, raw};
 use crate::hv::nr;
+use crate::smp::{MAX_VCPUS, current_vcpu};
 use crate::testing::{Test, TestResult};
 use crate::{check, check_eq, fail, test, tracepage, traps};
 
@@ -20,7 +21,7 @@ pub static TESTS: &[Test] = &[
     test!(mode_get_matches_model),
     test!(pmu_msrs_match_bare_instruction),
     test!(rdpmc_is_emulated),
-    test!(init_and_finish_vcpu0),
+    test!(init_and_finish_own_vcpu),
     test!(xenpmu_ops_without_vpmu_are_eopnotsupp),
     test!(xen_checks_init_arguments),
 ];
@@ -102,15 +103,24 @@ fn rdpmc_is_emulated() -> TestResult {
     Ok(())
 }
 
-/// A page for the vPMU's shared data, owned by Xen and the backend while registered.
+/// A page for one vCPU's vPMU shared data, owned by Xen and the backend while registered.
 #[repr(C, align(4096))]
 struct PmuPage(UnsafeCell<[u8; 4096]>);
 
-// SAFETY: the page is only handed to the backend and Xen (by one test on the one vCPU);
-// the kernel never reads or writes it itself.
+// SAFETY: each page is only handed to the backend and Xen, by the tests of its own vCPU
+// (one test at a time there); the kernel never reads or writes it itself.
 unsafe impl Sync for PmuPage {}
 
-static PMU_PAGE: PmuPage = PmuPage(UnsafeCell::new([0; 4096]));
+/// One page per vCPU: each vCPU registers its own with `XENPMU_init`, as Linux does when
+/// a CPU comes up.
+static PMU_PAGES: [PmuPage; MAX_VCPUS] = [const { PmuPage(UnsafeCell::new([0; 4096])) }; MAX_VCPUS];
+
+/// This vCPU's page, and its id.
+fn my_page() -> (NonNull<u8>, u32) {
+    let vcpu = current_vcpu();
+    let page = NonNull::new(PMU_PAGES[vcpu as usize].0.get().cast::<u8>()).expect("static page");
+    (page, vcpu)
+}
 
 /// The machine frame of a kernel virtual address: its PFN (VIRT_BASE is 0) looked up in
 /// the p2m list Xen built (`start_info.mfn_list`).
@@ -122,34 +132,38 @@ fn mfn_of(va: usize) -> u64 {
     unsafe { entry.read_volatile() }
 }
 
-fn init_and_finish_vcpu0() -> TestResult {
-    let page = NonNull::new(PMU_PAGE.0.get().cast::<u8>()).expect("static page");
+fn init_and_finish_own_vcpu() -> TestResult {
+    let (page, vcpu) = my_page();
     let mfn = mfn_of(page.as_ptr() as usize);
     // SAFETY: the page is 4 KiB, aligned, used by nothing else, and `mfn` is its frame;
     // it stays allocated (static) and untouched until `finish` returns Ok below (or for
     // ever, if that fails).
-    let r = unsafe { pmu::init(0, page, mfn) };
+    let r = unsafe { pmu::init(vcpu, page, mfn) };
     if !model().vpmu_active {
         check_eq!(
             r,
             Err(PmuError::Disabled),
             "pmu::init without an active vPMU"
         );
-        check_eq!(pmu::finish(0), Err(PmuError::NotInitialized), "pmu::finish");
+        check_eq!(
+            pmu::finish(vcpu),
+            Err(PmuError::NotInitialized),
+            "pmu::finish"
+        );
         return Ok(());
     }
-    check_eq!(r, Ok(()), "pmu::init(vcpu 0)");
+    check_eq!(r, Ok(()), "pmu::init(this vCPU)");
     // SAFETY: as above; the second registration is refused before Xen is asked again or
     // by Xen (-EEXIST), and the page stays registered once.
-    let again = unsafe { pmu::init(0, page, mfn) };
+    let again = unsafe { pmu::init(vcpu, page, mfn) };
     check_eq!(again, Err(PmuError::AlreadyInitialized), "second pmu::init");
     // Not inside a PMI: counters pass through, and RDPMC still works.
     // SAFETY: RDPMC emulation reads a counter MSR at most.
     let r = unsafe { rdpmc_safe(0) };
     check!(r.is_ok(), "rdpmc_safe(0) with a registered page: {r:?}");
-    check_eq!(pmu::finish(0), Ok(()), "pmu::finish(vcpu 0)");
+    check_eq!(pmu::finish(vcpu), Ok(()), "pmu::finish(this vCPU)");
     check_eq!(
-        pmu::finish(0),
+        pmu::finish(vcpu),
         Err(PmuError::NotInitialized),
         "second pmu::finish"
     );
@@ -161,9 +175,10 @@ const BAD_MFN: u64 = 0xd_eadb_eef0;
 
 /// `xenpmu_op` straight to Xen (through the counting page), bypassing the library.
 fn raw_xenpmu_op(op: XenPmuOp, params: Option<&mut XenPmuParams>) -> Result<u64, Errno> {
-    // SAFETY: every caller passes either NULL (lvtpc_set, flush) or params naming vCPU 0
-    // and either a bad frame (which Xen refuses) or this suite's own static page, whose
-    // registration the calling test ends with `finish` before it returns.
+    // SAFETY: every caller passes either NULL (lvtpc_set, flush: the calling vCPU) or
+    // params naming the calling vCPU and either a bad frame (which Xen refuses) or that
+    // vCPU's own static page, whose registration the calling test ends with `finish`
+    // before it returns.
     unsafe { tracepage::page().xenpmu_op(op, params) }
 }
 
@@ -172,7 +187,7 @@ fn params(mfn: u64) -> XenPmuParams {
         version_maj: 0,
         version_min: 1,
         val: mfn,
-        vcpu: 0,
+        vcpu: current_vcpu(),
         pad: 0,
     }
 }
@@ -212,7 +227,7 @@ fn xenpmu_ops_without_vpmu_are_eopnotsupp() -> TestResult {
         "feature_get without vPMU"
     );
     check_eq!(
-        pmu::lvtpc_set(0, 0x10),
+        pmu::lvtpc_set(current_vcpu(), 0x10),
         Err(PmuError::Disabled),
         "lvtpc_set without vPMU"
     );
@@ -225,13 +240,13 @@ fn xen_checks_init_arguments() -> TestResult {
     if !model().vpmu_active {
         return Ok(());
     }
-    let page = NonNull::new(PMU_PAGE.0.get().cast::<u8>()).expect("static page");
+    let (page, vcpu) = my_page();
     let mfn = mfn_of(page.as_ptr() as usize);
     // A frame the domain does not own: Xen says -EINVAL, the library a typed error, and
     // the vCPU's slot stays free.
     // SAFETY: the page is this suite's static page; Xen refuses the bad frame, so nothing
     // is registered.
-    let bad = unsafe { pmu::init(0, page, BAD_MFN) };
+    let bad = unsafe { pmu::init(vcpu, page, BAD_MFN) };
     check_eq!(
         bad,
         Err(PmuError::InvalidArgument),
@@ -243,12 +258,12 @@ fn xen_checks_init_arguments() -> TestResult {
         Err(Errno::EINVAL),
         "XENPMU_init with a bad MFN"
     );
-    // SAFETY: as in `init_and_finish_vcpu0`: a static, aligned page and its own frame,
+    // SAFETY: as in `init_and_finish_own_vcpu`: a static, aligned page and its own frame,
     // finished below.
-    let good = unsafe { pmu::init(0, page, mfn) };
+    let good = unsafe { pmu::init(vcpu, page, mfn) };
     check_eq!(good, Ok(()), "pmu::init after the refusal");
-    // Xen itself refuses a second registration of vCPU 0 (the library refuses it before
-    // asking, see `init_and_finish_vcpu0`).
+    // Xen itself refuses a second registration of this vCPU (the library refuses it
+    // before asking, see `init_and_finish_own_vcpu`).
     let mut p = params(mfn);
     check_eq!(
         raw_xenpmu_op(XenPmuOp::INIT, Some(&mut p)),
@@ -262,16 +277,20 @@ fn xen_checks_init_arguments() -> TestResult {
     );
     check!(pmu::global().feature_get().is_ok(), "feature_get");
     // The LVTPC value (not the register number, which Linux passes) reaches Xen.
-    check_eq!(pmu::lvtpc_set(0, 0x0001_00fe), Ok(()), "lvtpc_set");
+    check_eq!(pmu::lvtpc_set(vcpu, 0x0001_00fe), Ok(()), "lvtpc_set");
     // A PMI handler run outside a real PMI (TCG cannot raise one) still ends with a flush
     // Xen accepts.
     let before = tracepage::snapshot();
-    check_eq!(pmu::on_pmi(0, |ctx| ctx.vcpu), Ok(0), "on_pmi (flush)");
+    check_eq!(
+        pmu::on_pmi(vcpu, |ctx| ctx.vcpu),
+        Ok(vcpu),
+        "on_pmi (flush)"
+    );
     check_eq!(
         tracepage::snapshot().count_since(&before, nr::XENPMU_OP),
         1u64,
         "one flush hypercall"
     );
-    check_eq!(pmu::finish(0), Ok(()), "pmu::finish");
+    check_eq!(pmu::finish(vcpu), Ok(()), "pmu::finish");
     Ok(())
 }

@@ -57,8 +57,17 @@ fn cpu_vendor_matches_model() -> TestResult {
 }
 
 fn apic_base_reads_bsp() -> TestResult {
-    // APIC enabled at 0xfee00000, BSP because this is vCPU 0.
-    check_eq!(raw::rdmsr(MSR_APIC_BASE), Ok(0xfee0_0900), "APIC_BASE");
+    // APIC enabled at 0xfee00000; Xen sets the BSP bit on vCPU 0 only.
+    let bsp = if crate::smp::current_vcpu() == 0 {
+        0x100
+    } else {
+        0
+    };
+    check_eq!(
+        raw::rdmsr(MSR_APIC_BASE),
+        Ok(0xfee0_0800 | bsp),
+        "APIC_BASE"
+    );
     Ok(())
 }
 
