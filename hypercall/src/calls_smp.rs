@@ -13,13 +13,13 @@
 //!   address maps.
 //! - The others pass only borrowed, correctly typed arguments that Xen reads or writes
 //!   during the call, and change no memory Rust code relies on: binding or unmasking a
-//!   port, arming or stopping a timer, asking whether a vCPU is up, reading run-state
-//!   times and the version.
+//!   port, polling ports, arming or stopping a timer, asking whether a vCPU is up,
+//!   reading run-state times and the version.
 
 use core::ptr;
 
 use crate::abi::{
-    CallbackRegister, CallbackType, EvtchnBindVirq, EvtchnUnmask, VcpuGuestContext,
+    CallbackRegister, CallbackType, EvtchnBindVirq, EvtchnUnmask, SchedPoll, VcpuGuestContext,
     VcpuRunstateInfo, VcpuSetSingleshotTimer,
 };
 use crate::{Errno, HypercallPage, nr};
@@ -148,6 +148,36 @@ impl HypercallPage {
                     u64::from(nr::VCPUOP_SET_SINGLESHOT_TIMER),
                     u64::from(vcpu),
                     ptr::from_ref(&arg) as u64,
+                    0,
+                    0,
+                ],
+            )
+        }
+        .map(drop)
+    }
+
+    /// `sched_op(SCHEDOP_poll, &{ports, timeout})`: blocks the calling vCPU until one of
+    /// `ports` is pending or system time reaches `timeout_abs_ns` (0: no timeout), without
+    /// taking an upcall. More than `u32::MAX` ports give `Err(EINVAL)` without a call.
+    pub fn sched_poll(self, ports: &[u32], timeout_abs_ns: u64) -> Result<(), Errno> {
+        let Ok(nr_ports) = u32::try_from(ports.len()) else {
+            return Err(Errno::EINVAL);
+        };
+        let arg = SchedPoll {
+            ports: ports.as_ptr() as u64,
+            nr_ports,
+            pad: 0,
+            timeout: timeout_abs_ns,
+        };
+        // SAFETY: Xen reads the argument and `nr_ports` ports from the borrowed slice
+        // during the call.
+        unsafe {
+            self.call(
+                nr::SCHED_OP,
+                [
+                    u64::from(nr::SCHEDOP_POLL),
+                    ptr::from_ref(&arg) as u64,
+                    0,
                     0,
                     0,
                 ],

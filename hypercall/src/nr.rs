@@ -131,6 +131,10 @@ pub const EVTCHNOP_SEND: u32 = xen_sys::EVTCHNOP_send;
 /// Not in `xen-sys`.
 pub const PHYSDEVOP_SET_IOPL: u32 = 6;
 
+/// `sched_op` command: block until one of some ports is pending or a timeout passes
+/// (`struct sched_poll *`). Not in `xen-sys`.
+pub const SCHEDOP_POLL: u32 = 3;
+
 /// `event_channel_op` command: bind a virtual IRQ to a vCPU (`struct evtchn_bind_virq *`).
 pub const EVTCHNOP_BIND_VIRQ: u32 = xen_sys::EVTCHNOP_bind_virq;
 /// `event_channel_op` command: unmask a port, re-raising it if it is pending

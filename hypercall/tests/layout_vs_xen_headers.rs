@@ -21,8 +21,8 @@ use xenmsr_hypercall::abi::pmu::{
 };
 use xenmsr_hypercall::abi::{
     ArchSharedInfo, ArchVcpuInfo, CALLBACKF_MASK_EVENTS, CallbackRegister, CallbackType,
-    CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SharedInfo, VcpuGuestContext,
-    VcpuInfo, VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
+    CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SchedPoll, SharedInfo,
+    VcpuGuestContext, VcpuInfo, VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
 };
 use xenmsr_hypercall::abi::{
     EvtchnSend, MulticallEntry, PhysdevSetIopl, PmuFlags, SchedShutdown, SegmentBase,
@@ -413,6 +413,10 @@ fn layout_checks() -> Checks {
     for_fields!(c, VcpuRunstateInfo, "vcpu_runstate_info", {
         state "state", state_entry_time "state_entry_time", time "time"
     });
+    size!(c, SchedPoll, "sched_poll");
+    for_fields!(c, SchedPoll, "sched_poll", {
+        ports "ports", nr_ports "nr_ports", timeout "timeout"
+    });
     size!(c, CallbackRegister, "callback_register");
     for_fields!(c, CallbackRegister, "callback_register", {
         kind "type", flags "flags", address "address"
@@ -488,6 +492,7 @@ fn constant_checks() -> Checks {
     constant!(c, nr::EVTCHNOP_SEND, "EVTCHNOP_send");
     constant!(c, nr::PHYSDEVOP_SET_IOPL, "PHYSDEVOP_set_iopl");
     constant!(c, nr::VIRQ_XENPMU, "VIRQ_XENPMU");
+    constant!(c, nr::SCHEDOP_POLL, "SCHEDOP_poll");
     constant!(c, nr::EVTCHNOP_BIND_VIRQ, "EVTCHNOP_bind_virq");
     constant!(c, nr::EVTCHNOP_UNMASK, "EVTCHNOP_unmask");
     constant!(c, nr::VIRQ_TIMER, "VIRQ_TIMER");

@@ -161,6 +161,26 @@ fn bind_virq_returns_the_port() {
 }
 
 #[test]
+fn sched_poll_passes_ports_and_timeout() {
+    let _m = mock::session();
+    let ports = [7u32, 9];
+    let addr = ports.as_ptr() as u64;
+    mock::on(nr::SCHED_OP, move |args| {
+        assert_eq!(args[0], u64::from(nr::SCHEDOP_POLL));
+        // SAFETY: the wrapper passes the address of its argument.
+        let arg = unsafe { (args[1] as *const xenmsr_hypercall::abi::SchedPoll).read() };
+        assert_eq!((arg.ports, arg.nr_ports, arg.timeout), (addr, 2, 555));
+        // SAFETY: `ports` points at the caller's two ports.
+        let seen = unsafe { std::slice::from_raw_parts(arg.ports as *const u32, 2) };
+        assert_eq!(seen, [7, 9]);
+        0
+    });
+    page().sched_poll(&ports, 555).unwrap();
+    only_call();
+    check_errors(nr::SCHED_OP, || page().sched_poll(&[], 0));
+}
+
+#[test]
 fn unmask_passes_the_port() {
     let _m = mock::session();
     mock::on(nr::EVENT_CHANNEL_OP, |args| {

@@ -13,6 +13,7 @@ mod initramfs;
 mod kernel;
 mod provision;
 mod qemu;
+mod smpbench;
 mod xl;
 
 use std::path::{Path, PathBuf};
@@ -428,7 +429,10 @@ fn cmd_bench(args: &[String]) -> XtaskResult<()> {
         println!("{host}");
     }
     if guest {
-        let section = guestbench::run()?;
+        let mut section = guestbench::run()?;
+        let smp = smpbench::run()?;
+        section.push('\n');
+        section.push_str(&smp);
         guestbench::write_section(&section)?;
         println!("{section}");
     }

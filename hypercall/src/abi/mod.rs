@@ -19,8 +19,8 @@ pub use pmu::{
 };
 pub use vcpu::{
     ArchSharedInfo, ArchVcpuInfo, CALLBACKF_MASK_EVENTS, CallbackRegister, CallbackType,
-    CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SharedInfo, VcpuGuestContext,
-    VcpuInfo, VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
+    CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SchedPoll, SharedInfo,
+    VcpuGuestContext, VcpuInfo, VcpuRunstateInfo, VcpuSetSingleshotTimer, VcpuTimeInfo,
 };
 pub use xen::{
     EvtchnSend, MulticallEntry, PhysdevSetIopl, SIF_INITDOMAIN, SIF_MOD_START_PFN, SIF_PRIVILEGED,

@@ -311,6 +311,22 @@ impl VcpuRunstateInfo {
     pub const OFFLINE: usize = 3;
 }
 
+/// The argument of `SCHEDOP_poll` (`struct sched_poll`, 24 bytes).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct SchedPoll {
+    /// Address of an array of `nr_ports` ports.
+    pub ports: u64,
+    /// How many ports.
+    pub nr_ports: u32,
+    /// Padding.
+    pub pad: u32,
+    /// Absolute system time (ns) to give up at; 0: none.
+    pub timeout: u64,
+}
+
 /// The argument of `CALLBACKOP_register` (`struct callback_register`, 16 bytes).
 #[repr(C)]
 #[derive(
@@ -405,6 +421,9 @@ const _: () = {
     assert!(size_of::<VcpuRunstateInfo>() == 48);
     assert!(offset_of!(VcpuRunstateInfo, state_entry_time) == 8);
     assert!(offset_of!(VcpuRunstateInfo, time) == 16);
+    assert!(size_of::<SchedPoll>() == 24);
+    assert!(offset_of!(SchedPoll, nr_ports) == 8);
+    assert!(offset_of!(SchedPoll, timeout) == 16);
     assert!(size_of::<CallbackRegister>() == 16);
     assert!(offset_of!(CallbackRegister, flags) == 2);
     assert!(offset_of!(CallbackRegister, address) == 8);

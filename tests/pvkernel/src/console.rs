@@ -198,6 +198,42 @@ impl Drop for Console {
     }
 }
 
+/// A short line built with `write!` before it is printed (so that a list can be formatted
+/// into one `println!`).
+pub struct Line {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Line {
+    /// An empty line.
+    pub const fn new() -> Self {
+        Line {
+            buf: [0; 160],
+            len: 0,
+        }
+    }
+
+    /// The text so far.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?")
+    }
+}
+
+impl Write for Line {
+    /// Appends what fits; the rest is dropped.
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len == self.buf.len() {
+                break;
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Serialises printing between vCPUs, so that one `print` call's lines stay together
 /// (a failing test's line and its reason) and the domU ring has one producer at a time.
 static LOCK: spin::Mutex<()> = spin::Mutex::new(());

@@ -237,6 +237,15 @@ pub fn init_vcpu(vcpu: u32) -> Result<(), EventError> {
     page.evtchn_unmask(port).map_err(EventError::Unmask)
 }
 
+/// This vCPU's timer port, once `init_vcpu` bound it.
+pub fn timer_port() -> Option<u32> {
+    let vcpu = current_vcpu() as usize;
+    TIMER_PORT
+        .get(vcpu)
+        .map(|p| p.load(Ordering::Acquire))
+        .filter(|&p| p != u32::MAX)
+}
+
 /// Xen's system time on this vCPU, in ns (the pvclock formula under the version seqlock).
 pub fn now_ns() -> u64 {
     let time = vcpu_info(current_vcpu())

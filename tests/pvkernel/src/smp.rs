@@ -258,13 +258,31 @@ static DONE: AtomicU32 = AtomicU32::new(0);
 /// Cleared by vCPU 0 to release parked vCPUs.
 static PARKED_HOLD: AtomicBool = AtomicBool::new(false);
 
-/// Waits (yielding the physical CPU to other vCPUs) until `cond` holds.
+/// Waits until `cond` holds, sleeping in short polls in between so that a waiting vCPU
+/// neither burns its physical CPU nor makes Xen switch to it over and over (which the
+/// run-state accounting of the vCPUs that work would pay for).
 fn wait_until(mut cond: impl FnMut() -> bool) {
     while !cond() {
-        core::hint::spin_loop();
-        let _ = hv::page().sched_yield();
+        idle_briefly();
     }
 }
+
+/// Blocks this vCPU for about [`IDLE_POLL_NS`] (`SCHEDOP_poll` of its timer port, so a
+/// timer event also ends it), or yields if events are not set up yet.
+pub fn idle_briefly() {
+    match crate::events::timer_port() {
+        Some(port) => {
+            let deadline = crate::events::now_ns() + IDLE_POLL_NS;
+            let _ = hv::page().sched_poll(&[port], deadline);
+        }
+        None => {
+            let _ = hv::page().sched_yield();
+        }
+    }
+}
+
+/// How long a waiting vCPU sleeps between looks at what it waits for.
+const IDLE_POLL_NS: u64 = 50_000;
 
 fn publish(job: Job) -> usize {
     *JOB.lock() = Some(job);
@@ -304,10 +322,7 @@ pub fn run_on_all(job: fn(u32)) {
 fn park() {
     let mask = crate::events::mask();
     DONE.fetch_add(1, Ordering::AcqRel);
-    while PARKED_HOLD.load(Ordering::Acquire) {
-        core::hint::spin_loop();
-        let _ = hv::page().sched_yield();
-    }
+    wait_until(|| !PARKED_HOLD.load(Ordering::Acquire));
     serialise();
     drop(mask);
     DONE.fetch_add(1, Ordering::AcqRel);

@@ -6,6 +6,7 @@ pub mod percpu;
 pub mod pmu;
 pub mod raw;
 pub mod routing;
+pub mod smpbench;
 pub mod stubs;
 pub mod xen;
 
@@ -86,13 +87,13 @@ pub fn vpmu_active() -> bool {
 /// Runs the suites for `suite` (`dom0` or `domu`), or the benchmarks (`bench`, as dom0).
 pub fn run(suite: &str, info: &'static BootInfo) {
     let dom0 = match suite {
-        "dom0" | "bench" => true,
+        "dom0" | "bench" | "smpbench" => true,
         "domu" => false,
         other => {
             testing::record(
                 "suites::select",
                 Err(testing::Failure::new(format_args!(
-                    "unknown suite {other:?} (expected dom0, domu, bench or demo)"
+                    "unknown suite {other:?} (expected dom0, domu, bench, smpbench or demo)"
                 ))),
             );
             return;
@@ -107,6 +108,9 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     );
     if suite == "bench" {
         return bench::run();
+    }
+    if suite == "smpbench" {
+        return smpbench::run();
     }
     // vCPU 0 alone: the boot protocol and the trap path, before anything else.
     testing::run(boot::TESTS);

@@ -445,7 +445,7 @@ fn side_by_side() -> TestResult {
 
 /// xorshift64*: a small deterministic generator (the seed is printed, so a failure can be
 /// replayed).
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -492,6 +492,86 @@ const STRESS_MSRS: [u32; 26] = [
     0xc001_1234,
 ];
 
+/// One random operation of the stress mix: a random index (from `STRESS_MSRS` or unknown),
+/// value, counter and variant (safe and unchecked reads and writes, WRMSRNS, RDPMC, a
+/// constant-index read).
+#[derive(Clone, Copy, Debug)]
+pub struct StressOp {
+    msr: u32,
+    value: u64,
+    counter: u32,
+    variant: u64,
+}
+
+impl StressOp {
+    /// Draws the next operation.
+    pub fn draw(rng: &mut Rng) -> StressOp {
+        let msr = if rng.below(4) == 0 {
+            0x1234_0000 + rng.below(0x1_0000) as u32 // unknown: Xen refuses both ways
+        } else {
+            STRESS_MSRS[rng.below(STRESS_MSRS.len() as u64) as usize]
+        };
+        let value = match rng.below(3) {
+            0 => rng.next(),
+            1 => rng.next() & 0x0000_7fff_ffff_f000, // canonical, page aligned
+            _ => 0,
+        };
+        let counter = match rng.below(3) {
+            0 => rng.below(8) as u32,
+            1 => (1 << 30) | rng.below(4) as u32,
+            _ => rng.next() as u32,
+        };
+        let variant = rng.below(8);
+        StressOp {
+            msr,
+            value,
+            counter,
+            variant,
+        }
+    }
+
+    /// Performs it through the library: the result of a safe variant, or the value an
+    /// unchecked read or RDPMC gave (an unchecked write gives neither).
+    pub fn perform(self) -> (Option<Result<u64, MsrError>>, Option<u64>) {
+        let StressOp {
+            msr,
+            value,
+            counter,
+            variant,
+        } = self;
+        // Every MSR in the pool is harmless to write (see STRESS_MSRS), and RDPMC
+        // emulation reads a counter MSR at most: that is the safety argument of each
+        // access below.
+        match variant {
+            // SAFETY: see above.
+            0 => (Some(unsafe { rdmsr_safe(msr) }), None),
+            // SAFETY: see above.
+            1 => (Some(unsafe { wrmsr_safe(msr, value) }.map(|()| 0)), None),
+            // SAFETY: see above.
+            2 => (
+                Some(unsafe { xenmsr::wrmsr_ns_safe(msr, value) }.map(|()| 0)),
+                None,
+            ),
+            // SAFETY: see above.
+            3 => (Some(unsafe { xenmsr::rdpmc_safe(counter) }), None),
+            // SAFETY: see above.
+            4 => (None, Some(unsafe { rdmsr(msr) })),
+            5 => {
+                // SAFETY: see above.
+                unsafe { xenmsr::wrmsr(msr, value) };
+                (None, None)
+            }
+            // SAFETY: see above.
+            6 => (None, Some(unsafe { xenmsr::rdpmc(counter) })),
+            // SAFETY: see above.
+            _ => (
+                Some(unsafe { xenmsr::rdmsr_const_safe::<MSR_EFER>() }),
+                None,
+            ),
+        }
+    }
+}
+
 /// Tallies of the stress run.
 #[derive(Default)]
 struct Tally {
@@ -517,60 +597,21 @@ fn stress_random_operations() -> TestResult {
     let mut t = Tally::default();
     let (gp_start, ud_start) = (traps::count(13), traps::count(6));
     for i in 0..OPS {
-        let msr = if rng.below(4) == 0 {
-            0x1234_0000 + rng.below(0x1_0000) as u32 // unknown: Xen refuses both ways
-        } else {
-            STRESS_MSRS[rng.below(STRESS_MSRS.len() as u64) as usize]
-        };
-        let value = match rng.below(3) {
-            0 => rng.next(),
-            1 => rng.next() & 0x0000_7fff_ffff_f000, // canonical, page aligned
-            _ => 0,
-        };
-        let counter = match rng.below(3) {
-            0 => rng.below(8) as u32,
-            1 => (1 << 30) | rng.below(4) as u32,
-            _ => rng.next() as u32,
-        };
-        let variant = rng.below(8);
+        let op = StressOp::draw(&mut rng);
+        let StressOp {
+            msr,
+            variant,
+            value: _,
+            counter: _,
+        } = op;
         let (gp, ud) = (traps::count(13), traps::count(6));
         let before = tracepage::snapshot();
-        // Every MSR in the pool is harmless to write (see STRESS_MSRS), and RDPMC
-        // emulation reads a counter MSR at most: that is the safety argument of each
-        // access below.
-        let safe: Option<Result<u64, MsrError>> = match variant {
-            // SAFETY: see above.
-            0 => Some(unsafe { rdmsr_safe(msr) }),
-            // SAFETY: see above.
-            1 => Some(unsafe { wrmsr_safe(msr, value) }.map(|()| 0)),
-            // SAFETY: see above.
-            2 => Some(unsafe { xenmsr::wrmsr_ns_safe(msr, value) }.map(|()| 0)),
-            // SAFETY: see above.
-            3 => Some(unsafe { xenmsr::rdpmc_safe(counter) }),
-            4 => {
-                // SAFETY: see above.
-                let v = unsafe { rdmsr(msr) };
-                if traps::count(13) != gp || traps::count(6) != ud {
-                    check_eq!(v, 0u64, "an unchecked read that faulted reads 0");
-                }
-                None
-            }
-            5 => {
-                // SAFETY: see above.
-                unsafe { xenmsr::wrmsr(msr, value) };
-                None
-            }
-            6 => {
-                // SAFETY: see above.
-                let v = unsafe { xenmsr::rdpmc(counter) };
-                if traps::count(13) != gp || traps::count(6) != ud {
-                    check_eq!(v, 0u64, "an unchecked RDPMC that faulted reads 0");
-                }
-                None
-            }
-            // SAFETY: see above.
-            _ => Some(unsafe { xenmsr::rdmsr_const_safe::<MSR_EFER>() }),
-        };
+        let (safe, unchecked) = op.perform();
+        if let Some(v) = unchecked
+            && (traps::count(13) != gp || traps::count(6) != ud)
+        {
+            check_eq!(v, 0u64, "an unchecked read or RDPMC that faulted reads 0");
+        }
         let after = tracepage::snapshot();
         let (dgp, dud) = (traps::count(13) - gp, traps::count(6) - ud);
         let hypercalls = after.total_since(&before);
