@@ -413,6 +413,7 @@ fn constant_checks() -> Checks {
     constant!(c, nr::CONSOLEIO_READ, "CONSOLEIO_read");
     constant!(c, nr::EVTCHNOP_SEND, "EVTCHNOP_send");
     constant!(c, nr::PHYSDEVOP_SET_IOPL, "PHYSDEVOP_set_iopl");
+    constant!(c, nr::XENVER_VERSION, "XENVER_version");
     constant!(c, nr::VIRQ_XENPMU, "VIRQ_XENPMU");
     constant!(
         c,
@@ -536,6 +537,7 @@ const HEADERS: &[&str] = &[
     "xen/sched.h",
     "xen/event_channel.h",
     "xen/physdev.h",
+    "xen/version.h",
     "xen/features.h",
     "xen/elfnote.h",
     "xen/errno.h",
