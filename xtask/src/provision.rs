@@ -225,6 +225,11 @@ fn download_trixie_deb(package: &str) -> XtaskResult<PathBuf> {
     if let Some(found) = find_deb(&debs, package)? {
         return Ok(found);
     }
+    // Trixie's indices are signed with keys bookworm's keyring carries.
+    apt_install(
+        &["debian-archive-keyring"],
+        Path::new("/usr/share/keyrings/debian-archive-keyring.gpg"),
+    )?;
     let apt = trixie_apt_dir();
     for sub in [
         "lists/partial",
