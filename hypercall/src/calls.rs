@@ -13,6 +13,7 @@
 //!   FS or GS (there is no thread-local storage on a bare-metal PV kernel; host tests only
 //!   use the mock). A kernel that keeps per-CPU data behind GS owns that invariant and
 //!   should wrap this call accordingly.
+//! - [`xen_version`](HypercallPage::xen_version) passes no pointer and only queries.
 //! - [`console_write`](HypercallPage::console_write),
 //!   [`sched_shutdown`](HypercallPage::sched_shutdown),
 //!   [`sched_yield`](HypercallPage::sched_yield),
@@ -119,6 +120,25 @@ impl HypercallPage {
             )
         }
         .map(drop)
+    }
+
+    /// `xen_version(XENVER_version, NULL)`: the running hypervisor's version as
+    /// `(major, minor)`, which Xen returns as `major << 16 | minor` (4.20 is `0x0004_0014`).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use xenmsr_hypercall::{Errno, HypercallPage};
+    ///
+    /// fn at_least_4_17(page: HypercallPage) -> Result<bool, Errno> {
+    ///     Ok(page.xen_version()? >= (4, 17))
+    /// }
+    /// ```
+    pub fn xen_version(self) -> Result<(u16, u16), Errno> {
+        // SAFETY: no pointer is passed; the query changes nothing.
+        let v = unsafe { self.call(nr::XEN_VERSION, [u64::from(nr::XENVER_VERSION), 0, 0, 0, 0]) }?;
+        // The result is 32 bits: the major version in the high half, the minor in the low.
+        Ok(((v >> 16) as u16, v as u16))
     }
 
     /// `sched_op(SCHEDOP_yield, NULL)`: gives up the CPU.

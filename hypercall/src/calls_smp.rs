@@ -280,11 +280,4 @@ impl HypercallPage {
         // SAFETY: no pointer is passed to Xen; the mapping change is the caller's contract.
         unsafe { self.call(nr::UPDATE_VA_MAPPING, [va, pte, flags, 0, 0]) }.map(drop)
     }
-
-    /// `xen_version(XENVER_version, NULL)`: the running Xen's `(major, minor)`.
-    pub fn xen_version(self) -> Result<(u16, u16), Errno> {
-        // SAFETY: no pointer is passed and nothing changes.
-        let v = unsafe { self.call(nr::XEN_VERSION, [u64::from(nr::XENVER_VERSION), 0, 0, 0, 0]) }?;
-        Ok(((v >> 16) as u16, v as u16))
-    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Values come from the `xen-sys` crate's generated bindings where it has them (only its
 //! constants are used, never its functions), and are defined here where it does not
-//! (the XENPMU interface, `PHYSDEVOP_set_iopl`, `DOMID_SELF`, `XENFEAT_dom0`).
+//! (the XENPMU interface, `PHYSDEVOP_set_iopl`, `XENVER_version`, `DOMID_SELF`,
+//! `XENFEAT_dom0`).
 //! The test `layout_vs_xen_headers` checks every value against the C headers of the
 //! installed Xen (`/usr/include/xen`).
 
@@ -116,7 +117,7 @@ pub const SHUTDOWN_WATCHDOG: u32 = xen_sys::SHUTDOWN_watchdog;
 pub const SHUTDOWN_SOFT_RESET: u32 = xen_sys::SHUTDOWN_soft_reset;
 
 // ---------------------------------------------------------------------------------------
-// console_io, event_channel_op, physdev_op
+// console_io, event_channel_op, physdev_op, xen_version
 // ---------------------------------------------------------------------------------------
 
 /// `console_io` command: write `(count, buffer)` to the hypervisor console.
@@ -175,7 +176,8 @@ pub const UVMF_INVLPG: u64 = 2;
 /// `update_va_mapping` flags: flush on every vCPU of the domain (with a flush type).
 pub const UVMF_ALL: u64 = 4;
 
-/// `xen_version` command: `major << 16 | minor` (NULL argument).
+/// `xen_version` command: the hypervisor's version as the result, `major << 16 | minor`
+/// (NULL argument). Not in `xen-sys`.
 pub const XENVER_VERSION: u32 = 0;
 
 // ---------------------------------------------------------------------------------------

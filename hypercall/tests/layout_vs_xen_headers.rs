@@ -491,6 +491,7 @@ fn constant_checks() -> Checks {
     constant!(c, nr::CONSOLEIO_READ, "CONSOLEIO_read");
     constant!(c, nr::EVTCHNOP_SEND, "EVTCHNOP_send");
     constant!(c, nr::PHYSDEVOP_SET_IOPL, "PHYSDEVOP_set_iopl");
+    constant!(c, nr::XENVER_VERSION, "XENVER_version");
     constant!(c, nr::VIRQ_XENPMU, "VIRQ_XENPMU");
     constant!(c, nr::SCHEDOP_POLL, "SCHEDOP_poll");
     constant!(c, nr::EVTCHNOP_BIND_VIRQ, "EVTCHNOP_bind_virq");
@@ -534,7 +535,6 @@ fn constant_checks() -> Checks {
     constant!(c, CALLBACKF_MASK_EVENTS, "CALLBACKF_mask_events");
     constant!(c, nr::UVMF_INVLPG, "UVMF_INVLPG");
     constant!(c, nr::UVMF_ALL, "UVMF_ALL");
-    constant!(c, nr::XENVER_VERSION, "XENVER_version");
     constant!(c, LEGACY_MAX_VCPUS, "XEN_LEGACY_MAX_VCPUS");
     constant!(c, VcpuGuestContext::VGCF_I387_VALID, "VGCF_I387_VALID");
     constant!(c, VcpuGuestContext::VGCF_IN_KERNEL, "VGCF_in_kernel");

@@ -316,6 +316,35 @@ fn sched_shutdown_results() {
 }
 
 #[test]
+fn xen_version_registers_and_results() {
+    let _m = mock::session();
+    mock::script(nr::XEN_VERSION, 0x0004_0014);
+    assert_eq!(page().xen_version(), Ok((4, 20)));
+    mock::assert_calls(&[MockCall::new(17, [0, 0, 0, 0, 0])]);
+    // The major version is the high half, the minor the low half.
+    for (ret, want) in [
+        (0, (0, 0)),
+        (0x0004_0011, (4, 17)),
+        (0x0003_0000, (3, 0)),
+        (0x0001_ffff, (1, 0xffff)),
+        (0xffff_0001, (0xffff, 1)),
+    ] {
+        assert_eq!(
+            one_call(nr::XEN_VERSION, ret, || page().xen_version()),
+            Ok(want),
+            "raw result {ret:#x}"
+        );
+    }
+    for &errno in ERRNOS {
+        assert_eq!(
+            one_call(nr::XEN_VERSION, errno.to_ret(), || page().xen_version()),
+            Err(errno),
+            "{errno:?}"
+        );
+    }
+}
+
+#[test]
 fn sched_yield_registers_and_results() {
     let _m = mock::session();
     page().sched_yield().unwrap();

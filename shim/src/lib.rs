@@ -10,8 +10,10 @@
 //! 1. at boot, [`init`] with its [`Platform`];
 //! 2. in its `#GP` and `#UD` handlers, [`fixup_exception`];
 //! 3. in its linker script, keep the `xenmsr_extable` and `xenmsr_patch_sites` sections
-//!    with their bounds symbols (see `docs/integrating.md`);
+//!    with their bounds symbols (see the [integration guide]);
 //! 4. for the PMU, per vCPU, [`pmu`]'s `init`, `on_pmi` and `finish`.
+//!
+//! [integration guide]: https://github.com/xenmsr/xenmsr/blob/main/docs/integrating.md
 #![no_std]
 #![warn(missing_docs)]
 
@@ -167,7 +169,8 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 /// }
 /// ```
 ///
-/// `docs/integrating.md` shows the whole integration.
+/// The [integration guide](https://github.com/xenmsr/xenmsr/blob/main/docs/integrating.md)
+/// shows the whole integration.
 ///
 /// # Safety
 ///
@@ -236,8 +239,3 @@ fn image_sites() -> impl Iterator<Item = xenmsr_asm::patch::PatchSite> + Clone {
         .iter()
         .map(xenmsr_asm::patch::PatchSiteRecord::decode)
 }
-
-/// `docs/integrating.md`, compiled here so that its example builds in CI.
-#[cfg(doctest)]
-#[doc = include_str!("../../docs/integrating.md")]
-pub struct IntegratingGuide;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::provision::Xen;
 use crate::qemu::{self, Dom0Run, Echo, RunReport};
 use crate::{XtaskResult, kernel, provision, root_dir};
 
@@ -578,6 +579,7 @@ pub fn run() -> XtaskResult<String> {
             xen_args: model.xen_args(),
             kernel_args: model.kernel_args(),
             deadline: DEADLINE,
+            xen: Xen::V4_17,
         };
         eprintln!(
             "xtask: bench: {}: Xen + kernel ({}) as dom0 under QEMU -cpu {} (deadline {} s)",

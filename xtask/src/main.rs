@@ -3,7 +3,7 @@
 //! - `cargo xtask run`: build the PV test kernel, boot it as dom0 under Xen in QEMU, and
 //!   show what the library does for a set of MSRs.
 //! - `cargo xtask test`: every test: host tests, then the in-guest suites as dom0 on three
-//!   CPU models, then the `xl create` domU path.
+//!   CPU models under Xen 4.17 and again under Xen 4.20, then the `xl create` domU path.
 //! - `cargo xtask bench`: benchmarks (host instruction counts and in-guest ratios).
 
 mod bench;
@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use provision::Xen;
 use qemu::{Dom0Run, Echo};
 
 /// The error type of every task: a message for the user.
@@ -34,7 +35,7 @@ fn main() {
         Some("xl") => xl::cmd_xl(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <run|test|bench|xl> [options]");
-            eprintln!("  run  [--cpu MODEL] [--timeout SECS] [-v]");
+            eprintln!("  run  [--cpu MODEL] [--xen 4.17|4.20] [--timeout SECS] [-v]");
             eprintln!("  test [--no-host] [--no-xl] [--only NAME] [--timeout SECS] [-v]");
             eprintln!(
                 "  xl   [KERNEL] [--args ARGS] [--timeout SECS] [--memory MIB] [--vcpus N] [-v]"
@@ -59,15 +60,23 @@ const DOM0_VCPUS: u32 = 4;
 /// on one CPU (and must save and restore each one's state).
 const DOM0_PCPUS: u32 = 2;
 
-/// The dom0 suites: one per CPU model, each telling the kernel what to expect.
+/// The dom0 suites: one per CPU model and Xen release, each telling the kernel what to
+/// expect. Xen 4.17's are `dom0/<model>`, Xen 4.20's `dom0-xen4.20/<model>`.
 fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
-    let suite = |cpu: &str, vpmu: bool| {
+    let suite = |xen: Xen, cpu: &str, vpmu: bool| {
         let mut xen_args = vec![format!("dom0_max_vcpus={DOM0_VCPUS}")];
         if vpmu {
             xen_args.push("vpmu=1".to_string());
         }
         Dom0Run {
-            name: format!("dom0/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
+            name: format!(
+                "{}/{cpu}{}",
+                match xen {
+                    Xen::V4_17 => "dom0".to_string(),
+                    other => format!("dom0-xen{}", other.version()),
+                },
+                if vpmu { "+vpmu" } else { "" }
+            ),
             cpu: cpu.to_string(),
             smp: DOM0_PCPUS,
             xen_args,
@@ -76,20 +85,27 @@ fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
                 u8::from(vpmu)
             ),
             deadline,
+            xen,
         }
     };
     vec![
         // AMD family 0xf: K7 PMU MSRs are RAZ/WI, Intel's #GP; vPMU unsupported.
-        suite("qemu64", false),
+        suite(Xen::V4_17, "qemu64", false),
         // Intel: P6/arch-perfmon MSRs RAZ/WI, AMD's #GP.
-        suite("Skylake-Client", false),
+        suite(Xen::V4_17, "Skylake-Client", false),
         // AMD family 0x17 with vpmu=1: the one model where XENPMU really initialises.
-        suite("EPYC", true),
+        suite(Xen::V4_17, "EPYC", true),
+        // The same models under Debian 13's Xen 4.20; the suites encode where it differs
+        // (Intel's P6_EVNTSEL4-7, AMD's MMIO_CONF_BASE: see the `xen` suite).
+        suite(Xen::V4_20, "qemu64", false),
+        suite(Xen::V4_20, "Skylake-Client", false),
+        suite(Xen::V4_20, "EPYC", true),
     ]
 }
 
-/// The domU command line of the xl path (its QEMU runs the default `qemu64` model).
-const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0 vcpus=2";
+/// The domU command line of the xl path (its QEMU runs the default `qemu64` model, and its
+/// initramfs Xen 4.17 with Debian 12's toolstack).
+const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0 vcpus=2 xen=4.17";
 /// The domU's vCPUs (as `vcpus=` in `DOMU_ARGS`).
 const DOMU_VCPUS: u32 = 2;
 
@@ -101,6 +117,8 @@ struct Options {
     deadline: Duration,
     verbose: bool,
     cpu: String,
+    /// `--xen`, for `run` only.
+    xen: Option<Xen>,
 }
 
 fn parse_options(args: &[String]) -> XtaskResult<Options> {
@@ -111,6 +129,7 @@ fn parse_options(args: &[String]) -> XtaskResult<Options> {
         deadline: DOM0_DEADLINE,
         verbose: false,
         cpu: "qemu64".to_string(),
+        xen: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -119,6 +138,7 @@ fn parse_options(args: &[String]) -> XtaskResult<Options> {
             "--no-xl" => o.xl = false,
             "--only" => o.only = Some(it.next().ok_or("--only needs a suite name")?.clone()),
             "--cpu" => o.cpu = it.next().ok_or("--cpu needs a QEMU CPU model")?.clone(),
+            "--xen" => o.xen = Some(Xen::parse(it.next().ok_or("--xen needs 4.17 or 4.20")?)?),
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs seconds")?;
                 o.deadline = Duration::from_secs(
@@ -133,13 +153,14 @@ fn parse_options(args: &[String]) -> XtaskResult<Options> {
     Ok(o)
 }
 
-/// `cargo xtask run`: the demo. Boots the kernel as dom0 with `suite=demo` and shows the
-/// table of what the library did for each MSR.
+/// `cargo xtask run`: the demo. Boots the kernel as dom0 with `suite=demo` under Xen 4.17
+/// (or `--xen 4.20`) and shows the table of what the library did for each MSR.
 fn cmd_run(args: &[String]) -> XtaskResult<()> {
     let o = parse_options(args)?;
+    let release = o.xen.unwrap_or(Xen::V4_17);
     let kernel = kernel::build()?;
     let qemu = provision::qemu()?;
-    let xen = provision::xen_binary()?;
+    let xen = release.binary()?;
     let run = Dom0Run {
         name: "demo".to_string(),
         cpu: o.cpu.clone(),
@@ -147,9 +168,11 @@ fn cmd_run(args: &[String]) -> XtaskResult<()> {
         xen_args: vec![],
         kernel_args: format!("suite=demo cpu={} vpmu=0", o.cpu),
         deadline: o.deadline,
+        xen: release,
     };
     eprintln!(
-        "xtask: booting Xen 4.17 + the PV test kernel as dom0 (QEMU TCG, -cpu {})",
+        "xtask: booting Xen {} + the PV test kernel as dom0 (QEMU TCG, -cpu {})",
+        release.version(),
         o.cpu
     );
     let echo = if o.verbose { Echo::All } else { Echo::Guest };
@@ -188,9 +211,17 @@ fn upcall_note(log: &guestlog::GuestLog) -> String {
     }
 }
 
-/// `cargo xtask test`: host tests, the dom0 suites on three CPU models, the xl path.
+/// `cargo xtask test`: host tests, the dom0 suites on three CPU models under two Xen
+/// releases, the xl path.
 fn cmd_test(args: &[String]) -> XtaskResult<()> {
     let o = parse_options(args)?;
+    if o.xen.is_some() {
+        return Err(
+            "--xen is an option of run; test runs both releases (--only xen4.20 \
+                    selects the 4.20 suites)"
+                .into(),
+        );
+    }
     let wanted = |name: &str| o.only.as_deref().is_none_or(|only| name.contains(only));
     let mut results: Vec<SuiteResult> = Vec::new();
 
@@ -272,17 +303,40 @@ fn dom0_tests(
         return Ok(());
     }
     let qemu = provision::qemu()?;
-    let xen = provision::xen_binary()?;
+    // Each release's binary once. One that cannot be provisioned fails its own suites,
+    // loudly, and not the others.
+    let mut binaries: Vec<(Xen, Result<PathBuf, String>)> = Vec::new();
     for suite in suites {
+        if binaries.iter().all(|(xen, _)| *xen != suite.xen) {
+            let binary = suite.xen.binary().map_err(|e| {
+                eprintln!("xtask: error: Xen {}: {e}", suite.xen.version());
+                format!(
+                    "no Xen {} to boot: provisioning it failed (the error is above)",
+                    suite.xen.version()
+                )
+            });
+            binaries.push((suite.xen, binary));
+        }
+    }
+    for suite in suites {
+        let binary = binaries
+            .iter()
+            .find(|(xen, _)| *xen == suite.xen)
+            .map(|(_, binary)| binary.clone())
+            .expect("every suite's release was provisioned above");
         eprintln!(
-            "xtask: {}: Xen + kernel as dom0 under QEMU -cpu {} (deadline {} s)",
+            "xtask: {}: Xen {} + kernel as dom0 under QEMU -cpu {} (deadline {} s)",
             suite.name,
+            suite.xen.version(),
             suite.cpu,
             suite.deadline.as_secs()
         );
         let start = Instant::now();
         let mut smp_report = Vec::new();
-        let outcome = match qemu::run_dom0(&qemu, &xen, kernel, suite, echo) {
+        let run = binary
+            .map_err(Into::into)
+            .and_then(|xen| qemu::run_dom0(&qemu, &xen, kernel, suite, echo));
+        let outcome = match run {
             Ok(report) => {
                 report.print_failure();
                 let n = report.log.tests.len();
@@ -392,15 +446,21 @@ fn print_summary(results: &[SuiteResult]) {
             println!("  {line}");
         }
     }
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     println!();
-    println!("{:<24} {:>9}  result", "suite", "wall");
+    println!("{:<width$} {:>9}  result", "suite", "wall");
     for r in results {
         let (mark, text) = match &r.outcome {
             Ok(t) => ("PASS", t.as_str()),
             Err(t) => ("FAIL", t.as_str()),
         };
         println!(
-            "{:<24} {:>7.1} s  {mark}: {text}",
+            "{:<width$} {:>7.1} s  {mark}: {text}",
             r.name,
             r.wall.as_secs_f64()
         );

@@ -11,6 +11,45 @@ use crate::{XtaskResult, cache_dir};
 /// The Debian package that carries the hypervisor binary.
 pub const XEN_HYPERVISOR_PKG: &str = "xen-hypervisor-4.17-amd64";
 
+/// Debian 13 ("trixie")'s hypervisor package, for the dom0 suites under Xen 4.20.
+pub const XEN_420_HYPERVISOR_PKG: &str = "xen-hypervisor-4.20-amd64";
+
+/// A Xen release the PV test kernel boots under as dom0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Xen {
+    /// Xen 4.17, Debian 12's (the system's apt): the default, and the xl path's.
+    V4_17,
+    /// Xen 4.20, Debian 13's (a private apt configuration, see [`xen420_binary`]).
+    V4_20,
+}
+
+impl Xen {
+    /// The release `--xen` names (`4.17` or `4.20`).
+    pub fn parse(arg: &str) -> XtaskResult<Self> {
+        match arg {
+            "4.17" => Ok(Self::V4_17),
+            "4.20" => Ok(Self::V4_20),
+            other => Err(format!("--xen: unknown Xen release {other} (4.17 or 4.20)").into()),
+        }
+    }
+
+    /// `major.minor`: the kernel's `xen=` argument and part of suite names.
+    pub const fn version(self) -> &'static str {
+        match self {
+            Self::V4_17 => "4.17",
+            Self::V4_20 => "4.20",
+        }
+    }
+
+    /// The hypervisor binary QEMU boots, fetched and cached on first use.
+    pub fn binary(self) -> XtaskResult<PathBuf> {
+        match self {
+            Self::V4_17 => xen_binary(),
+            Self::V4_20 => xen420_binary(),
+        }
+    }
+}
+
 /// Runs `apt-get update` once per xtask process, before the first install or download.
 fn apt_update_once() -> XtaskResult<()> {
     use std::sync::OnceLock;
@@ -111,28 +150,132 @@ pub fn xen_binary() -> XtaskResult<PathBuf> {
         return Ok(out);
     }
     let deb = download_deb(XEN_HYPERVISOR_PKG)?;
-    let unpack = cache_dir().join("xen-hypervisor-unpacked");
+    unpack_hypervisor(&deb, "4.17", &out)?;
+    Ok(out)
+}
+
+/// The Xen 4.20 hypervisor as QEMU can boot it, from Debian 13's
+/// `xen-hypervisor-4.20-amd64` package, which is fetched with a private apt configuration
+/// ([`download_trixie_deb`]) and unpacked like 4.17's. Fails with what went wrong and
+/// where the apt state is if the package cannot be fetched.
+pub fn xen420_binary() -> XtaskResult<PathBuf> {
+    let out = cache_dir().join("xen-4.20");
+    if out.exists() {
+        return Ok(out);
+    }
+    let deb = download_trixie_deb(XEN_420_HYPERVISOR_PKG).map_err(|e| {
+        format!(
+            "cannot fetch Xen 4.20 ({XEN_420_HYPERVISOR_PKG} from Debian 13 \"trixie\" via \
+             deb.debian.org, private apt configuration in {}): {e}",
+            trixie_apt_dir().display()
+        )
+    })?;
+    unpack_hypervisor(&deb, "4.20", &out)?;
+    Ok(out)
+}
+
+/// Extracts `boot/xen-<version>*.gz` from a hypervisor package and writes it gunzipped to
+/// `out` (atomically, so an interrupted run leaves no half binary in the cache).
+fn unpack_hypervisor(deb: &Path, version: &str, out: &Path) -> XtaskResult<()> {
+    let unpack = cache_dir().join(format!("xen-hypervisor-{version}-unpacked"));
     let _ = std::fs::remove_dir_all(&unpack);
     run_checked_timeout(
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack),
+        Command::new("dpkg-deb").arg("-x").arg(deb).arg(&unpack),
         Duration::from_secs(300),
     )?;
     let boot = unpack.join("boot");
+    let prefix = format!("xen-{version}");
     let gz = std::fs::read_dir(&boot)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             let n = p.file_name().unwrap_or_default().to_string_lossy();
-            n.starts_with("xen-4.17") && n.ends_with(".gz")
+            n.starts_with(&prefix) && n.ends_with(".gz")
         })
-        .ok_or("no boot/xen-4.17*.gz in the hypervisor package")?;
+        .ok_or_else(|| format!("no boot/{prefix}*.gz in {}", deb.display()))?;
     let data = Command::new("gzip").arg("-dc").arg(&gz).output()?;
     if !data.status.success() {
         return Err(format!("gunzip {} failed", gz.display()).into());
     }
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, &data.stdout)?;
-    std::fs::rename(&tmp, &out)?;
-    Ok(out)
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Debian 13's main suite and its security updates, only their package indices (no
+/// translations or AppStream data). Bookworm's `debian-archive-keyring` holds trixie's
+/// signing keys.
+const TRIXIE_SOURCES: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg target=Packages] http://deb.debian.org/debian trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg target=Packages] http://deb.debian.org/debian-security trixie-security main
+";
+
+/// The private apt configuration's directory: sources list, lists, cache and state.
+fn trixie_apt_dir() -> PathBuf {
+    cache_dir().join("apt-trixie")
+}
+
+/// Downloads (once) the `.deb` of a Debian 13 package into the cache, with apt given its
+/// own sources list, lists, cache, state and preferences under [`trixie_apt_dir`] through
+/// `-o Dir::...` options: the system's sources, package lists and dpkg state are neither
+/// read nor written (its `apt.conf.d`, e.g. a proxy, still applies).
+fn download_trixie_deb(package: &str) -> XtaskResult<PathBuf> {
+    let debs = cache_dir().join("debs");
+    std::fs::create_dir_all(&debs)?;
+    if let Some(found) = find_deb(&debs, package)? {
+        return Ok(found);
+    }
+    // Trixie's indices are signed with keys bookworm's keyring carries.
+    apt_install(
+        &["debian-archive-keyring"],
+        Path::new("/usr/share/keyrings/debian-archive-keyring.gpg"),
+    )?;
+    let apt = trixie_apt_dir();
+    for sub in [
+        "lists/partial",
+        "cache/archives/partial",
+        "sources.list.d",
+        "preferences.d",
+    ] {
+        std::fs::create_dir_all(apt.join(sub))?;
+    }
+    std::fs::write(apt.join("sources.list"), TRIXIE_SOURCES)?;
+    std::fs::write(apt.join("status"), "")?;
+    let d = |sub: &str| apt.join(sub).display().to_string();
+    let options = [
+        format!("Dir::Etc::SourceList={}", d("sources.list")),
+        format!("Dir::Etc::SourceParts={}", d("sources.list.d")),
+        format!("Dir::Etc::Preferences={}", d("preferences")),
+        format!("Dir::Etc::PreferencesParts={}", d("preferences.d")),
+        format!("Dir::State={}", apt.display()),
+        format!("Dir::State::Lists={}", d("lists")),
+        format!("Dir::State::Status={}", d("status")),
+        format!("Dir::Cache={}", d("cache")),
+        // The directories are root's; apt's `_apt` user could not write them.
+        "APT::Sandbox::User=root".to_string(),
+        "Acquire::http::Timeout=60".to_string(),
+        "Acquire::Retries=3".to_string(),
+    ];
+    let apt_get = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        for o in &options {
+            cmd.arg("-o").arg(o);
+        }
+        cmd.args(args);
+        cmd
+    };
+    eprintln!(
+        "xtask: downloading {package}.deb from Debian 13 (trixie) with a private apt \
+         configuration in {}",
+        apt.display()
+    );
+    run_checked_timeout(&mut apt_get(&["update", "-qq"]), Duration::from_secs(300))?;
+    run_checked_timeout(
+        apt_get(&["download", "-qq", package]).current_dir(&debs),
+        Duration::from_secs(600),
+    )?;
+    find_deb(&debs, package)?
+        .ok_or_else(|| format!("apt-get download {package}: no .deb appeared").into())
 }
 
 /// Runs a command with inherited stdio, killing it if it runs longer than `timeout`.

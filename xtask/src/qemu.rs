@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::XtaskResult;
 use crate::guestlog::{GuestLog, LineKind, clean};
+use crate::provision::Xen;
 
 /// QEMU's exit status after the kernel wrote 0x10 to `isa-debug-exit`.
 pub const EXIT_SUCCESS: i32 = 33;
@@ -37,10 +38,13 @@ pub struct Dom0Run {
     pub smp: u32,
     /// Extra Xen command-line options (e.g. `vpmu=1`).
     pub xen_args: Vec<String>,
-    /// The kernel's command line.
+    /// The kernel's command line (without `xen=`, which comes from [`Dom0Run::xen`]).
     pub kernel_args: String,
     /// Hard deadline for the QEMU run.
     pub deadline: Duration,
+    /// The Xen release booted (the caller passes its binary to [`run_dom0`]); the kernel
+    /// is told with `xen=<major.minor>` at the end of its command line, and checks it.
+    pub xen: Xen,
 }
 
 /// What to echo while the run goes.
@@ -183,7 +187,7 @@ pub fn run_dom0(
         "-kernel",
         xen_str,
         "-initrd",
-        &format!("{kernel_str} {}", run.kernel_args),
+        &format!("{kernel_str} {} xen={}", run.kernel_args, run.xen.version()),
         "-append",
         &xen_cmdline(&run.xen_args),
     ]

@@ -5,8 +5,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::provision::{self, Xen};
 use crate::qemu::{self, Dom0Run, Echo};
-use crate::{XtaskResult, kernel, provision};
+use crate::{XtaskResult, kernel};
 
 /// vCPUs and physical CPUs of the SMP benchmark runs (as in `cargo xtask test`).
 const VCPUS: u32 = 4;
@@ -84,6 +85,7 @@ pub fn run() -> XtaskResult<String> {
             xen_args: vec![format!("dom0_max_vcpus={VCPUS}")],
             kernel_args: format!("suite=smpbench cpu={model} vpmu=0 vcpus={VCPUS}"),
             deadline: DEADLINE,
+            xen: Xen::V4_17,
         };
         eprintln!("xtask: bench: {}: {VCPUS} vCPUs on {PCPUS} CPUs", run.name);
         let report = qemu::run_dom0(&qemu_bin, &xen, &kernel, &run, Echo::Tests)?;

@@ -531,3 +531,11 @@ pub unsafe fn write_text_mprotect(address: usize, bytes: &[u8]) {
     unsafe { xenmsr::patch::write_text_directly(address, bytes) };
     protect(libc::PROT_READ | libc::PROT_EXEC);
 }
+
+/// `docs/integrating.md`, compiled as this crate's doctest so that its example builds in
+/// CI (`cargo test --workspace`). It lives here, not in `xenmsr`, because the published
+/// `xenmsr` package must not read files outside itself; this crate is never published and
+/// already has the mock hypercall page the example uses.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/integrating.md")]
+pub struct IntegratingGuide;

@@ -136,7 +136,12 @@ pub fn run() {
         );
         return;
     }
-    println!("demo: what xenmsr does on Xen PV (dom0, vCPU 0)");
+    match crate::hv::page().xen_version() {
+        Ok((major, minor)) => {
+            println!("demo: what xenmsr does on Xen {major}.{minor} PV (dom0, vCPU 0)")
+        }
+        Err(e) => println!("demo: what xenmsr does on Xen PV (dom0, vCPU 0; xen_version: {e:?})"),
+    }
     println!(
         "  {:<6} {:<12} {:<15} {:<22} {:<22} {}",
         "op", "msr", "name", "route", "hypercalls", "result"

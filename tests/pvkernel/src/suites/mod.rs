@@ -26,8 +26,38 @@ pub enum Vendor {
     Intel,
 }
 
-/// What the harness told the kernel about the machine (`cpu=`, `vpmu=`), so that tests
-/// encode per-model expectations instead of discovering them.
+/// A Xen release whose behaviour the suites encode, named by the harness with `xen=`.
+/// Where releases differ in something a test checks, the test matches on this; the `xen`
+/// suite checks first that the running hypervisor is the release named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XenRelease {
+    /// Xen 4.17 (Debian 12's `xen-hypervisor-4.17-amd64`).
+    V4_17,
+    /// Xen 4.20 (Debian 13's `xen-hypervisor-4.20-amd64`).
+    V4_20,
+}
+
+impl XenRelease {
+    /// The release a `xen=` value names, if the suites know it.
+    pub fn parse(arg: &str) -> Option<Self> {
+        match arg {
+            "4.17" => Some(Self::V4_17),
+            "4.20" => Some(Self::V4_20),
+            _ => None,
+        }
+    }
+
+    /// `(major, minor)`, as `xen_version(XENVER_version)` reports it.
+    pub const fn version(self) -> (u16, u16) {
+        match self {
+            Self::V4_17 => (4, 17),
+            Self::V4_20 => (4, 20),
+        }
+    }
+}
+
+/// What the harness told the kernel about the machine (`cpu=`, `vpmu=`, `xen=`), so that
+/// tests encode per-model and per-release expectations instead of discovering them.
 #[derive(Clone, Copy, Debug)]
 pub struct Model {
     /// The QEMU CPU model name, if given.
@@ -45,6 +75,11 @@ pub struct Model {
     /// The one-shot timer period while the suites run, in µs (`tick_us=`, default 200;
     /// 0: no upcalls).
     pub tick_us: u64,
+    /// The `xen=` argument as given, for messages.
+    pub xen_arg: Option<&'static str>,
+    /// The Xen release `xen=` names, if known: checked against the running hypervisor by
+    /// `xen::xen_version_matches_harness`.
+    pub xen: Option<XenRelease>,
 }
 
 static MODEL: Once<Model> = Once::new();
@@ -62,6 +97,7 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
         _ => None,
     };
     let vpmu = info.arg("vpmu") == Some("1");
+    let xen_arg = info.arg("xen");
     Model {
         cpu,
         vendor,
@@ -72,6 +108,8 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
             .arg("tick_us")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_TICK_US),
+        xen_arg,
+        xen: xen_arg.and_then(XenRelease::parse),
     }
 }
 
@@ -101,10 +139,11 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     };
     let model = MODEL.call_once(|| parse_model(info, dom0));
     crate::println!(
-        "suite {suite}: cpu {} vendor {:?} vpmu {}",
+        "suite {suite}: cpu {} vendor {:?} vpmu {} xen {}",
         model.cpu.unwrap_or("?"),
         model.vendor,
-        if model.vpmu_active { "active" } else { "off" }
+        if model.vpmu_active { "active" } else { "off" },
+        model.xen_arg.unwrap_or("?")
     );
     if suite == "bench" {
         return bench::run();

@@ -1,8 +1,9 @@
-//! What Xen 4.17 itself does with bare MSR/PMC instructions and the hypercalls the library
-//! uses, per CPU model: the oracle the library's own suites are compared against. If one
-//! of these fails, the environment changed (Xen version, QEMU model), not the library.
+//! What Xen itself does with bare MSR/PMC instructions and the hypercalls the library
+//! uses, per CPU model and Xen release (4.17 or 4.20, named by `xen=` and checked first):
+//! the oracle the library's own suites are compared against. If one of these fails, the
+//! environment changed (Xen version, QEMU model), not the library.
 
-use super::{Vendor, model, raw};
+use super::{Vendor, XenRelease, model, raw};
 use crate::fixup::exinfo;
 use crate::hv::{self, SegmentBase, XenPmuOp, XenPmuParams};
 use crate::testing::{Test, TestResult};
@@ -11,6 +12,7 @@ use xenmsr_hypercall::Errno;
 
 /// The Xen-behaviour tests.
 pub static TESTS: &[Test] = &[
+    test!(xen_version_matches_harness),
     test!(cpu_vendor_matches_model),
     test!(apic_base_reads_bsp),
     test!(efer_reads_long_mode),
@@ -22,6 +24,8 @@ pub static TESTS: &[Test] = &[
     test!(rdpmc_is_gp),
     test!(vendor_pmu_msrs),
     test!(hardware_domain_only_msr),
+    test!(p6_evntsel4_7_by_release),
+    test!(mmio_conf_base_by_release),
     test!(xenpmu_mode_get),
 ];
 
@@ -37,6 +41,36 @@ const MSR_P6_PERFCTR0: u32 = 0xc1;
 const MSR_P6_EVNTSEL0: u32 = 0x186;
 const MSR_K7_EVNTSEL0: u32 = 0xc001_0000;
 const MSR_K7_PERFCTR0: u32 = 0xc001_0004;
+
+/// The harness names the Xen it booted (`xen=`); the running hypervisor must be that
+/// release, or the release-dependent expectations below would be checked against the
+/// wrong one.
+fn xen_version_matches_harness() -> TestResult {
+    let running = hv::page().xen_version();
+    let Ok(running) = running else {
+        fail!("xen_version(XENVER_version): {running:?}");
+    };
+    let m = model();
+    let Some(release) = m.xen else {
+        fail!(
+            "running Xen {}.{}, but xen={:?} on the command line names no release the \
+             suites know (4.17, 4.20)",
+            running.0,
+            running.1,
+            m.xen_arg
+        );
+    };
+    let expected = release.version();
+    check!(
+        running == expected,
+        "running Xen {}.{}, but xen={}.{} on the command line",
+        running.0,
+        running.1,
+        expected.0,
+        expected.1
+    );
+    Ok(())
+}
 
 fn cpu_vendor_matches_model() -> TestResult {
     let (_, b, c, d) = raw::cpuid(0);
@@ -216,6 +250,144 @@ fn hardware_domain_only_msr() -> TestResult {
         lib.map_err(drop),
         bare.map_err(drop),
         "library vs bare read of K8_SYSCFG"
+    );
+    Ok(())
+}
+
+/// The release the harness named; the tests that depend on it fail without one.
+fn release() -> Result<XenRelease, crate::testing::Failure> {
+    match model().xen {
+        Some(release) => Ok(release),
+        None => fail!("no known xen= on the command line: {:?}", model().xen_arg),
+    }
+}
+
+/// Intel's `P6_EVNTSEL4`..`P6_EVNTSEL7` (0x186 + 4..7), where the two releases differ:
+/// Xen 4.17 hands only `EVNTSEL0`-`3` to its vPMU and #GPs the rest, 4.20 hands it
+/// `EVNTSEL0`-`7`, which with the vPMU off read as 0 and accept writes. The next MSR
+/// (0x18e) #GPs in both. On AMD all of them are the other vendor's and #GP in both. The
+/// library passes them through, so its safe accesses see exactly the same.
+fn p6_evntsel4_7_by_release() -> TestResult {
+    let release = release()?;
+    let m = model();
+    let raz_wi = match (m.vendor, release) {
+        (Some(Vendor::Intel), XenRelease::V4_20) => true,
+        (Some(Vendor::Intel), XenRelease::V4_17) | (Some(Vendor::Amd), _) => false,
+        (None, _) => fail!("unknown vendor"),
+    };
+    for msr in MSR_P6_EVNTSEL0 + 4..=MSR_P6_EVNTSEL0 + 7 {
+        let read = raw::rdmsr(msr);
+        // SAFETY: 0 is the event select's reset value (counter disabled), and nothing in
+        // this kernel counts; a refused write is recovered.
+        let write = unsafe { raw::wrmsr(msr, 0) };
+        if raz_wi {
+            check_eq!(read, Ok(0), format_args!("rdmsr {msr:#x} ({release:?})"));
+            check_eq!(
+                write,
+                Ok(()),
+                format_args!("wrmsr {msr:#x}, 0 ({release:?})")
+            );
+        } else {
+            check_eq!(read, Err(GP), format_args!("rdmsr {msr:#x} ({release:?})"));
+            check_eq!(
+                write,
+                Err(GP),
+                format_args!("wrmsr {msr:#x}, 0 ({release:?})")
+            );
+        }
+        // SAFETY: as above.
+        let lib_read = unsafe { xenmsr::rdmsr_safe(msr) };
+        check_eq!(
+            lib_read.map_err(drop),
+            read.map_err(drop),
+            format_args!("library vs bare read of {msr:#x}")
+        );
+        // SAFETY: as above.
+        let lib_write = unsafe { xenmsr::wrmsr_safe(msr, 0) };
+        check_eq!(
+            lib_write.map_err(drop),
+            write.map_err(drop),
+            format_args!("library vs bare write of {msr:#x}")
+        );
+    }
+    check_eq!(
+        raw::rdmsr(MSR_P6_EVNTSEL0 + 8),
+        Err(GP),
+        "rdmsr 0x18e, past the event selects"
+    );
+    Ok(())
+}
+
+/// AMD's `MMIO_CONF_BASE` (0xc0010058).
+const MSR_FAM10H_MMIO_CONF_BASE: u32 = 0xc001_0058;
+
+/// The host CPU's family (CPUID leaf 1, with the extended family when the base is 0xf):
+/// what Xen's per-family MSR rules look at.
+fn host_family() -> u32 {
+    let (eax, ..) = raw::cpuid(1);
+    let base = (eax >> 8) & 0xf;
+    if base == 0xf {
+        base + ((eax >> 20) & 0xff)
+    } else {
+        base
+    }
+}
+
+/// `MMIO_CONF_BASE`, where the two releases differ on AMD: Xen 4.17 serves reads only on
+/// families 0x10-0x16 and #GPs them on the families of these models (qemu64 0xf, EPYC
+/// 0x17); 4.20 serves them on every AMD family, with the host's value for dom0 (QEMU's TCG
+/// has no such register and reads 0) and 0 for a domU. Writes #GP in both releases, and on
+/// Intel everything #GPs in both. The library passes it through, like the bare access.
+fn mmio_conf_base_by_release() -> TestResult {
+    let release = release()?;
+    let m = model();
+    let family = host_family();
+    let readable = match (m.vendor, release) {
+        (Some(Vendor::Intel), _) => false,
+        (Some(Vendor::Amd), XenRelease::V4_17) => {
+            check!(
+                !(0x10..=0x16).contains(&family),
+                "AMD family {family:#x}: Xen 4.17 serves MMIO_CONF_BASE there; no expectation \
+                 is encoded for it"
+            );
+            false
+        }
+        (Some(Vendor::Amd), XenRelease::V4_20) => true,
+        (None, _) => fail!("unknown vendor"),
+    };
+    let read = raw::rdmsr(MSR_FAM10H_MMIO_CONF_BASE);
+    if readable {
+        check_eq!(
+            read,
+            Ok(0),
+            format_args!("rdmsr MMIO_CONF_BASE ({release:?}, family {family:#x})")
+        );
+    } else {
+        check_eq!(
+            read,
+            Err(GP),
+            format_args!("rdmsr MMIO_CONF_BASE ({release:?}, family {family:#x})")
+        );
+    }
+    // Write back what was read (0 if the read faulted): refused in every case.
+    let value = read.unwrap_or(0);
+    // SAFETY: Xen refuses the write (checked); were it accepted it would store the value
+    // just read.
+    let write = unsafe { raw::wrmsr(MSR_FAM10H_MMIO_CONF_BASE, value) };
+    check_eq!(write, Err(GP), "wrmsr MMIO_CONF_BASE");
+    // SAFETY: reading it has no side effect.
+    let lib_read = unsafe { xenmsr::rdmsr_safe(MSR_FAM10H_MMIO_CONF_BASE) };
+    check_eq!(
+        lib_read.map_err(drop),
+        read.map_err(drop),
+        "library vs bare read of MMIO_CONF_BASE"
+    );
+    // SAFETY: as for the bare write.
+    let lib_write = unsafe { xenmsr::wrmsr_safe(MSR_FAM10H_MMIO_CONF_BASE, value) };
+    check_eq!(
+        lib_write.map_err(drop),
+        write.map_err(drop),
+        "library vs bare write of MMIO_CONF_BASE"
     );
     Ok(())
 }
