@@ -22,11 +22,16 @@ pub mod extable;
 pub mod fixup;
 pub mod native;
 pub mod patch;
+pub mod pv;
 pub mod site;
 pub mod stubs;
 
 pub use backend::{MsrBackend, Outcome};
 pub use error::{MsrError, VECTOR_GP, VECTOR_UD};
+
+/// The hypercall crate, for the kit's macros (`pv_entry!`).
+#[doc(hidden)]
+pub use xenmsr_hypercall as __hypercall;
 
 /// Length in bytes of the `call rel32` (`e8 rel32`) every patchable site starts with.
 ///

@@ -19,6 +19,7 @@ mod errno;
 pub mod mock;
 pub mod nr;
 mod page;
+pub mod pv;
 
 pub use errno::Errno;
 pub use page::{ENTRIES, ENTRY_FIRST_BYTE, ENTRY_SIZE, HypercallPage};

@@ -1,77 +1,20 @@
 //! The PV boot protocol: the Xen ELF notes, the entry point and the boot stack, and the
 //! copy of `start_info` the rest of the kernel reads.
 
-use core::arch::global_asm;
-
 use xenmsr_hypercall::abi::StartInfo;
 
-// The Xen ELF notes (xen/include/public/elfnote.h). Each note: namesz 4 ("Xen\0"), descsz,
-// type, name, then the descriptor, all 4-byte aligned. No SUPPORTED_FEATURES note (it
-// would have to carry XENFEAT_dom0 for the dom0 build) and no `!dom0` in FEATURES (the
-// domU builder would refuse it): the same image boots as dom0 and as a domU.
-/// One Xen ELF note as assembler text: `xen_note!(type, directive, value)`.
-macro_rules! xen_note {
-    ($ty:literal, $directive:literal, $value:literal) => {
-        concat!(
-            ".p2align 2\n",
-            ".long 4\n",
-            ".long 3f - 2f\n",
-            ".long ",
-            stringify!($ty),
-            "\n",
-            ".asciz \"Xen\"\n",
-            ".p2align 2\n",
-            "2: ",
-            $directive,
-            " ",
-            $value,
-            "\n",
-            "3: .p2align 2\n",
-        )
-    };
-}
+// The Xen ELF notes and the entry point come from the library's PV runtime kit. The
+// notes say the image supports dom0 (`SUPPORTED_FEATURES` with `XENFEAT_dom0`) without
+// requiring it, so the same image boots as dom0 and as a domU.
+xenmsr_hypercall::xen_elf_notes!(guest_os: "xenmsr-pvkernel", guest_version: "0.1", dom0: true);
 
-global_asm!(
-    ".pushsection .note.Xen, \"a\", @note",
-    xen_note!(6, ".asciz", "\"xenmsr-pvkernel\""), // GUEST_OS
-    xen_note!(7, ".asciz", "\"0.1\""),             // GUEST_VERSION
-    xen_note!(8, ".asciz", "\"generic\""),         // LOADER
-    xen_note!(5, ".asciz", "\"xen-3.0\""),         // XEN_VERSION
-    xen_note!(2, ".quad", "xenmsr_hypercall_page"), // HYPERCALL_PAGE
-    xen_note!(
-        10,
-        ".asciz",
-        "\"!writable_page_tables|pae_pgdir_above_4gb\""
-    ), // FEATURES
-    xen_note!(9, ".asciz", "\"yes\""),             // PAE_MODE
-    ".popsection",
-    options(att_syntax)
-);
-
-// The entry point. Xen enters at CPL3 (ring 3 is the PV kernel's ring) with rsi = the
-// virtual address of start_info, rsp = the top of a one-page boot stack, events masked.
-// We move to vCPU 0's slot of the vCPU stacks (`smp`: the slot is how code knows its
-// vCPU), 16-byte aligned at the call as the SysV ABI requires, and call Rust with
-// start_info as the first argument.
-global_asm!(
-    r#"
-    .pushsection .text.entry, "ax", @progbits
-    .globl xenmsr_pvkernel_start
-    .type xenmsr_pvkernel_start, @function
-xenmsr_pvkernel_start:
-    cld
-    mov %rsi, %rdi
-    lea pvk_stacks + {stack_size}(%rip), %rsp
-    and $-16, %rsp
-    xor %ebp, %ebp
-    call {main}
-    ud2
-    .size xenmsr_pvkernel_start, . - xenmsr_pvkernel_start
-    .popsection
-    "#,
-    main = sym crate::kernel_main,
-    stack_size = const crate::smp::STACK_SIZE,
-    options(att_syntax)
+// Xen enters at CPL3 with rsi = start_info; the kit's entry moves to vCPU 0's slot of the
+// vCPU stacks (`smp`: the slot is how code knows its vCPU) and calls `kernel_main` with a
+// copy of start_info.
+xenmsr_asm::pv_entry!(
+    crate::kernel_main,
+    stack = "pvk_stacks",
+    stack_size = crate::smp::STACK_SIZE
 );
 
 /// A copy of Xen's `start_info` page, with the command-line helpers the suites use.
@@ -82,17 +25,10 @@ pub struct BootInfo {
 }
 
 impl BootInfo {
-    /// Copies `start_info` out of the page Xen passed in `rsi`.
-    ///
-    /// # Safety
-    ///
-    /// `start_info` must be the pointer Xen passed at entry (a mapped
-    /// `struct start_info`).
-    pub unsafe fn read(start_info: *const StartInfo) -> Self {
+    /// Wraps the copy of `start_info` the kit's entry made.
+    pub fn new(start_info: &StartInfo) -> Self {
         BootInfo {
-            // SAFETY: the caller guarantees a mapped `start_info`; it is plain data that
-            // Xen does not change after entry, and an unaligned read needs no alignment.
-            start_info: unsafe { start_info.read_unaligned() },
+            start_info: *start_info,
         }
     }
 

@@ -65,15 +65,10 @@ mod kernel {
         BOOT.get().is_some_and(BootInfo::is_dom0)
     }
 
-    /// The Rust entry point, called by `xenmsr_pvkernel_start` on the boot stack.
-    ///
-    /// # Safety
-    ///
-    /// Only the entry point may call this, once, with the `start_info` pointer Xen passed
-    /// in `rsi`.
-    pub unsafe extern "C" fn kernel_main(start_info: *const xenmsr_hypercall::abi::StartInfo) -> ! {
-        // SAFETY: `start_info` is what Xen passed in rsi at entry (this function's contract).
-        let info = BOOT.call_once(|| unsafe { BootInfo::read(start_info) });
+    /// The Rust entry point, called by the kit's entry (`boot.rs`) on vCPU 0's stack with
+    /// the copy of Xen's `start_info`.
+    pub fn kernel_main(start_info: &'static xenmsr_hypercall::abi::StartInfo) -> ! {
+        let info = BOOT.call_once(|| BootInfo::new(start_info));
         console::init(info);
         println!(
             "xenmsr-pvkernel: {} ({}), cmdline \"{}\"",
