@@ -21,6 +21,7 @@
 extern crate std;
 
 pub mod dispatch;
+mod msr;
 pub mod patch;
 pub mod pmu;
 pub mod policy;
@@ -29,15 +30,39 @@ pub mod routes;
 use core::fmt;
 
 use spin::Once;
+
+/// The Xen ABI crate (`xenmsr-hypercall`): hypercall numbers, `Errno`, the ABI structs and
+/// the hypercall page, so that a kernel needs only this crate as a dependency.
+pub use xenmsr_hypercall as hypercall;
+
+/// The PV runtime kit: what a 64-bit PV kernel needs around the library, so that its first
+/// hour goes into its own code. With [`xen_elf_notes!`] and [`pv_entry!`]:
+///
+/// - the trap entry for every exception vector, the event upcall and the failsafe
+///   callback ([`pv::install_trap_table`], [`pv::install_callbacks`],
+///   [`pv::set_trap_handler`]), which fixes up MSR faults through the library and returns
+///   with the `iret` hypercall;
+/// - [`pv::PvConsole`], a `core::fmt::Write` console for dom0 (`console_io`) and a domU
+///   (the console ring);
+/// - the linker-script fragment `xenmsr-sections.ld` and the complete script
+///   `xenmsr-pv.ld`, on the linker's search path (`docs/integrating.md`).
+pub mod pv {
+    pub use xenmsr_asm::pv::*;
+    pub use xenmsr_hypercall::pv::*;
+}
+
+pub use msr::Msr;
 pub use xenmsr_asm::cpuid::xen_cpuid;
 pub use xenmsr_asm::extable::init as init_extable;
 pub use xenmsr_asm::fixup::{TrapFrame, UncheckedAccess, fixup_exception};
+pub use xenmsr_asm::pv_entry;
 pub use xenmsr_asm::site::{
     rdmsr, rdmsr_const, rdmsr_const_safe, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns,
     wrmsr_ns_const, wrmsr_ns_const_safe, wrmsr_ns_safe, wrmsr_safe,
 };
 pub use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::HypercallPage;
+pub use xenmsr_hypercall::xen_elf_notes;
 
 use crate::patch::{CpuFeatures, PatchError, PatchReport, Variant};
 use crate::pmu::RawMsr;

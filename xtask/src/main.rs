@@ -274,6 +274,10 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
         }
     }
 
+    if wanted("minimal-kernel") {
+        results.push(minimal_kernel_test(o.deadline));
+    }
+
     print_summary(&results);
     let failed: Vec<&str> = results
         .iter()
@@ -364,6 +368,66 @@ fn dom0_tests(
         });
     }
     Ok(())
+}
+
+/// What the minimal example kernel (`tests/minimal-kernel`, the one `docs/integrating.md`
+/// walks through) must print, in order, when it boots as dom0.
+const MINIMAL_EXPECTED: [&str; 4] = [
+    "minimal: init patched ",
+    "minimal: FS_BASE write Ok(()), read back Ok(700000001000)",
+    "minimal: MSR 0x12345678: Err(Fault { vector: 13 })",
+    "minimal: PASS",
+];
+
+/// Builds the minimal example kernel and boots it as dom0 (Xen 4.17, qemu64): it must print
+/// [`MINIMAL_EXPECTED`] and shut down by itself.
+fn minimal_kernel_test(deadline: Duration) -> SuiteResult {
+    let name = "minimal-kernel".to_string();
+    let start = Instant::now();
+    let outcome = (|| -> XtaskResult<String> {
+        let kernel = kernel::build_package(kernel::MINIMAL)?;
+        let qemu_bin = provision::qemu()?;
+        let xen = provision::xen_binary()?;
+        let run = Dom0Run {
+            name: name.clone(),
+            cpu: "qemu64".to_string(),
+            smp: 1,
+            xen_args: vec![],
+            kernel_args: String::new(),
+            deadline,
+            xen: Xen::V4_17,
+        };
+        eprintln!("xtask: {name}: the minimal example kernel as dom0");
+        let report = qemu::run_dom0(&qemu_bin, &xen, &kernel, &run, Echo::Guest)?;
+        if report.exit_code.is_none() {
+            return Err(format!(
+                "killed at the deadline; serial log {}",
+                report.log_path.display()
+            )
+            .into());
+        }
+        let lines: Vec<&str> = report.log.other.iter().map(String::as_str).collect();
+        let mut at = 0;
+        for want in MINIMAL_EXPECTED {
+            match lines[at..].iter().position(|l| l.starts_with(want)) {
+                Some(i) => at += i + 1,
+                None => {
+                    for line in &report.tail {
+                        eprintln!("{line}");
+                    }
+                    return Err(format!("no line {want:?} (in order) in its output").into());
+                }
+            }
+        }
+        Ok(format!("{} lines as expected", MINIMAL_EXPECTED.len()))
+    })()
+    .map_err(|e| e.to_string());
+    SuiteResult {
+        name,
+        wall: start.elapsed(),
+        outcome,
+        report: Vec::new(),
+    }
 }
 
 /// The xl path: the same kernel as a domU under a Linux dom0 (`xl create`); its console
