@@ -11,8 +11,9 @@
 //! `&[ExtableEntry]`, so they are unit-tested on synthetic, heap-allocated tables.
 //!
 //! The section is writable for two reasons: the sort rewrites it once, and the
-//! [`flags::WARNED`] bit of an entry's data word is set at run time (atomically) so that an
-//! unchecked access warns once per site.
+//! [`flags::WARNED`] bit of an entry's data word is set at run time (atomically): the
+//! fallback that keeps warnings to once per site should the fixup's set of warned kinds of
+//! failure ever fill up.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -27,12 +28,12 @@ pub const SECTION: &str = "xenmsr_extable";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
-    /// Unchecked RDMSR: outputs zeroed, warn once per site, continue at the fixup.
+    /// Unchecked RDMSR: outputs zeroed, warn once per kind of failure, continue at the fixup.
     Read = 1,
     /// Checked RDMSR: outputs zeroed, error code into the entry's register, continue at
     /// the fixup.
     ReadSafe = 2,
-    /// Unchecked WRMSR: warn once per site, continue at the fixup.
+    /// Unchecked WRMSR: warn once per kind of failure, continue at the fixup.
     Write = 3,
     /// Checked WRMSR: error code into the entry's register, continue at the fixup.
     WriteSafe = 4,

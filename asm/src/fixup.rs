@@ -7,8 +7,8 @@
 //! |---|---|---|---|
 //! | `ReadSafe`, `RdpmcSafe` | `edx:eax` = 0 (`rax` = 0 with `RAX_CONTRACT`) | code in the entry's register | `rip` = fixup |
 //! | `WriteSafe` | none | code in the entry's register | `rip` = fixup |
-//! | `Read`, `Rdpmc` | zeroed as above | warn hook, once per site | `rip` = fixup |
-//! | `Write` | none | warn hook, once per site | `rip` = fixup |
+//! | `Read`, `Rdpmc` | zeroed as above | warn hook, once per kind | `rip` = fixup |
+//! | `Write` | none | warn hook, once per kind | `rip` = fixup |
 //! | `Rewind` | see below | carried or `Fault` | dispatch again |
 //!
 //! A rewind entry (on a stub's native instruction or its trapping `ud2`) says how many words
@@ -23,6 +23,8 @@
 //! "indirect" entry would) keeps every register of the caller intact: the write stub's
 //! `rdx` is an input its caller expects preserved, so there is no free register to carry
 //! the target in.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Once;
 
@@ -106,12 +108,67 @@ pub struct UncheckedAccess {
     pub error: MsrError,
 }
 
+impl UncheckedAccess {
+    /// The kind of failure a warning is given once for: the instruction (RDMSR, WRMSR,
+    /// RDPMC) and the error (its class, and the vector or errno). The MSR index and the
+    /// call site are not part of it. Never 0.
+    pub fn warning_kind(&self) -> u64 {
+        let op = match self.op {
+            AccessOp::Read => 1u64,
+            AccessOp::Write => 2,
+            AccessOp::Rdpmc => 3,
+        };
+        let code = self.error.to_code();
+        // The class (low byte) and the payload (a vector or an errno, 32 bits).
+        op | (code & 0xff) << 8 | (code >> 32) << 16 | 1 << 63
+    }
+}
+
 static WARN_HOOK: Once<fn(&UncheckedAccess)> = Once::new();
 
-/// Sets the hook told about failing unchecked accesses (once per site). The first call
-/// wins and later calls return `false`. Until a hook is set, failures are silent and do
-/// not use up a site's one warning. The hook runs inside the exception handler: it must
-/// not fault on MSRs itself, block, or allocate where the kernel cannot.
+/// The kinds of failure that have warned (see [`UncheckedAccess::warning_kind`]): an
+/// open-addressing set of non-zero keys, filled with compare-and-swap (the fixup runs in
+/// exception context on any CPU, so no lock).
+static WARNED_KINDS: [AtomicU64; WARNED_KINDS_CAPACITY] =
+    [const { AtomicU64::new(0) }; WARNED_KINDS_CAPACITY];
+
+/// How many distinct kinds of failure are remembered: far more than there are (three
+/// instructions times the errors they can fail with). Should it ever fill up, a new kind
+/// warns once per call site instead (each extable entry's `WARNED` bit).
+pub const WARNED_KINDS_CAPACITY: usize = 128;
+
+/// Whether this is the first failure of its kind: inserts the kind and says whether it
+/// was new. `None` when the set is full and the kind is not in it.
+fn first_of_kind(kind: u64) -> Option<bool> {
+    let start = (kind.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 57) as usize;
+    for i in 0..WARNED_KINDS_CAPACITY {
+        let slot = &WARNED_KINDS[(start + i) % WARNED_KINDS_CAPACITY];
+        match slot.compare_exchange(0, kind, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(true),
+            Err(existing) if existing == kind => return Some(false),
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether a failing unchecked access should warn: once per kind of failure, as Linux
+/// warns once for an unchecked RDMSR and once for an unchecked WRMSR, here also told apart
+/// by the error (a `#GP` is not a failed hypercall). Where it happens does not matter: one
+/// call site repeated by the compiler (an unrolled loop, an inlined helper) warns once,
+/// and so does the same failure on every vCPU.
+fn should_warn(access: &UncheckedAccess, entry: &ExtableEntry) -> bool {
+    match first_of_kind(access.warning_kind()) {
+        Some(first) => first,
+        None => entry.mark_warned(),
+    }
+}
+
+/// Sets the hook told about failing unchecked accesses (once per kind of failure: see
+/// [`UncheckedAccess::warning_kind`]). The first call wins and later calls return `false`.
+/// Until a hook is set, failures are silent and do not use up a warning. The hook runs
+/// inside the exception handler: it must not fault on MSRs itself, block, or allocate
+/// where the kernel cannot.
 pub fn set_warn_hook(hook: fn(&UncheckedAccess)) -> bool {
     let mut installed = false;
     WARN_HOOK.call_once(|| {
@@ -285,7 +342,7 @@ fn apply(
                 zero_outputs(frame);
             }
             if let Some(hook) = WARN_HOOK.get()
-                && entry.mark_warned()
+                && should_warn(&access, entry)
             {
                 hook(&access);
             }

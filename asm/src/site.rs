@@ -136,7 +136,7 @@ macro_rules! read_site {
 }
 
 read_site!(
-    /// Reads `msr` (RDMSR). A fault or a failure warns once per site (through the warn hook)
+    /// Reads `msr` (RDMSR). A fault or a failure warns once per kind of failure (through the warn hook)
     /// and gives 0.
     ///
     /// # Examples
@@ -231,7 +231,7 @@ macro_rules! write_site {
 }
 
 write_site!(
-    /// Writes `value` to `msr` (WRMSR). A fault or a failure warns once per site (through
+    /// Writes `value` to `msr` (WRMSR). A fault or a failure warns once per kind of failure (through
     /// the warn hook) and is otherwise ignored.
     ///
     /// # Safety
@@ -264,7 +264,7 @@ write_site!(
 
 write_site!(
     /// Writes `value` to `msr` without serialising where the CPU allows (WRMSRNS when
-    /// patched natively; on Xen PV the same stub as [`wrmsr`]). Warns once per site on
+    /// patched natively; on Xen PV the same stub as [`wrmsr`]). Warns once per kind of failure on
     /// failure.
     ///
     /// # Safety
@@ -284,7 +284,7 @@ write_site!(
 );
 
 read_site!(
-    /// Reads performance counter `counter` (RDPMC). A fault or failure warns once per site
+    /// Reads performance counter `counter` (RDPMC). A fault or failure warns once per kind of failure
     /// and gives 0.
     ///
     /// # Safety
@@ -377,7 +377,7 @@ macro_rules! imm_site_asm {
 
 /// Reads the constant MSR `MSR` into a 64-bit value (RDMSR; the immediate form
 /// `rdmsr $MSR, %rax` when patched natively on a CPU that has it). A fault or a failure
-/// warns once per site (through the warn hook) and gives 0.
+/// warns once per kind of failure (through the warn hook) and gives 0.
 ///
 /// The site's contract: `ecx` = `MSR` (loaded by the compiler, so every variant and the
 /// warn hook see the index), out `rax` = the whole value, `rdx` clobbered. The site is
@@ -441,7 +441,7 @@ pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
 
 /// Writes `value` to the constant MSR `MSR` without serialising where the CPU allows
 /// (the immediate form `wrmsrns %rax, $MSR`, else WRMSRNS, else WRMSR when patched
-/// natively; on Xen PV the write stub). A fault or a failure warns once per site and is
+/// natively; on Xen PV the write stub). A fault or a failure warns once per kind of failure and is
 /// otherwise ignored.
 ///
 /// The site's contract: `ecx` = `MSR`, `rax` = the whole value and `edx` = its high half,

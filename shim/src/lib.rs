@@ -91,7 +91,9 @@ pub enum Platform {
 /// What an unchecked (non-`_safe`) access does when it faults.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UncheckedPolicy {
-    /// The access reads 0 (a write is dropped) and the warn hook runs once per call site.
+    /// The access reads 0 (a write is dropped) and the warn hook runs once per kind of
+    /// failure: the instruction (RDMSR, WRMSR, RDPMC) and the error, wherever it happens
+    /// (see `UncheckedAccess::warning_kind`).
     #[default]
     WarnOnce,
     /// The access reads 0 (a write is dropped) silently, like Linux's `xen_msr_safe=1`.
@@ -105,7 +107,7 @@ pub struct Config {
     pub platform: Platform,
     /// What unchecked accesses do when they fault.
     pub unchecked: UncheckedPolicy,
-    /// Called once per call site when an unchecked access faults (with
+    /// Called once per kind of failure (instruction and error) when an unchecked access fails (with
     /// [`UncheckedPolicy::WarnOnce`]).
     pub warn: fn(&UncheckedAccess),
     /// Where the library's own messages go.

@@ -11,20 +11,18 @@ static WARNINGS: AtomicU32 = AtomicU32::new(0);
 static LAST_WARN_MSR: AtomicU64 = AtomicU64::new(0);
 static LAST_WARN_SITE: AtomicUsize = AtomicUsize::new(0);
 
-/// Warnings per call site: `(site, count)`, for the check that no site warns twice when
-/// every vCPU runs the same unchecked accesses.
-static PER_SITE: spin::Mutex<[(usize, u32); 128]> = spin::Mutex::new([(0, 0); 128]);
+/// Warnings per kind of failure: `(kind, count)` (see `UncheckedAccess::warning_kind`), for
+/// the check that no kind warns twice when every vCPU runs the same unchecked accesses.
+static PER_KIND: spin::Mutex<[(u64, u32); 128]> = spin::Mutex::new([(0, 0); 128]);
 
 fn warn(access: &UncheckedAccess) {
     WARNINGS.fetch_add(1, Ordering::Relaxed);
     {
         // The warn hook runs in the fixup path, with upcalls masked.
-        let mut table = PER_SITE.lock();
-        if let Some(slot) = table
-            .iter_mut()
-            .find(|(site, _)| *site == access.site || *site == 0)
-        {
-            *slot = (access.site, slot.1 + 1);
+        let kind = access.warning_kind();
+        let mut table = PER_KIND.lock();
+        if let Some(slot) = table.iter_mut().find(|(k, _)| *k == kind || *k == 0) {
+            *slot = (kind, slot.1 + 1);
         }
     }
     LAST_WARN_MSR.store(u64::from(access.msr_or_counter), Ordering::Relaxed);
@@ -49,10 +47,10 @@ pub fn warnings() -> (u32, u32, usize) {
     )
 }
 
-/// How many sites warned, the most warnings of one site, and the total.
-pub fn warnings_per_site() -> (usize, u32, u32) {
-    let table = PER_SITE.lock();
-    let used = table.iter().filter(|(site, _)| *site != 0);
+/// How many kinds of failure warned, the most warnings of one kind, and the total.
+pub fn warnings_per_kind() -> (usize, u32, u32) {
+    let table = PER_KIND.lock();
+    let used = table.iter().filter(|(kind, _)| *kind != 0);
     let sites = used.clone().count();
     let max = used.clone().map(|(_, n)| *n).max().unwrap_or(0);
     (sites, max, used.map(|(_, n)| *n).sum())

@@ -1,5 +1,5 @@
 //! The library's routing on Xen PV, after `xenmsr::init`: what each MSR class does, which
-//! hypercalls it makes (counted by the tracing page), and the warn-once rule.
+//! hypercalls it makes (counted by the tracing page), and the warn-once-per-kind rule.
 
 use core::arch::asm;
 use core::hint::black_box;
@@ -34,7 +34,7 @@ pub static TESTS: &[Test] = &[
 /// Tests that must run alone (the other vCPUs parked): one rewrites a call site, the
 /// other counts the warn hook's calls, which any vCPU's unchecked fault would bump.
 pub static SERIAL_TESTS: &[Test] = &[
-    test!(unchecked_fault_warns_once_per_site),
+    test!(unchecked_fault_warns_once_per_kind),
     test!(native_and_xen_sites_side_by_side),
 ];
 
@@ -238,35 +238,56 @@ fn unchecked_read_site_b(msr: u32) -> u64 {
     unsafe { rdmsr(msr) }
 }
 
-fn unchecked_fault_warns_once_per_site() -> TestResult {
+const MSR_UNWARNED_A: u32 = 0xc002_0000;
+const MSR_UNWARNED_B: u32 = 0xc002_0001;
+
+/// One unchecked write site.
+#[inline(never)]
+fn unchecked_write_site(msr: u32, value: u64) {
+    // SAFETY: the MSRs written here are unknown to Xen, which refuses the write.
+    unsafe { xenmsr::wrmsr(msr, value) }
+}
+
+/// An unchecked failure warns once per kind (the instruction and the error), wherever it
+/// happens: the same failing read again, at a second site (an unrolled loop's copies), or
+/// of another MSR stays quiet; a failing write is another kind and warns. (Run right after
+/// `init`, before any other unchecked access has failed.)
+fn unchecked_fault_warns_once_per_kind() -> TestResult {
     let (w0, _, _) = crate::library::warnings();
     check_eq!(
-        unchecked_read_site_a(MSR_BOGUS),
+        unchecked_read_site_a(MSR_UNWARNED_A),
         0u64,
         "first unchecked read"
     );
     let (w1, msr, site_a) = crate::library::warnings();
     check_eq!(w1 - w0, 1, "warnings after the first fault at site A");
-    check_eq!(msr, MSR_BOGUS, "warned MSR");
+    check_eq!(msr, MSR_UNWARNED_A, "warned MSR");
     check_eq!(
-        unchecked_read_site_a(MSR_BOGUS),
+        unchecked_read_site_a(MSR_UNWARNED_A),
         0u64,
         "second unchecked read"
     );
     check_eq!(
-        crate::library::warnings().0 - w0,
-        1,
-        "warnings after the second fault at site A"
+        unchecked_read_site_b(MSR_UNWARNED_A),
+        0u64,
+        "the same read at site B"
     );
     check_eq!(
-        unchecked_read_site_b(MSR_BOGUS),
+        unchecked_read_site_b(MSR_UNWARNED_B),
         0u64,
-        "unchecked read at site B"
+        "another MSR at site B"
     );
-    let (w2, _, site_b) = crate::library::warnings();
-    check_eq!(w2 - w0, 2, "warnings after a fault at site B");
+    check_eq!(
+        crate::library::warnings().0 - w0,
+        1,
+        "warnings after more failing reads (one kind)"
+    );
+    unchecked_write_site(MSR_UNWARNED_B, 1);
+    let (w2, msr, site_c) = crate::library::warnings();
+    check_eq!(w2 - w0, 2, "warnings after a failing write (another kind)");
+    check_eq!(msr, MSR_UNWARNED_B, "second warned MSR");
     check!(
-        site_a != site_b,
+        site_a != site_c,
         "both warnings name the same site {site_a:#x}"
     );
     // A good read at a site that warned still works.
