@@ -15,27 +15,61 @@
 	.hidden xenmsr_stub_rdmsr_rax
 	.type xenmsr_stub_rdmsr_rax,@function
 xenmsr_stub_rdmsr_rax:
+	.cfi_startproc
 	push %rcx
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rcx, 0
 	push %rsi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rsi, 0
 	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
 	push %r8
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r8, 0
 	push %r9
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r9, 0
 	push %r10
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r10, 0
 	push %r11
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r11, 0
 	push %rbp
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rbp, 0
 	mov %rsp, %rbp
+	.cfi_def_cfa_register %rbp
 	and $-16, %rsp
 	mov %ecx, %edi
 	call {handler}
 	leave
+	.cfi_def_cfa %rsp, 64
+	.cfi_restore %rbp
 	neg %rax
 	pop %r11
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r11
 	pop %r10
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r10
 	pop %r9
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r9
 	pop %r8
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r8
 	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
 	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
 	pop %rcx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rcx
 	jc .Lxenmsr_rdmsr_rax_slow
 	mov %rdx, %rax
 	shr $32, %rdx
@@ -52,8 +86,10 @@ xenmsr_stub_rdmsr_rax:
 .Lxenmsr_rdmsr_rax_fail:
 	neg %rax
 	push %rax
+	.cfi_adjust_cfa_offset 8
 .Lxenmsr_rdmsr_rax_trap:
 	ud2
+	.cfi_endproc
 	.size xenmsr_stub_rdmsr_rax, . - xenmsr_stub_rdmsr_rax
 
 	.pushsection xenmsr_extable,"awR",@progbits

@@ -32,10 +32,16 @@
 	.hidden xenmsr_stub_segbase_fs
 	.type xenmsr_stub_segbase_fs,@function
 xenmsr_stub_segbase_fs:
+	.cfi_startproc
 	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
 	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
 	mov ${segbase_fs}, %edi
 	jmp .Lxenmsr_segbase_common
+	.cfi_endproc
 	.size xenmsr_stub_segbase_fs, . - xenmsr_stub_segbase_fs
 
 	.balign 16
@@ -43,10 +49,16 @@ xenmsr_stub_segbase_fs:
 	.hidden xenmsr_stub_segbase_gs_kernel
 	.type xenmsr_stub_segbase_gs_kernel,@function
 xenmsr_stub_segbase_gs_kernel:
+	.cfi_startproc
 	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
 	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
 	mov ${segbase_gs_kernel}, %edi
 	jmp .Lxenmsr_segbase_common
+	.cfi_endproc
 	.size xenmsr_stub_segbase_gs_kernel, . - xenmsr_stub_segbase_gs_kernel
 
 	.balign 16
@@ -54,44 +66,90 @@ xenmsr_stub_segbase_gs_kernel:
 	.hidden xenmsr_stub_segbase_gs_user
 	.type xenmsr_stub_segbase_gs_user,@function
 xenmsr_stub_segbase_gs_user:
+	.cfi_startproc
 	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
 	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
 	mov ${segbase_gs_user}, %edi
 	/* fall through */
+	.cfi_endproc
 	.size xenmsr_stub_segbase_gs_user, . - xenmsr_stub_segbase_gs_user
 
 	.hidden xenmsr_stub_segbase_common
 	.type xenmsr_stub_segbase_common,@function
 xenmsr_stub_segbase_common:
 .Lxenmsr_segbase_common:
+	/* Entered from an entry point above with its return address, rax and rdi pushed. */
+	.cfi_startproc
+	.cfi_adjust_cfa_offset 16
+	.cfi_offset %rax, -16
+	.cfi_offset %rdi, -24
 	push %rsi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rsi, 0
 	push %rdx
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdx, 0
 	push %r10
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r10, 0
 	push %r8
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r8, 0
 	mov %rax, %rsi
 	mov xenmsr_segbase_entry(%rip), %rax
 	call *%rax
 	test %rax, %rax
 	jnz .Lxenmsr_segbase_fail
+	.cfi_remember_state
 	pop %r8
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r8
 	pop %r10
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r10
 	pop %rdx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdx
 	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
 	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
 	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
 	ret
+	.cfi_restore_state
 .Lxenmsr_segbase_fail:
 	neg %rax
 	shl $32, %rax
 	or ${class_hypercall}, %rax
 	pop %r8
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r8
 	pop %r10
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r10
 	pop %rdx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdx
 	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
 	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
 	xchg %rax, (%rsp)
+	/* rax is the caller's again; its slot holds the error code. */
+	.cfi_restore %rax
 .Lxenmsr_segbase_trap:
 	ud2
+	.cfi_endproc
 	.size xenmsr_stub_segbase_common, . - xenmsr_stub_segbase_common
 
 	.pushsection xenmsr_extable,"awR",@progbits

@@ -23,46 +23,98 @@
 	.hidden xenmsr_stub_wrmsr
 	.type xenmsr_stub_wrmsr,@function
 xenmsr_stub_wrmsr:
+	.cfi_startproc
 	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
 	push %rcx
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rcx, 0
 	push %rdx
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdx, 0
 	push %rsi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rsi, 0
 	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
 	push %r8
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r8, 0
 	push %r9
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r9, 0
 	push %r10
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r10, 0
 	push %r11
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %r11, 0
 	push %rbp
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rbp, 0
 	mov %rsp, %rbp
+	.cfi_def_cfa_register %rbp
 	and $-16, %rsp
 	mov %ecx, %edi
 	mov %eax, %esi
 	call {handler}
 	leave
+	.cfi_def_cfa %rsp, 80
+	.cfi_restore %rbp
 	neg %rax
 	pop %r11
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r11
 	pop %r10
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r10
 	pop %r9
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r9
 	pop %r8
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %r8
 	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
 	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
 	pop %rdx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdx
 	pop %rcx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rcx
 	jc .Lxenmsr_wrmsr_slow
+	/* From here the paths differ in what is on the stack: each keeps its own CFI state. */
+	.cfi_remember_state
 	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
 	ret
+	.cfi_restore_state
 .Lxenmsr_wrmsr_slow:
 	cmp ${neg_native}, %rax
 	jne .Lxenmsr_wrmsr_fail
+	.cfi_remember_state
 	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
 .Lxenmsr_wrmsr_native:
 	wrmsr
 	ret
+	.cfi_restore_state
 .Lxenmsr_wrmsr_fail:
 	neg %rax
 	xchg %rax, (%rsp)
+	/* rax is the caller's again; its slot holds the error code. */
+	.cfi_restore %rax
 .Lxenmsr_wrmsr_trap:
 	ud2
+	.cfi_endproc
 	.size xenmsr_stub_wrmsr, . - xenmsr_stub_wrmsr
 
 	.pushsection xenmsr_extable,"awR",@progbits

@@ -54,6 +54,7 @@ struct ThreadState {
     fixups_sigill: Cell<u64>,
     fixups_sigsegv: Cell<u64>,
     warnings: RefCell<Vec<UncheckedAccess>>,
+    probe: Cell<Option<fn()>>,
 }
 
 thread_local! {
@@ -65,8 +66,15 @@ thread_local! {
             fixups_sigill: Cell::new(0),
             fixups_sigsegv: Cell::new(0),
             warnings: RefCell::new(Vec::new()),
+            probe: Cell::new(None),
         }
     };
+}
+
+/// Sets a function the backend calls (on this thread) at every access it is asked about,
+/// from inside the handler the stub called: the unwinding test takes a backtrace there.
+pub fn set_probe(probe: Option<fn()>) {
+    STATE.with(|s| s.probe.set(probe));
 }
 
 fn current_rsp() -> u64 {
@@ -102,6 +110,9 @@ fn poison_caller_saved() {
 }
 
 fn note(op: Op, msr: u32, value: u64) -> Outcome {
+    if let Some(probe) = STATE.with(|s| s.probe.get()) {
+        probe();
+    }
     poison_caller_saved();
     let call = Call {
         op,
