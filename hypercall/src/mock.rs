@@ -27,9 +27,10 @@
 //!
 //! - In: `eax` = hypercall number; `rdi, rsi, rdx, r10, r8` = arguments 1-5; a return
 //!   address on the stack (any alignment).
-//! - Out: `rax` = the result. `rdi, rsi, rdx, r10, r8` hold [`POISON`], as a debug Xen
-//!   leaves them, so calling code that forgot a clobber breaks; `rcx` and `r11` also hold
-//!   [`POISON`] (the entry restores them, as Xen's does after `syscall`).
+//! - Out: `rax` = the result. The argument registers the hypercall uses ([`args_used`])
+//!   hold [`POISON`], as a debug Xen leaves them, so calling code that forgot a clobber
+//!   breaks; the others keep their values; `rcx` and `r11` also hold [`POISON`] (the entry
+//!   restores them, as Xen's does after `syscall`).
 //! - Preserved: every other general register (`rbx, rbp, rsp, r9, r12-r15`), the x87,
 //!   MMX, SSE and AVX state (saved with `xsave64` of every component enabled in XCR0, or
 //!   `fxsave64` without XSAVE), and MXCSR. Flags are not preserved (no Rust `asm!` block
@@ -59,8 +60,36 @@ use std::sync::atomic::AtomicU64;
 use crate::page::{ENTRIES, ENTRY_SIZE};
 use crate::{Errno, HypercallPage, nr};
 
-/// The value the trampoline leaves in the five argument registers (and `rcx`/`r11`).
+/// The value the trampoline leaves in the argument registers the hypercall uses (see
+/// [`args_used`]) and in `rcx`/`r11`.
 pub const POISON: u64 = 0xdead_beef_dead_f00d;
+
+/// How many argument registers (of `rdi, rsi, rdx, r10, r8`, in that order) hypercall
+/// `nr` takes on 64-bit PV. A debug build of Xen overwrites exactly these on return (a
+/// release build leaves them), so the mock does too: code that relies on another argument
+/// register surviving a hypercall is right, and code that relies on a used one is caught.
+/// Unknown numbers count as using all five.
+pub const fn args_used(nr: u32) -> usize {
+    match nr {
+        nr::IRET => 0,
+        nr::SET_TRAP_TABLE => 1,
+        nr::SET_GDT
+        | nr::STACK_SWITCH
+        | nr::MEMORY_OP
+        | nr::MULTICALL
+        | nr::XEN_VERSION
+        | nr::VM_ASSIST
+        | nr::SET_SEGMENT_BASE
+        | nr::SCHED_OP
+        | nr::CALLBACK_OP
+        | nr::EVENT_CHANNEL_OP
+        | nr::PHYSDEV_OP
+        | nr::XENPMU_OP => 2,
+        nr::SET_CALLBACKS | nr::UPDATE_VA_MAPPING | nr::CONSOLE_IO | nr::VCPU_OP => 3,
+        nr::MMU_UPDATE | nr::MMUEXT_OP => 4,
+        _ => 5,
+    }
+}
 
 /// What a call returns when its handler panicked: `-4095`, the last value of the errno
 /// range, which no real hypercall returns.
@@ -134,13 +163,14 @@ core::arch::global_asm!(
     ".Lxenmsr_hc_mock_restored:",
     "mov rax, qword ptr [rbp - 56]",
     "mov r9, qword ptr [rbp - 8]",
-    "movabs rdi, {poison}",
-    "mov rsi, rdi",
-    "mov rdx, rdi",
-    "mov r10, rdi",
-    "mov r8, rdi",
-    "mov rcx, rdi",
-    "mov r11, rdi",
+    // The argument registers as `dispatch` left them: poisoned if the hypercall uses them.
+    "mov rdi, qword ptr [rbp - 48]",
+    "mov rsi, qword ptr [rbp - 40]",
+    "mov rdx, qword ptr [rbp - 32]",
+    "mov r10, qword ptr [rbp - 24]",
+    "mov r8, qword ptr [rbp - 16]",
+    "movabs rcx, {poison}",
+    "mov r11, rcx",
     "mov rsp, rbp",
     "pop rbp",
     ".cfi_def_cfa rsp, 8",
@@ -207,8 +237,13 @@ thread_local! {
 }
 
 /// The Rust side of the trampoline, called with the C ABI.
-extern "C" fn dispatch(nr: u32, args: &[u64; 5]) -> i64 {
-    let args = *args;
+/// Answers one call. `args` are the trampoline's saved argument registers, reloaded from
+/// there on return: the ones the hypercall uses are overwritten with [`POISON`].
+extern "C" fn dispatch(nr: u32, saved: &mut [u64; 5]) -> i64 {
+    let args = *saved;
+    for reg in saved.iter_mut().take(args_used(nr)) {
+        *reg = POISON;
+    }
     let outcome = catch_unwind(AssertUnwindSafe(|| answer(nr, args)));
     match outcome {
         Ok(ret) => ret,
