@@ -36,13 +36,19 @@ static BACKEND: Once<&'static dyn MsrBackend> = Once::new();
 
 /// Registers the backend the stubs consult. The first registration wins; later calls
 /// return `false` and change nothing, so the routing of a running kernel cannot be
-/// swapped underneath it.
+/// swapped underneath it. From then on the read stub asks the backend about every read,
+/// until [`crate::fastpath::install_read_filter`] names the reads it needs.
 pub fn set_backend(backend: &'static dyn MsrBackend) -> bool {
     let mut installed = false;
     BACKEND.call_once(|| {
         installed = true;
         backend
     });
+    if installed {
+        // The read stub's fast path must not pass a read through behind the backend's
+        // back: every read is the backend's until a read filter narrows it down.
+        crate::fastpath::divert_all_reads();
+    }
     installed
 }
 

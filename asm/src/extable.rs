@@ -77,6 +77,10 @@ pub mod flags {
     pub const CARRIES_ERROR: u32 = 1 << 13;
     /// Set at run time on an unchecked entry once its warning has been reported.
     pub const WARNED: u32 = 1 << 14;
+    /// (Rewind entries) the last of the skipped words, just above the return address,
+    /// holds the caller's `rax`, which the rewind puts back (the stub had to use `rax`
+    /// for the faulting instruction's operand).
+    pub const RESTORES_RAX: u32 = 1 << 15;
     /// Every flag bit.
     pub const MASK: u32 = 0xf << 12;
 }
@@ -141,6 +145,18 @@ impl Data {
             0
         };
         Data::new(Kind::Rewind, skip, flags, -(crate::CALL_LEN as i16))
+    }
+
+    /// A rewind entry whose `skip` words (at least one) end with the caller's saved
+    /// `rax`, which the rewind restores; the error is the fault itself.
+    pub const fn rewind_restoring_rax(skip: u8) -> Data {
+        assert!(skip >= 1, "the saved rax occupies one skipped word");
+        Data::new(
+            Kind::Rewind,
+            skip,
+            flags::RESTORES_RAX,
+            -(crate::CALL_LEN as i16),
+        )
     }
 
     /// The raw word, for `const` operands of `asm!`.

@@ -282,6 +282,14 @@ unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<MsrErr
     } else {
         MsrError::Fault { vector }
     };
+    if data.has(flags::RESTORES_RAX) {
+        if skip == 0 {
+            return None;
+        }
+        // SAFETY: as above: the last skipped word, right below the return address, is the
+        // caller's rax the stub saved.
+        frame.rax = unsafe { ((ret_slot - 8) as *const u64).read_unaligned() };
+    }
     // SAFETY: as above: the return address sits right above the skipped words.
     let ret = unsafe { (ret_slot as *const u64).read_unaligned() };
     frame.rip = ret.wrapping_add_signed(i64::from(data.imm()));

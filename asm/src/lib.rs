@@ -19,6 +19,7 @@ pub mod backend;
 pub mod cpuid;
 pub(crate) mod error;
 pub mod extable;
+pub mod fastpath;
 pub mod fixup;
 pub mod native;
 pub mod patch;

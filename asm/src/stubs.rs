@@ -41,9 +41,57 @@ pub const REWIND_ERROR: Data = Data::rewind(1, true);
 
 const NEG_NATIVE: i64 = -(STATUS_NATIVE as i64);
 
-/// Assembles one generic stub (a `.S` file next to this module) with the operands every
-/// generic stub uses: its C-ABI handler, the "native" status, and its two rewind entries.
-macro_rules! generic_stub {
+/// Data word of the rewind entry on the write stub's WRFSBASE/WRGSBASE: two words above
+/// the return address (the value, then the caller's rax, which the rewind restores); the
+/// error is the fault itself.
+pub const REWIND_RESTORE_RAX: Data = Data::rewind_restoring_rax(2);
+
+/// `MsrError::Fault { vector: 13 }` as a code: what the write stub reports for a
+/// non-canonical FS or GS base it refuses before WRFSBASE would #GP.
+const FAULT_GP_CODE: u64 = crate::MsrError::Fault {
+    vector: crate::VECTOR_GP,
+}
+.to_code();
+
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+// The read stub: the read filter's fast path, then the policy.
+global_asm!(
+    include_str!("stubs/rdmsr.S"),
+    handler = sym xenmsr_handle_read,
+    filter = sym crate::fastpath::xenmsr_read_filter,
+    divert = const crate::fastpath::READ_FILTER_DIVERT,
+    mul = const crate::fastpath::READ_FILTER_MUL,
+    keys = const crate::fastpath::READ_FILTER_KEYS,
+    kinds = const crate::fastpath::READ_FILTER_KINDS,
+    shift = const crate::fastpath::READ_FILTER_SHIFT,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    options(att_syntax)
+);
+
+// The write stub: the segment-base fast paths, then the policy.
+global_asm!(
+    include_str!("stubs/wrmsr.S"),
+    handler = sym xenmsr_handle_write,
+    segbase_entry = sym xenmsr_segbase_entry,
+    fsgsbase = sym crate::fastpath::xenmsr_fsgsbase_enabled,
+    fs_base = const MSR_FS_BASE,
+    kernel_gs_base = const MSR_KERNEL_GS_BASE,
+    fault_gp = const FAULT_GP_CODE,
+    class_hypercall = const crate::error::CLASS_HYPERCALL,
+    neg_native = const NEG_NATIVE,
+    rewind_native = const REWIND_NATIVE.bits(),
+    rewind_error = const REWIND_ERROR.bits(),
+    rewind_restore_rax = const REWIND_RESTORE_RAX.bits(),
+    options(att_syntax)
+);
+
+/// Assembles a stub that always asks the policy (a `.S` file next to this module) with
+/// its C-ABI handler, the "native" status, and its two rewind entries.
+macro_rules! policy_stub {
     ($file:literal, $handler:path) => {
         global_asm!(
             include_str!($file),
@@ -56,16 +104,15 @@ macro_rules! generic_stub {
     };
 }
 
-generic_stub!("stubs/rdmsr.S", xenmsr_handle_read);
-generic_stub!("stubs/rdmsr_rax.S", xenmsr_handle_read);
-generic_stub!("stubs/wrmsr.S", xenmsr_handle_write);
-generic_stub!("stubs/rdpmc.S", xenmsr_handle_rdpmc);
+policy_stub!("stubs/rdmsr_rax.S", xenmsr_handle_read);
+policy_stub!("stubs/rdpmc.S", xenmsr_handle_rdpmc);
 
 global_asm!(
     include_str!("stubs/segbase.S"),
     segbase_fs = const SegmentBase::FS.0,
     segbase_gs_kernel = const SegmentBase::GS_KERNEL.0,
     segbase_gs_user = const SegmentBase::GS_USER.0,
+    segbase_entry = sym xenmsr_segbase_entry,
     class_hypercall = const crate::error::CLASS_HYPERCALL,
     rewind_error = const REWIND_ERROR.bits(),
     options(att_syntax)

@@ -189,8 +189,9 @@ unsafe extern "C" {
     fn xenmsr_hc_mock_trampoline();
 }
 
-/// One recorded hypercall: its number and the five argument registers as the entry saw
-/// them.
+/// One recorded hypercall: its number and its arguments as the entry saw them. Argument
+/// registers the hypercall does not use ([`args_used`]) are recorded as 0: Xen never reads
+/// them, so callers may leave anything there (the stubs do).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MockCall {
     /// The hypercall number (`rax`).
@@ -261,8 +262,12 @@ extern "C" fn dispatch(nr: u32, saved: &mut [u64; 5]) -> i64 {
 }
 
 fn answer(nr: u32, args: [u64; 5]) -> i64 {
+    let mut used = args;
+    for unused in used.iter_mut().skip(args_used(nr)) {
+        *unused = 0;
+    }
     let scripted = STATE.with_borrow_mut(|s| {
-        s.calls.push(MockCall { nr, args });
+        s.calls.push(MockCall { nr, args: used });
         s.scripts.get_mut(&nr).and_then(VecDeque::pop_front)
     });
     if let Some(ret) = scripted {

@@ -23,7 +23,9 @@ fn unscripted_calls_return_zero_and_are_recorded() {
     // SAFETY: the mock touches no memory.
     let ret = unsafe { m.page().call_raw(17, [1, 2, 3, 4, 5]) };
     assert_eq!(ret, 0);
-    mock::assert_calls(&[MockCall::new(17, [1, 2, 3, 4, 5])]);
+    // Hypercall 17 (xen_version) takes two arguments: the others are recorded as 0.
+    assert_eq!(mock::args_used(17), 2);
+    mock::assert_calls(&[MockCall::new(17, [1, 2, 0, 0, 0])]);
 }
 
 #[test]
@@ -54,7 +56,11 @@ fn every_entry_reaches_the_dispatcher_with_its_number() {
     let calls = mock::take_calls();
     assert_eq!(calls.len(), 128);
     for (n, call) in calls.iter().enumerate() {
-        assert_eq!(*call, MockCall::new(n as u32, [n as u64; 5]));
+        let mut args = [n as u64; 5];
+        for unused in args.iter_mut().skip(mock::args_used(n as u32)) {
+            *unused = 0;
+        }
+        assert_eq!(*call, MockCall::new(n as u32, args));
     }
 }
 

@@ -5,15 +5,25 @@
  *   out:       eax = low half, edx = high half; the upper halves of rax and rdx are zero
  *   preserved: every other GPR (including all of rcx) and rsp
  *   clobbered: flags
+ *   stack:     16-byte aligned at the site's `call` (every Rust `asm!` block without
+ *              `nostack` guarantees it), so rsp = 8 (mod 16) here
  *
  * Entered only by the 5-byte `call` of a site that has its own extable entry.
- * Calls `xenmsr_handle_read(msr: u32) -> RawOutcome` (C ABI, rax = status, rdx = value):
+ *
+ * Fast path, no Rust: the read filter (fastpath.rs). Unless it diverts every read, or the
+ * MSR is one of its keys, the stub executes RDMSR itself (Xen traps and emulates it). A
+ * fault there is reported at the caller's call site (REWIND entry, skip 0, Fault).
+ * A key's kind 1 or 2 reads the FS or kernel GS base with RDFSBASE/RDGSBASE (a #UD, were
+ * CR4.FSGSBASE off on this CPU, is reported the same way); kind 0 asks the policy:
+ *
+ * Policy path: saves the caller-saved registers that are not outputs (7 pushes keep the
+ * stack aligned for the call), calls `xenmsr_handle_read(msr: u32) -> RawOutcome` (C ABI,
+ * rax = status, rdx = value):
  *   status 0: done, rdx = value;
- *   status 1: execute the real RDMSR here (REWIND entry, skip 0: a fault is reported at
- *             the caller's call site as Fault);
+ *   status 1: execute the real RDMSR (the fast path's, with its REWIND entry);
  *   else:     error code; push it and trap at ud2 (REWIND entry, skip 1, carries error).
  * `neg` sets CF exactly when the status is not 0, and the pops that follow keep the flags,
- * so one `jc` leaves the fast path for both "native" and "failed".
+ * so one `jc` leaves for both "native" and "failed".
  */
 	.pushsection .text.xenmsr_stub_rdmsr,"ax",@progbits
 	.balign 16
@@ -22,6 +32,34 @@
 	.type xenmsr_stub_rdmsr,@function
 xenmsr_stub_rdmsr:
 	.cfi_startproc
+	cmpb $0, {filter}+{divert}(%rip)
+	jne .Lxenmsr_rdmsr_policy
+	mov %ecx, %eax
+	imull {filter}+{mul}(%rip), %eax
+	shr ${shift}, %eax
+	lea {filter}+{keys}(%rip), %rdx
+	cmp %ecx, (%rdx,%rax,4)
+	je .Lxenmsr_rdmsr_hit
+.Lxenmsr_rdmsr_native:
+	rdmsr
+	ret
+.Lxenmsr_rdmsr_hit:
+	movzbl {kinds}-{keys}(%rdx,%rax), %eax
+	test %eax, %eax
+	jz .Lxenmsr_rdmsr_policy
+	cmp $1, %eax
+	jne .Lxenmsr_rdmsr_gs
+.Lxenmsr_rdmsr_fs:
+	rdfsbase %rax
+	jmp .Lxenmsr_rdmsr_split
+.Lxenmsr_rdmsr_gs:
+	rdgsbase %rax
+.Lxenmsr_rdmsr_split:
+	mov %rax, %rdx
+	shr $32, %rdx
+	mov %eax, %eax
+	ret
+.Lxenmsr_rdmsr_policy:
 	push %rcx
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %rcx, 0
@@ -43,17 +81,8 @@ xenmsr_stub_rdmsr:
 	push %r11
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %r11, 0
-	push %rbp
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %rbp, 0
-	mov %rsp, %rbp
-	.cfi_def_cfa_register %rbp
-	and $-16, %rsp
 	mov %ecx, %edi
 	call {handler}
-	leave
-	.cfi_def_cfa %rsp, 64
-	.cfi_restore %rbp
 	neg %rax
 	pop %r11
 	.cfi_adjust_cfa_offset -8
@@ -82,11 +111,7 @@ xenmsr_stub_rdmsr:
 	ret
 .Lxenmsr_rdmsr_slow:
 	cmp ${neg_native}, %rax
-	jne .Lxenmsr_rdmsr_fail
-.Lxenmsr_rdmsr_native:
-	rdmsr
-	ret
-.Lxenmsr_rdmsr_fail:
+	je .Lxenmsr_rdmsr_native
 	neg %rax
 	push %rax
 	.cfi_adjust_cfa_offset 8
@@ -99,6 +124,12 @@ xenmsr_stub_rdmsr:
 	.balign 4
 	.long .Lxenmsr_rdmsr_native - .
 	.long .Lxenmsr_rdmsr_native - .
+	.long {rewind_native}
+	.long .Lxenmsr_rdmsr_fs - .
+	.long .Lxenmsr_rdmsr_fs - .
+	.long {rewind_native}
+	.long .Lxenmsr_rdmsr_gs - .
+	.long .Lxenmsr_rdmsr_gs - .
 	.long {rewind_native}
 	.long .Lxenmsr_rdmsr_trap - .
 	.long .Lxenmsr_rdmsr_trap - .

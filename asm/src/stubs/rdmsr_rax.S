@@ -5,6 +5,8 @@
  *   out:       rax = the whole 64-bit value, rdx = its high half (zero-extended)
  *   preserved: every other GPR (including all of rcx) and rsp
  *   clobbered: flags
+ *   stack:     16-byte aligned at the site's `call` (every Rust `asm!` block without
+ *              `nostack` guarantees it): the 7 pushes below keep it aligned for the call
  *
  * The same structure as xenmsr_stub_rdmsr (see rdmsr.S); only the output shuffles differ.
  * Callers' extable entries carry RAX_CONTRACT, so a failure zeroes rax.
@@ -37,17 +39,8 @@ xenmsr_stub_rdmsr_rax:
 	push %r11
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %r11, 0
-	push %rbp
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %rbp, 0
-	mov %rsp, %rbp
-	.cfi_def_cfa_register %rbp
-	and $-16, %rsp
 	mov %ecx, %edi
 	call {handler}
-	leave
-	.cfi_def_cfa %rsp, 64
-	.cfi_restore %rbp
 	neg %rax
 	pop %r11
 	.cfi_adjust_cfa_offset -8

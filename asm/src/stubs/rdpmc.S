@@ -5,6 +5,8 @@
  *   out:       eax = low half, edx = high half; the upper halves of rax and rdx are zero
  *   preserved: every other GPR (including all of rcx) and rsp
  *   clobbered: flags
+ *   stack:     16-byte aligned at the site's `call` (every Rust `asm!` block without
+ *              `nostack` guarantees it): the 7 pushes below keep it aligned for the call
  *
  * Entered only by the 5-byte `call` of a site that has its own extable entry.
  * Calls `xenmsr_handle_rdpmc(counter: u32) -> RawOutcome` (C ABI, rax = status, rdx = value):
@@ -43,17 +45,8 @@ xenmsr_stub_rdpmc:
 	push %r11
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %r11, 0
-	push %rbp
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %rbp, 0
-	mov %rsp, %rbp
-	.cfi_def_cfa_register %rbp
-	and $-16, %rsp
 	mov %ecx, %edi
 	call {handler}
-	leave
-	.cfi_def_cfa %rsp, 64
-	.cfi_restore %rbp
 	neg %rax
 	pop %r11
 	.cfi_adjust_cfa_offset -8

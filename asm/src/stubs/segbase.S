@@ -1,6 +1,7 @@
 /*
  * xenmsr_stub_segbase_fs, _gs_kernel, _gs_user: the Xen PV variant of a constant-index
- * write site whose MSR is FS_BASE, GS_BASE or KERNEL_GS_BASE. The index is known when the
+ * write site whose MSR is FS_BASE, GS_BASE or KERNEL_GS_BASE, when the route is the
+ * hypercall (FSGSBASE off, or always for KERNEL_GS_BASE). The index is known when the
  * site is patched, so the route is too: the stub makes the one hypercall the policy would
  * make, HYPERVISOR_set_segment_base(which, value), with no Rust and no dispatch.
  *
@@ -11,20 +12,21 @@
  *   clobbered: flags
  *
  * Entered only by the `call` that starts a 9-byte constant-index write site, which has
- * its own extable entry. The hypercall goes through the page entry for
+ * its own extable entry. The hypercall goes straight through the page entry for
  * set_segment_base that `xenmsr_segbase_entry` holds (stored by `init` before any site is
- * patched to these stubs). A hypercall page entry preserves everything except rax and the
- * five argument registers, which are saved here (debug Xen poisons the ones it uses; the
- * mock page poisons all five). No Rust is called, so no stack alignment is needed.
+ * patched to these stubs). A hypercall page entry preserves everything but rax and the
+ * argument registers the hypercall uses (rdi and rsi here; a debug Xen overwrites them;
+ * the mock page does too), which are saved. No Rust is called, so the stack's alignment
+ * does not matter.
  *
  *   result 0:  restore everything and return;
- *   -errno:    encode MsrError::Hypercall(errno) (class 3 in the low byte, errno << 32), restore
- *              everything, leave the code just above the return address, and trap at ud2
- *              (REWIND entry, skip 1, carries error): the caller's write-safe or write
- *              entry then runs exactly as for the generic stub.
+ *   -errno:    encode MsrError::Hypercall(errno) (class 3 in the low byte, errno << 32),
+ *              restore everything, leave the code just above the return address, and trap
+ *              at ud2 (REWIND entry, skip 1, carries error): the caller's write-safe or
+ *              write entry then runs exactly as for the generic stub.
  *
- * The caller's rax is saved first, so that after the other registers are popped it is
- * the word above the return address, where `xchg` swaps the error code in.
+ * The caller's rax is saved first, so that after rdi and rsi are popped it is the word
+ * above the return address, where `xchg` swaps the error code in.
  */
 	.pushsection .text.xenmsr_stub_segbase,"ax",@progbits
 	.balign 16
@@ -90,30 +92,11 @@ xenmsr_stub_segbase_common:
 	push %rsi
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %rsi, 0
-	push %rdx
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %rdx, 0
-	push %r10
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %r10, 0
-	push %r8
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %r8, 0
 	mov %rax, %rsi
-	mov xenmsr_segbase_entry(%rip), %rax
-	call *%rax
+	call *{segbase_entry}(%rip)
 	test %rax, %rax
 	jnz .Lxenmsr_segbase_fail
 	.cfi_remember_state
-	pop %r8
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %r8
-	pop %r10
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %r10
-	pop %rdx
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %rdx
 	pop %rsi
 	.cfi_adjust_cfa_offset -8
 	.cfi_restore %rsi
@@ -129,15 +112,6 @@ xenmsr_stub_segbase_common:
 	neg %rax
 	shl $32, %rax
 	or ${class_hypercall}, %rax
-	pop %r8
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %r8
-	pop %r10
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %r10
-	pop %rdx
-	.cfi_adjust_cfa_offset -8
-	.cfi_restore %rdx
 	pop %rsi
 	.cfi_adjust_cfa_offset -8
 	.cfi_restore %rsi

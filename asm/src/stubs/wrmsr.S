@@ -5,12 +5,31 @@
  *   out:       nothing
  *   preserved: every GPR and rsp
  *   clobbered: flags
+ *   stack:     16-byte aligned at the site's `call` (every Rust `asm!` block without
+ *              `nostack` guarantees it), so rsp = 8 (mod 16) here
  *
  * Entered only by the 5-byte `call` of a site that has its own extable entry.
- * Calls `xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome` (C ABI: edi, esi,
- * edx; hi is already in edx, so the value is never recombined here):
+ *
+ * Segment bases, no Rust. FS_BASE, GS_BASE and KERNEL_GS_BASE (0xc0000100-102) once
+ * `init` has stored the hypercall page's set_segment_base entry (`xenmsr_segbase_entry`):
+ *  - with FSGSBASE enabled (`xenmsr_fsgsbase_enabled`), FS_BASE and GS_BASE are written
+ *    with WRFSBASE/WRGSBASE. A non-canonical value, which would #GP there, is refused
+ *    before the instruction with the error a #GP gives (Fault 13) through the ud2 below,
+ *    so the caller sees what a faulting WRFSBASE at its own site gives. A #UD (were
+ *    CR4.FSGSBASE off on this CPU) is reported at the caller's site too: its REWIND entry
+ *    skips the two words above the return address and restores rax from the second.
+ *  - otherwise, and always for KERNEL_GS_BASE (a PV kernel cannot reach the user GS base
+ *    with an instruction), HYPERVISOR_set_segment_base(which, edx:eax) through the page
+ *    entry, called directly. which = 0 (FS), 2 (GS_KERNEL), 1 (GS_USER) for the MSR's low
+ *    byte 0, 1, 2: (0x18 >> 2*cl) & 3. The entry clobbers rax and the argument registers
+ *    the hypercall uses (rdi, rsi: a debug Xen overwrites them), which are saved. A failure
+ *    is MsrError::Hypercall(errno) through the ud2.
+ *
+ * Everything else: the policy path. 9 pushes keep the stack aligned for the call of
+ * `xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome` (C ABI: edi, esi, edx;
+ * hi is already in edx):
  *   status 0: done;
- *   status 1: restore everything and execute the real WRMSR here (REWIND entry, skip 0);
+ *   status 1: restore everything and execute the real WRMSR (REWIND entry, skip 0);
  *   else:     error code. The caller's rax is the last saved word; `xchg` swaps the code
  *             into that slot and the caller's rax back into rax, so every register is the
  *             caller's again and the code sits just above the return address for the
@@ -24,6 +43,104 @@
 	.type xenmsr_stub_wrmsr,@function
 xenmsr_stub_wrmsr:
 	.cfi_startproc
+	cmp ${fs_base}, %ecx
+	jb .Lxenmsr_wrmsr_policy
+	cmp ${kernel_gs_base}, %ecx
+	ja .Lxenmsr_wrmsr_policy
+	cmpq $0, {segbase_entry}(%rip)
+	je .Lxenmsr_wrmsr_policy
+	cmpb $0, {fsgsbase}(%rip)
+	je .Lxenmsr_wrmsr_hypercall
+	cmp ${kernel_gs_base}, %ecx
+	je .Lxenmsr_wrmsr_hypercall
+	.cfi_remember_state
+	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
+	push %rax
+	.cfi_adjust_cfa_offset 8
+	mov %edx, 4(%rsp)
+	mov (%rsp), %rax
+	shl $16, %rax
+	sar $16, %rax
+	cmp %rax, (%rsp)
+	jne .Lxenmsr_wrmsr_noncanonical
+	cmp ${fs_base}, %ecx
+	jne .Lxenmsr_wrmsr_wrgs
+.Lxenmsr_wrmsr_wrfs:
+	wrfsbase %rax
+	jmp .Lxenmsr_wrmsr_fsgs_done
+.Lxenmsr_wrmsr_wrgs:
+	wrgsbase %rax
+.Lxenmsr_wrmsr_fsgs_done:
+	add $8, %rsp
+	.cfi_adjust_cfa_offset -8
+	.cfi_remember_state
+	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
+	ret
+	.cfi_restore_state
+.Lxenmsr_wrmsr_noncanonical:
+	/* Entered with the value, the caller's rax and the return address on the stack. */
+	.cfi_adjust_cfa_offset 8
+	add $8, %rsp
+	.cfi_adjust_cfa_offset -8
+	movabs ${fault_gp}, %rax
+	xchg %rax, (%rsp)
+	.cfi_restore %rax
+	jmp .Lxenmsr_wrmsr_trap
+	.cfi_restore_state
+.Lxenmsr_wrmsr_hypercall:
+	push %rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rax, 0
+	push %rdi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rdi, 0
+	push %rsi
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset %rsi, 0
+	mov %edx, %esi
+	shl $32, %rsi
+	mov %eax, %eax
+	or %rax, %rsi
+	mov $0x18, %edi
+	shr %cl, %edi
+	shr %cl, %edi
+	and $3, %edi
+	call *{segbase_entry}(%rip)
+	test %rax, %rax
+	jnz .Lxenmsr_wrmsr_hcfail
+	.cfi_remember_state
+	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
+	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
+	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
+	ret
+	.cfi_restore_state
+.Lxenmsr_wrmsr_hcfail:
+	neg %rax
+	shl $32, %rax
+	or ${class_hypercall}, %rax
+	pop %rsi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rsi
+	pop %rdi
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rdi
+	xchg %rax, (%rsp)
+	.cfi_restore %rax
+	jmp .Lxenmsr_wrmsr_trap
+.Lxenmsr_wrmsr_policy:
+	/* (the entry's state: nothing above the return address) */
+	.cfi_def_cfa %rsp, 8
+	.cfi_restore %rax
 	push %rax
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %rax, 0
@@ -51,18 +168,9 @@ xenmsr_stub_wrmsr:
 	push %r11
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %r11, 0
-	push %rbp
-	.cfi_adjust_cfa_offset 8
-	.cfi_rel_offset %rbp, 0
-	mov %rsp, %rbp
-	.cfi_def_cfa_register %rbp
-	and $-16, %rsp
 	mov %ecx, %edi
 	mov %eax, %esi
 	call {handler}
-	leave
-	.cfi_def_cfa %rsp, 80
-	.cfi_restore %rbp
 	neg %rax
 	pop %r11
 	.cfi_adjust_cfa_offset -8
@@ -89,7 +197,6 @@ xenmsr_stub_wrmsr:
 	.cfi_adjust_cfa_offset -8
 	.cfi_restore %rcx
 	jc .Lxenmsr_wrmsr_slow
-	/* From here the paths differ in what is on the stack: each keeps its own CFI state. */
 	.cfi_remember_state
 	pop %rax
 	.cfi_adjust_cfa_offset -8
@@ -122,6 +229,12 @@ xenmsr_stub_wrmsr:
 	.long .Lxenmsr_wrmsr_native - .
 	.long .Lxenmsr_wrmsr_native - .
 	.long {rewind_native}
+	.long .Lxenmsr_wrmsr_wrfs - .
+	.long .Lxenmsr_wrmsr_wrfs - .
+	.long {rewind_restore_rax}
+	.long .Lxenmsr_wrmsr_wrgs - .
+	.long .Lxenmsr_wrmsr_wrgs - .
+	.long {rewind_restore_rax}
 	.long .Lxenmsr_wrmsr_trap - .
 	.long .Lxenmsr_wrmsr_trap - .
 	.long {rewind_error}

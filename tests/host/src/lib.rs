@@ -483,7 +483,8 @@ harness!(
 /// into `state.output` and rsp before/after. The call carries the caller entry
 /// [`caller_data`]`(stub)`, so on a failure the fixup resumes right after the call with
 /// the outputs zeroed and the error code in rsi. With `misalign`, rsp is 8 mod 16 at the
-/// call (the stub must align for the handler itself).
+/// call: outside the stubs' contract for the ones that call the policy (a site's `asm!`
+/// block guarantees an aligned stack); the segment-base stubs call no Rust and accept it.
 pub fn call_stub(stub: Stub, state: &mut RegState, misalign: bool) {
     install();
     call_stub_with_current_backend(stub, state, misalign);

@@ -6,7 +6,7 @@
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
 use xenmsr_asm::extable::{self, Kind, flags};
 use xenmsr_asm::patch::{FLAG_SAFE, PatchOp, patch_sites};
-use xenmsr_asm::stubs::{REWIND_ERROR, REWIND_NATIVE, Stub};
+use xenmsr_asm::stubs::{REWIND_ERROR, REWIND_NATIVE, REWIND_RESTORE_RAX, Stub};
 use xenmsr_asm::{CALL_LEN, IMM_SITE_LEN, Outcome, SITE_LEN, site};
 use xenmsr_host_tests::{install, set_script};
 
@@ -198,14 +198,21 @@ fn extable_section_survives_linking() {
     assert!(extable::lookup(addr + 1).is_none());
 }
 
-/// Every stub has its two rewind entries: one on its native instruction, one on its `ud2`,
-/// and both lie inside the stub.
+/// Every stub has its rewind entries, each on the instruction it is meant for and inside
+/// the stub: one on its native instruction and one on its `ud2`; the read stub also one on
+/// each of RDFSBASE and RDGSBASE (a #UD there is reported at the caller's site), and the
+/// write stub one on each of WRFSBASE and WRGSBASE that also restores rax.
 #[test]
 fn every_stub_has_its_rewind_entries() {
     install();
+    const RDFSBASE: &[u8] = &[0xf3, 0x48, 0x0f, 0xae, 0xc0];
+    const RDGSBASE: &[u8] = &[0xf3, 0x48, 0x0f, 0xae, 0xc8];
+    const WRFSBASE: &[u8] = &[0xf3, 0x48, 0x0f, 0xae, 0xd0];
+    const WRGSBASE: &[u8] = &[0xf3, 0x48, 0x0f, 0xae, 0xd8];
+    const UD2: &[u8] = &[0x0f, 0x0b];
     for stub in Stub::ALL {
         let start = stub.addr();
-        // A stub ends before the next stub starts (or within 256 bytes of its start).
+        // A stub ends before the next stub starts (or within 512 bytes of its start).
         let end = Stub::ALL
             .iter()
             .chain(Stub::SEGMENT_BASE.iter())
@@ -213,38 +220,43 @@ fn every_stub_has_its_rewind_entries() {
             .filter(|&a| a > start)
             .min()
             .unwrap_or(usize::MAX)
-            .min(start + 256);
-        let entries: Vec<_> = extable::table()
+            .min(start + 512);
+        let mut found: Vec<(u32, Vec<u8>)> = extable::table()
             .iter()
             .filter(|e| (start..end).contains(&e.insn_addr()))
             .filter(|e| e.data().kind() == Some(Kind::Rewind))
-            .collect();
-        let datas: Vec<_> = entries.iter().map(|e| e.data().bits()).collect();
-        assert_eq!(datas.len(), 2, "{}: {datas:x?}", stub.name());
-        assert!(datas.contains(&REWIND_NATIVE.bits()), "{}", stub.name());
-        assert!(datas.contains(&REWIND_ERROR.bits()), "{}", stub.name());
-        for e in entries {
-            let insn = code(e.insn_addr(), 3);
-            if e.data() == REWIND_ERROR {
-                assert_eq!(&insn[..2], &[0x0f, 0x0b], "{}: not ud2", stub.name());
-            } else {
-                let expected: &[u8] = match stub {
-                    Stub::Rdmsr | Stub::RdmsrRax => &[0x0f, 0x32],
-                    Stub::Wrmsr => &[0x0f, 0x30],
-                    Stub::Rdpmc => &[0x0f, 0x33],
-                    Stub::SegbaseFs | Stub::SegbaseGsKernel | Stub::SegbaseGsUser => {
-                        unreachable!("not in Stub::ALL")
-                    }
+            .map(|e| {
+                assert_eq!(i32::from(e.data().imm()), -(CALL_LEN as i32));
+                let len = if code(e.insn_addr(), 1)[0] == 0xf3 {
+                    5
+                } else {
+                    2
                 };
-                assert_eq!(
-                    &insn[..2],
-                    expected,
-                    "{}: wrong native instruction",
-                    stub.name()
-                );
+                (e.data().bits(), code(e.insn_addr(), len).to_vec())
+            })
+            .collect();
+        let native = REWIND_NATIVE.bits();
+        let mut expected: Vec<(u32, Vec<u8>)> = match stub {
+            Stub::Rdmsr => vec![
+                (native, vec![0x0f, 0x32]),
+                (native, RDFSBASE.to_vec()),
+                (native, RDGSBASE.to_vec()),
+            ],
+            Stub::RdmsrRax => vec![(native, vec![0x0f, 0x32])],
+            Stub::Wrmsr => vec![
+                (native, vec![0x0f, 0x30]),
+                (REWIND_RESTORE_RAX.bits(), WRFSBASE.to_vec()),
+                (REWIND_RESTORE_RAX.bits(), WRGSBASE.to_vec()),
+            ],
+            Stub::Rdpmc => vec![(native, vec![0x0f, 0x33])],
+            Stub::SegbaseFs | Stub::SegbaseGsKernel | Stub::SegbaseGsUser => {
+                unreachable!("not in Stub::ALL")
             }
-            assert_eq!(i32::from(e.data().imm()), -(CALL_LEN as i32));
-        }
+        };
+        expected.push((REWIND_ERROR.bits(), UD2.to_vec()));
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "{}: rewind entries", stub.name());
     }
 }
 
@@ -268,4 +280,24 @@ fn segment_base_stubs_have_one_error_rewind_entry() {
     unique.dedup();
     assert_eq!(unique.len(), 1, "{entries:x?}");
     assert_eq!(code(unique[0], 2), &[0x0f, 0x0b], "not ud2");
+}
+
+/// The policy stubs call Rust without aligning the stack themselves: they rely on every
+/// site being emitted inside an `asm!` block without `nostack`, for which Rust guarantees
+/// an rsp aligned for a call. No emitter may ever add `nostack`.
+#[test]
+fn sites_are_emitted_on_an_aligned_stack() {
+    let source = include_str!("../../../asm/src/site.rs");
+    let mut emitters = 0;
+    for (i, line) in source.lines().enumerate() {
+        if line.contains("options(") {
+            emitters += 1;
+            assert!(
+                !line.contains("nostack"),
+                "asm/src/site.rs:{}: an emitter with `nostack` would call a stub on an unaligned stack: {line}",
+                i + 1
+            );
+        }
+    }
+    assert!(emitters > 0, "no emitter options found: did site.rs move?");
 }
