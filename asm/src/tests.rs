@@ -192,6 +192,40 @@ fn rewind_of_a_native_fault_reports_the_vector() {
 }
 
 #[test]
+fn rewind_restoring_rax_puts_the_callers_rax_back() {
+    // The write stub's WRFSBASE faulting with the value, the caller's rax and the return
+    // address on the stack, and rax holding the value.
+    let (site, insn) = (0, 0x1000);
+    let (mut t, base) = table(&[
+        (site, site + CALL_LEN, Data::site(Kind::WriteSafe, 0)),
+        (insn, insn, Data::rewind_restoring_rax(2)),
+    ]);
+    extable::sort(&mut t);
+    let (site, insn) = (base + site, base + insn);
+    let callers_rax = 0x5555_0000_1234_5678;
+    let stack = [
+        0x7777_0000_1234_5678,
+        callers_rax,
+        (site + CALL_LEN) as u64,
+        0,
+    ];
+    let mut f = frame(insn, stack.as_ptr());
+    f.rax = 0x7777_0000_1234_5678;
+    // SAFETY: `stack` holds the two words and the return address the entry describes.
+    assert!(unsafe { fixup_with_table(&t, &mut f, 6) });
+    assert_eq!(f.rax, callers_rax, "the caller's rax is back");
+    assert_eq!(f.rsi, MsrError::Fault { vector: 6 }.to_code());
+    assert_eq!(f.rip, (site + CALL_LEN) as u64);
+    assert_eq!(
+        f.rsp,
+        stack[3..].as_ptr() as u64,
+        "both words and the return popped"
+    );
+    let data = Data::rewind_restoring_rax(2);
+    assert!(data.has(flags::RESTORES_RAX) && !data.has(flags::CARRIES_ERROR));
+}
+
+#[test]
 fn rax_contract_zeroes_rax_only() {
     let img = image(Data::site(Kind::ReadSafe, flags::RAX_CONTRACT));
     let stack = [(img.site + CALL_LEN) as u64];
