@@ -62,7 +62,7 @@ fn rdfsbase() -> u64 {
 fn state(msr: u32, value: u64) -> RegState {
     let mut input = [0u64; 16];
     for (i, reg) in input.iter_mut().enumerate() {
-        *reg = 0x0100_0000_0000_0000 * (i as u64 + 1) | 0x77;
+        *reg = (0x0100_0000_0000_0000 * (i as u64 + 1)) | 0x77;
     }
     input[r::RCX] = 0xabcd_0000_0000_0000 | u64::from(msr);
     input[r::RAX] = 0x5a5a_0000_0000_0000 | (value & 0xffff_ffff);
