@@ -49,7 +49,7 @@ pub enum CpuVendor {
     Zhaoxin,
     /// "AuthenticAMD".
     Amd,
-    /// "HygonGenuine" (AMD-compatible PMU, legacy K7 layout).
+    /// "HygonGenuine" (AMD-compatible PMU; family 0x18 has the family-15h layout).
     Hygon,
     /// Anything else: the vPMU knows no MSRs of it.
     Unknown,
@@ -149,10 +149,19 @@ impl PmuLayout {
     /// - Intel, Centaur, Zhaoxin: general counters `CPUID.0xA.EAX[15:8]`, fixed counters
     ///   `CPUID.0xA.EDX[4:0]` (0 and 0 when the maximum basic leaf is below 0xA).
     /// - AMD family 0x15 and family 0x17 or later: the family-15h layout.
-    /// - Other AMD families (0x16 included, as Xen does) and Hygon: the K7 layout.
+    /// - Other AMD families (0x16 included, as Xen does): the K7 layout.
+    /// - Hygon family 0x18: the family-15h layout (Xen sizes it like AMD family 0x15);
+    ///   any other Hygon family: the K7 layout.
     /// - Unknown vendor: [`PmuLayout::None`].
     pub fn from_cpuid(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
         let max_leaf = cpuid(0, 0)[0];
+        let family = || {
+            if max_leaf >= 1 {
+                display_family(cpuid(1, 0)[0])
+            } else {
+                0
+            }
+        };
         match CpuVendor::from_cpuid(&cpuid) {
             CpuVendor::Intel | CpuVendor::Centaur | CpuVendor::Zhaoxin => {
                 let (arch, fixed) = if max_leaf >= 0xa {
@@ -166,15 +175,8 @@ impl PmuLayout {
                     fixed_counters: fixed,
                 })
             }
-            CpuVendor::Amd => {
-                let family = if max_leaf >= 1 {
-                    display_family(cpuid(1, 0)[0])
-                } else {
-                    0
-                };
-                PmuLayout::Amd(Self::amd_for_family(family))
-            }
-            CpuVendor::Hygon => PmuLayout::Amd(AmdLayout::K7),
+            CpuVendor::Amd => PmuLayout::Amd(Self::amd_for_family(family())),
+            CpuVendor::Hygon => PmuLayout::Amd(Self::hygon_for_family(family())),
             CpuVendor::Unknown => PmuLayout::None,
         }
     }
@@ -186,6 +188,20 @@ impl PmuLayout {
     /// for it (four counters); claiming six would read past Xen's banks.
     pub const fn amd_for_family(family: u32) -> AmdLayout {
         if family == 0x15 || family >= 0x17 {
+            AmdLayout::F15H
+        } else {
+            AmdLayout::K7
+        }
+    }
+
+    /// The Hygon layout of display family `family`: the family-15h layout for 0x18 (Xen
+    /// gives it six counters, with the K7 MSRs mirrored, exactly as for AMD family 0x15),
+    /// K7 otherwise.
+    ///
+    /// Xen knows no other Hygon family (its vPMU is then off and no page is ever
+    /// registered); K7 is the subset every AMD-compatible PMU has.
+    pub const fn hygon_for_family(family: u32) -> AmdLayout {
+        if family == 0x18 {
             AmdLayout::F15H
         } else {
             AmdLayout::K7
@@ -301,9 +317,17 @@ mod tests {
 
     #[test]
     fn hygon_and_unknown() {
+        // Family 0x18 is sized like AMD family 0x15: six counters, K7 MSRs mirrored.
+        let dhyana = PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x18), 0, 0));
+        assert_eq!(dhyana, PmuLayout::Amd(AmdLayout::F15H));
+        let PmuLayout::Amd(l) = dhyana else {
+            unreachable!()
+        };
+        assert_eq!((l.num_counters, l.step, l.k7_mirrored), (6, 2, true));
         assert_eq!(
-            PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x18), 0, 0)),
-            PmuLayout::Amd(AmdLayout::K7)
+            PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x19), 0, 0)),
+            PmuLayout::Amd(AmdLayout::K7),
+            "no other Hygon family has a Xen vPMU"
         );
         assert_eq!(
             PmuLayout::from_cpuid(fake(b"VIA VIA VIA ", fam(6), 0x800, 3)),
