@@ -11,7 +11,8 @@
 //! 2. in its `#GP` and `#UD` handlers, [`fixup_exception`];
 //! 3. in its linker script, keep the `xenmsr_extable` and `xenmsr_patch_sites` sections
 //!    with their bounds symbols (see `docs/integrating.md`);
-//! 4. for the PMU, per vCPU, [`pmu`]'s `init`, `on_pmi` and `finish`.
+//! 4. for the PMU, per vCPU, [`pmu`]'s `init`, `on_pmi` and `finish` (`on_pmi` and
+//!    `lvtpc_set` act on the calling vCPU, which the `vcpu_id` hook names).
 #![no_std]
 #![warn(missing_docs)]
 
@@ -50,12 +51,18 @@ pub enum Platform {
         /// The hypercall page Xen filled.
         hypercalls: HypercallPage,
         /// The current vCPU's id (0 for the boot vCPU); used for the APIC base's `BSP`
-        /// bit and for the per-vCPU vPMU state.
+        /// bit and for the per-vCPU vPMU state. It must be cheap and callable anywhere an
+        /// MSR is accessed, including in an upcall handler.
         vcpu_id: fn() -> u32,
         /// CPUID as the domain's policy answers it, which sizes the vPMU: pass
         /// [`xen_cpuid`] (Xen's forced-emulation prefix) in a PV guest, where a plain
         /// `cpuid` shows the host's leaves.
         cpuid: fn(u32, u32) -> [u32; 4],
+        /// The vPMU's per-vCPU state, one [`pmu::VcpuSlot`] per vCPU id: pass
+        /// [`pmu::DEFAULT_SLOTS`] for up to [`pmu::DEFAULT_VCPUS`] vCPUs, or a static
+        /// array of the kernel's own for more. A vCPU whose id has no slot has no vPMU
+        /// (its PMU MSRs pass through).
+        pmu_slots: &'static [pmu::VcpuSlot],
     },
     /// Bare metal or HVM: sites hold the instruction itself.
     Native,
@@ -155,7 +162,12 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 ///
 /// fn boot(hypercalls: HypercallPage) {
 ///     let config = Config {
-///         platform: Platform::XenPv { hypercalls, vcpu_id: || 0, cpuid: xenmsr::xen_cpuid },
+///         platform: Platform::XenPv {
+///             hypercalls,
+///             vcpu_id: || 0,
+///             cpuid: xenmsr::xen_cpuid,
+///             pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
+///         },
 ///         unchecked: UncheckedPolicy::WarnOnce,
 ///         warn: |access| { let _ = access; /* the kernel's log */ },
 ///         log: |args| { let _ = args; },
@@ -214,9 +226,16 @@ pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
             hypercalls,
             vcpu_id,
             cpuid,
+            pmu_slots,
         } => {
-            // Size the vPMU by the domain's CPUID policy (Xen's view), not the host's.
-            let vpmu = pmu::install_with(hypercalls, &RawMsr, cpuid);
+            let vpmu = pmu::install(pmu::VpmuConfig {
+                hypercalls,
+                // Sized by the domain's CPUID policy (Xen's view), not the host's.
+                layout: pmu::PmuLayout::from_cpuid(cpuid),
+                native: &RawMsr,
+                vcpu_id,
+                slots: pmu_slots,
+            });
             let policy =
                 XEN_POLICY.call_once(|| XenPvPolicy::new(hypercalls, vcpu_id, RawMsr, Some(vpmu)));
             xenmsr_asm::backend::set_backend(policy);

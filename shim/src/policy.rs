@@ -35,8 +35,9 @@ impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
 
 impl<N: NativeMsr> XenPvPolicy<N> {
     /// A policy that makes its hypercalls through `hypercalls`, learns the current vCPU
-    /// from `vcpu_id`, reads MSRs natively through `native`, and sends PMU MSRs and RDPMC
-    /// to `pmu` (when `None`, they pass through). Builds the one-probe class index for
+    /// from `vcpu_id` (for the APIC base's `BSP` bit), reads MSRs natively through
+    /// `native`, and sends PMU MSRs and RDPMC to `pmu` (when `None`, they pass through;
+    /// the vPMU knows the calling vCPU from its own configuration). Builds the one-probe class index for
     /// the routes and `pmu`'s layout.
     pub fn new(
         hypercalls: HypercallPage,
@@ -83,7 +84,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
                 Err(error) => Outcome::Failed(error),
             },
             Class::Pmu(class) => match self.pmu {
-                Some(pmu) => pmu.read_classified((self.vcpu_id)(), class),
+                Some(pmu) => pmu.read_classified(class),
                 None => Outcome::Native,
             },
         }
@@ -110,7 +111,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
                 Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
             },
             Class::Pmu(class) => match self.pmu {
-                Some(pmu) => pmu.write_classified((self.vcpu_id)(), class, value),
+                Some(pmu) => pmu.write_classified(class, value),
                 None => Outcome::Native,
             },
         }
@@ -121,7 +122,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
     #[inline]
     pub fn decide_rdpmc(&self, counter: u32) -> Outcome {
         match self.pmu {
-            Some(pmu) => pmu.rdpmc((self.vcpu_id)(), counter),
+            Some(pmu) => pmu.rdpmc(counter),
             None => Outcome::Native,
         }
     }

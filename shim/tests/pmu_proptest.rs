@@ -12,7 +12,9 @@ use pmu_common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use xenmsr::pmu::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
-use xenmsr::pmu::{AmdLayout, IntelLayout, PAGE_SIZE, PmuLayout, classify, decode_pmc};
+use xenmsr::pmu::{
+    AmdLayout, DEFAULT_VCPUS, IntelLayout, PAGE_SIZE, PmuLayout, VcpuSlot, classify, decode_pmc,
+};
 use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags};
 use xenmsr_hypercall::mock;
@@ -201,12 +203,25 @@ fn changed(before: &[u8], after: &[u8]) -> Vec<usize> {
     (0..PAGE_SIZE).filter(|&i| before[i] != after[i]).collect()
 }
 
-fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<(), TestCaseError> {
+fn check(
+    page: &GuardedPage,
+    c: &Case,
+    native: &'static FakeNative,
+    slots: &'static [VcpuSlot],
+) -> Result<(), TestCaseError> {
     let s = mock::session();
-    let v = vpmu(s.page(), c.layout, native);
+    let v = vpmu_with_slots(s.page(), c.layout, native, slots);
     xen_ok(page.addr());
+    // A failed case (while shrinking) returned before freeing the shared slot.
+    if v.is_initialized(0) {
+        set_vcpu(0);
+        let _ = v.finish_vcpu(0);
+        let _ = mock::take_calls();
+    }
     registered(&v, 0, page);
     fill(page, c);
+    // The case's vCPU makes the accesses; only vCPU 0 has the page.
+    set_vcpu(c.vcpu);
     let cached = c.vcpu == 0 && PmuFlags::from_bits_retain(c.flags).contains(PmuFlags::CACHED);
 
     for &op in &c.ops {
@@ -215,8 +230,8 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
         match op {
             Op::Read(msr) | Op::Write(msr, _) => {
                 let got = match op {
-                    Op::Read(_) => v.read(c.vcpu, msr),
-                    Op::Write(_, value) => v.write(c.vcpu, msr, value),
+                    Op::Read(_) => v.read(msr),
+                    Op::Write(_, value) => v.write(msr, value),
                     Op::Rdpmc(_) => unreachable!(),
                 };
                 let after = page.snapshot();
@@ -268,7 +283,7 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
                 }
             }
             Op::Rdpmc(counter) => {
-                let got = v.rdpmc(c.vcpu, counter);
+                let got = v.rdpmc(counter);
                 prop_assert!(changed(&before, &page.snapshot()).is_empty());
                 let reads = native.take();
                 let Some(pmc) = decode_pmc(&c.layout, counter) else {
@@ -311,6 +326,9 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
             }
         }
     }
+    // Free the slot for the next case (the storage is shared).
+    set_vcpu(0);
+    v.finish_vcpu(0).expect("finish");
     drop(v);
     let _ = mock::take_calls();
     drop(s);
@@ -321,6 +339,7 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
 fn random_pages_and_indices_stay_in_bounds_and_match_the_model() {
     let page = GuardedPage::new();
     let native = FakeNative::leak(vec![]);
+    let slots = leak_slots(DEFAULT_VCPUS);
     let mut runner = TestRunner::new(Config {
         cases: cases(),
         failure_persistence: None,
@@ -328,7 +347,7 @@ fn random_pages_and_indices_stay_in_bounds_and_match_the_model() {
     });
     let n = runner.config().cases;
     runner
-        .run(&case(), |c| check(&page, &c, native))
+        .run(&case(), |c| check(&page, &c, native, slots))
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("pmu property test: {n} cases passed");
 }

@@ -241,15 +241,21 @@ fn every_row_behaves_as_its_route_says() {
 #[test]
 fn oversized_pmu_layout_falls_back_to_the_same_classification() {
     use xenmsr::dispatch::{Class, reference_class};
-    use xenmsr::pmu::{IntelLayout, PmuLayout, Vpmu};
+    use xenmsr::pmu::{IntelLayout, PmuLayout, VcpuSlot, Vpmu, VpmuConfig};
 
     let _session = mock::session();
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: 200,
         fixed_counters: 31,
     });
-    let vpmu: &'static Vpmu =
-        Box::leak(Box::new(Vpmu::with(mock::page(), layout, &ScriptedNative)));
+    static SLOTS: [VcpuSlot; 4] = [const { VcpuSlot::new() }; 4];
+    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
+        hypercalls: mock::page(),
+        layout,
+        native: &ScriptedNative,
+        vcpu_id: current_vcpu,
+        slots: &SLOTS,
+    })));
     let policy = XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, Some(vpmu));
     assert!(
         format!("{policy:?}").contains("indexed: None"),

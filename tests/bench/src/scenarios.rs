@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-use xenmsr::pmu::{IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, Vpmu};
+use xenmsr::pmu::{DEFAULT_SLOTS, IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, Vpmu, VpmuConfig};
 use xenmsr::policy::XenPvPolicy;
 use xenmsr::routes::{MSR_APIC_BASE, MSR_LSTAR, fix_apic_base};
 use xenmsr::{rdmsr, rdmsr_safe, wrmsr, wrmsr_safe};
@@ -80,9 +80,9 @@ scenarios! {
     "classify/tsc" => classify_tsc: "`policy.class(0x10)`: pass-through (one non-inlined call)",
     "routes/lookup_hit" => lookup_hit: "`routes::lookup(LSTAR)` alone: a row (one non-inlined call)",
     "routes/lookup_miss" => lookup_miss: "`routes::lookup(0x10)` alone: no row (one non-inlined call)",
-    "pmu_read/work" => pmu_read_work: "`vpmu.read(vcpu, PMC0)` alone, context not cached: `Native` (one non-inlined call)",
+    "pmu_read/work" => pmu_read_work: "`vpmu.read(PMC0)` alone, context not cached: `Native` (one non-inlined call)",
     "pmu_read/policy" => pmu_read_policy: "`policy.decide_read(PMC0)` with the vPMU, not cached: `Native` (one non-inlined call)",
-    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(vcpu, PMC0)` alone, context cached: the value (one non-inlined call)",
+    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(PMC0)` alone, context cached: the value (one non-inlined call)",
     "pmu_cached_read/policy" => pmu_cached_read_policy: "`policy.decide_read(PMC0)`, context cached: the value (one non-inlined call)",
     "pmu_cached_read/stub" => pmu_cached_read_stub: "`rdmsr_safe(PMC0)` through the stub, context cached",
     "trivial_write/direct" => trivial_write_direct: "`backend.write(msr, v)` on a trivial `&dyn MsrBackend`",
@@ -171,7 +171,13 @@ fn install_vpmu(cached: bool) -> &'static Vpmu {
         arch_counters: ARCH as u8,
         fixed_counters: FIXED as u8,
     });
-    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(mock::page(), layout, &FakeNative)));
+    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
+        hypercalls: mock::page(),
+        layout,
+        native: &FakeNative,
+        vcpu_id: vcpu0,
+        slots: &DEFAULT_SLOTS,
+    })));
     let page_layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).expect("a valid layout");
     // SAFETY: a non-zero-sized layout; the allocation is leaked (it stays the vCPU's page
     // for the rest of the process).
@@ -473,7 +479,7 @@ fn step_work_apic(c: &Ctx, msr: u32, _value: u64) -> Outcome {
 #[inline(never)]
 fn step_work_pmu(c: &Ctx, msr: u32, _value: u64) -> Outcome {
     match c.vpmu {
-        Some(vpmu) => vpmu.read((c.vcpu)(), msr).unwrap_or(Outcome::Native),
+        Some(vpmu) => vpmu.read(msr).unwrap_or(Outcome::Native),
         None => Outcome::Native,
     }
 }

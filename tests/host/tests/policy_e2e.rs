@@ -59,6 +59,7 @@ fn config() -> Config {
             vcpu_id,
             // The host is no PV guest: Xen's forced-emulation prefix would #UD here.
             cpuid: xenmsr::pmu::raw_cpuid,
+            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn: record_warning,

@@ -47,6 +47,8 @@ pub fn config() -> Config {
             hypercalls: crate::tracepage::page(),
             vcpu_id,
             cpuid: xenmsr::xen_cpuid,
+            // One vCPU: the library's default storage (64 slots) is plenty.
+            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn,
