@@ -203,17 +203,33 @@ fn flush_runs_on_unwind_and_its_failure_is_reported() {
     assert!(mock::take_calls().is_empty());
 }
 
+/// The page is used only while both hold: the calling vCPU is inside `on_pmi` (the
+/// library's own mark, which no flush can clear under an access) and Xen has cached the
+/// context (`PMU_CACHED`).
 #[test]
-fn pmu_cached_not_the_handler_decides_emulation() {
+fn emulation_needs_both_the_handler_and_pmu_cached() {
     let s = mock::session();
     let page = GuardedPage::new();
     let a = page.addr();
-    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), SKYLAKE, native);
     xen_ok(a);
     registered(&v, 0, &page);
     xen_intel_pmi(a, &FIXED, &ARCH);
-    // PMU_CACHED set, handler not (yet) running: the cache is authoritative.
-    assert_eq!(v.read(0x309), Some(Outcome::Done(FIXED[0])));
+    // PMU_CACHED set (a PMI pending), handler not running: an upcall could flush between
+    // a check and the access, so the page is not used; the access passes through.
+    let before = page.snapshot();
+    assert_eq!(v.read(0x309), Some(Outcome::Native));
+    assert_eq!(v.write(0xc1, 7), Some(Outcome::Native));
+    assert_eq!(v.rdpmc(0), Outcome::Done(FakeNative::value(0xc1)));
+    assert_eq!(native.take(), vec![0xc1], "RDPMC read the counter MSR");
+    assert_eq!(page.snapshot(), before, "the page was not touched");
+    // Both: the cache is authoritative.
+    v.on_pmi(|ctx| {
+        assert!(ctx.cached());
+        assert_eq!(v.read(0x309), Some(Outcome::Done(FIXED[0])));
+    })
+    .unwrap();
     // Handler running, but Xen did not cache (spurious VIRQ): pass through.
     set_flags(a, PmuFlags::SAMPLE_PV);
     v.on_pmi(|ctx| {
@@ -221,7 +237,40 @@ fn pmu_cached_not_the_handler_decides_emulation() {
         assert_eq!(v.read(0x309), Some(Outcome::Native));
     })
     .unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH, nr::XENPMU_FLUSH]);
+}
+
+/// A nested `on_pmi` on the same vCPU (an upcall taken with upcalls unmasked, or a
+/// handler calling it) is a typed error: no handler, no flush, and the outer handler
+/// keeps serving from its page.
+#[test]
+fn a_nested_pmi_on_the_same_vcpu_is_refused_without_a_flush() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    let outer = v.on_pmi(|_| {
+        let mut ran = false;
+        assert_eq!(v.on_pmi(|_| ran = true), Err(PmuError::NestedPmi));
+        assert!(!ran, "the nested handler did not run");
+        assert!(mock::take_calls().is_empty(), "nothing flushed");
+        assert!(flags(a).contains(PmuFlags::CACHED));
+        assert_eq!(v.write(0xc1, 0x77), Some(Outcome::Done(0)));
+        v.read(0xc1)
+    });
+    assert_eq!(outer, Ok(Some(Outcome::Done(0x77))));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH], "only the outer flush");
+    // The mark is cleared afterwards: the next PMI runs.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(v.on_pmi(|_| 1), Ok(1));
     assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    assert_eq!(
+        MsrError::from(PmuError::NestedPmi),
+        MsrError::PmuUnavailable
+    );
 }
 
 #[test]
@@ -448,19 +497,23 @@ fn hostile_bank_offsets_fail_typed_and_never_touch_other_memory() {
         xen_intel_pmi(a, &FIXED, &ARCH);
         page.w32(intel::FIXED_OFF, fixed_off);
         page.w32(intel::ARCH_OFF, arch_off);
-        let before = page.snapshot();
-        assert_eq!(v.read(0x309), unavailable, "{fixed_off} {arch_off}");
-        assert_eq!(v.write(0xc1, 1), unavailable);
-        assert_eq!(v.write(0x38f, 1), unavailable);
-        assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
-        assert_eq!(page.snapshot(), before, "nothing written");
+        v.on_pmi(|_| {
+            let before = page.snapshot();
+            assert_eq!(v.read(0x309), unavailable, "{fixed_off} {arch_off}");
+            assert_eq!(v.write(0xc1, 1), unavailable);
+            assert_eq!(v.write(0x38f, 1), unavailable);
+            assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+            assert_eq!(page.snapshot(), before, "nothing written");
+        })
+        .unwrap();
     }
     // The last valid placement, flush against the page end, works.
     xen_intel_pmi(a, &FIXED, &ARCH);
     page.w32(intel::FIXED_OFF, 4000 - 24);
     page.w32(intel::ARCH_OFF, 64);
     page.w64(4096 - 8, 0x5151);
-    assert_eq!(v.read(0x30b), Some(Outcome::Done(0x5151)));
+    let last = v.on_pmi(|_| v.read(0x30b)).unwrap();
+    assert_eq!(last, Some(Outcome::Done(0x5151)));
 
     // AMD: a bank past the end, overlap.
     let amd = vpmu(
@@ -476,8 +529,11 @@ fn hostile_bank_offsets_fail_typed_and_never_touch_other_memory() {
         xen_amd_pmi(a2, &[1; 6], &[2; 6]);
         page2.w32(amd::COUNTERS_OFF, c);
         page2.w32(amd::CTRLS_OFF, k);
-        assert_eq!(amd.read(0xc001_0200), unavailable, "{c} {k}");
-        assert_eq!(amd.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+        amd.on_pmi(|_| {
+            assert_eq!(amd.read(0xc001_0200), unavailable, "{c} {k}");
+            assert_eq!(amd.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+        })
+        .unwrap();
     }
     let _ = mock::take_calls();
 }
@@ -497,10 +553,13 @@ fn wide_cpuid_counts_cannot_reach_past_the_page() {
     xen_ok(a);
     registered(&v, 0, &page);
     xen_intel_pmi(a, &[0; 31], &[]);
-    assert_eq!(
-        v.read(0xc1 + 254),
-        Some(Outcome::Failed(MsrError::PmuUnavailable))
-    );
-    assert_eq!(v.rdpmc(254), Outcome::Failed(MsrError::PmuUnavailable));
+    v.on_pmi(|_| {
+        assert_eq!(
+            v.read(0xc1 + 254),
+            Some(Outcome::Failed(MsrError::PmuUnavailable))
+        );
+        assert_eq!(v.rdpmc(254), Outcome::Failed(MsrError::PmuUnavailable));
+    })
+    .unwrap();
     let _ = mock::take_calls();
 }

@@ -4,6 +4,9 @@
 //! panic fails it. Each case is also checked against an independent model of where the
 //! access must land and of which bytes it may change.
 //!
+//! The ops run inside `on_pmi` or outside it; the page is used only inside, with
+//! `PMU_CACHED`.
+//!
 //! Cases: `XENMSR_PROPTEST_CASES` (default 10,000).
 
 mod pmu_common;
@@ -13,7 +16,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use xenmsr::pmu::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
 use xenmsr::pmu::{
-    AmdLayout, DEFAULT_VCPUS, IntelLayout, PAGE_SIZE, PmuLayout, VcpuSlot, classify, decode_pmc,
+    AmdLayout, DEFAULT_VCPUS, IntelLayout, PAGE_SIZE, PmuLayout, VcpuSlot, Vpmu, classify,
+    decode_pmc,
 };
 use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags};
@@ -41,6 +45,8 @@ struct Case {
     off_b: u32,
     flags: u64,
     vcpu: u32,
+    /// Whether the ops run inside `on_pmi` (only vCPU 0 has a page to run one on).
+    in_handler: bool,
     ops: Vec<Op>,
 }
 
@@ -111,17 +117,21 @@ fn case() -> impl Strategy<Value = Case> {
         offset(),
         prop_oneof![Just(PmuFlags::CACHED.bits()), any::<u64>()],
         prop_oneof![4 => Just(0u32), 1 => 0u32..70],
+        prop_oneof![3 => Just(true), 1 => Just(false)],
         prop::collection::vec(op(), 1..8),
     )
-        .prop_map(|(layout, seed, off_a, off_b, flags, vcpu, ops)| Case {
-            layout,
-            seed,
-            off_a,
-            off_b,
-            flags,
-            vcpu,
-            ops,
-        })
+        .prop_map(
+            |(layout, seed, off_a, off_b, flags, vcpu, in_handler, ops)| Case {
+                layout,
+                seed,
+                off_a,
+                off_b,
+                flags,
+                vcpu,
+                in_handler: in_handler && vcpu == 0,
+                ops,
+            },
+        )
 }
 
 /// Random page bytes from a seed (xorshift), then the case's offsets and flags.
@@ -222,7 +232,30 @@ fn check(
     fill(page, c);
     // The case's vCPU makes the accesses; only vCPU 0 has the page.
     set_vcpu(c.vcpu);
-    let cached = c.vcpu == 0 && PmuFlags::from_bits_retain(c.flags).contains(PmuFlags::CACHED);
+    let ops = || run_ops(page, c, native, &v);
+    let result = if c.in_handler {
+        v.on_pmi(|_| ops()).expect("the flush succeeds")
+    } else {
+        ops()
+    };
+    // Free the slot for the next case (the storage is shared).
+    set_vcpu(0);
+    v.finish_vcpu(0).expect("finish");
+    drop(v);
+    let _ = mock::take_calls();
+    drop(s);
+    result
+}
+
+/// The case's ops, each checked against the model.
+fn run_ops(
+    page: &GuardedPage,
+    c: &Case,
+    native: &'static FakeNative,
+    v: &Vpmu,
+) -> Result<(), TestCaseError> {
+    // The page is used only inside `on_pmi` and only while Xen has cached the context.
+    let cached = c.in_handler && PmuFlags::from_bits_retain(c.flags).contains(PmuFlags::CACHED);
 
     for &op in &c.ops {
         let before = page.snapshot();
@@ -326,12 +359,6 @@ fn check(
             }
         }
     }
-    // Free the slot for the next case (the storage is shared).
-    set_vcpu(0);
-    v.finish_vcpu(0).expect("finish");
-    drop(v);
-    let _ = mock::take_calls();
-    drop(s);
     Ok(())
 }
 

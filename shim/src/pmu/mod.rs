@@ -11,11 +11,15 @@
 //! hardware and clear `PMU_CACHED`.
 //!
 //! PMU MSR accesses ([`Vpmu::read`], [`Vpmu::write`]) and RDPMC ([`Vpmu::rdpmc`]) are
-//! served from the page exactly while its `PMU_CACHED` flag is set. That flag is the ABI's
-//! contract for when the cached copy is authoritative (Linux keys on a private "in the
-//! IRQ handler" flag instead; see `docs/pmu.md`). Otherwise a PMU MSR passes through
-//! ([`Outcome::Native`]: the stub executes the instruction and Xen emulates it), and RDPMC,
-//! which always faults for a PV guest, becomes an RDMSR of the counter MSR.
+//! served from the page exactly while the calling vCPU is inside [`Vpmu::on_pmi`] *and*
+//! its page has `PMU_CACHED` set. `PMU_CACHED` is the ABI's contract for when the cached
+//! copy is authoritative; the in-PMI mark (the library's own, per vCPU) is what makes
+//! the check and the access that follows it atomic: the only flush that can take the page
+//! back from this vCPU is the one `on_pmi` makes at its end, and `on_pmi` runs with the
+//! vCPU's upcalls masked, so nothing flushes between the check and the access. Outside
+//! `on_pmi` a PMU MSR passes through ([`Outcome::Native`]: the stub executes the
+//! instruction and Xen emulates it), and RDPMC, which always faults for a PV guest,
+//! becomes an RDMSR of the counter MSR.
 //!
 //! # Concurrency
 //!
@@ -90,7 +94,7 @@ pub const SLOT_ALIGN: usize = 128;
 pub struct VcpuSlot {
     /// The registered page, or null.
     page: AtomicPtr<u8>,
-    /// Inside [`Vpmu::on_pmi`].
+    /// Inside [`Vpmu::on_pmi`]: written only by this vCPU, with its upcalls masked.
     in_pmi: AtomicBool,
 }
 
@@ -160,6 +164,11 @@ pub enum PmuError {
     PermissionDenied,
     /// Any other error from Xen.
     Other(Errno),
+    /// [`Vpmu::on_pmi`] was called on a vCPU that is already inside `on_pmi` (an upcall
+    /// taken with upcalls unmasked, or a handler calling it again). Refused without
+    /// running the handler or flushing: a nested flush would hand the page back to Xen
+    /// under the outer handler.
+    NestedPmi,
     /// The vCPU id has no slot in the backend's storage ([`VpmuConfig::slots`]).
     VcpuOutOfRange(u32),
     /// The page is not 4 KiB aligned (no hypercall made).
@@ -193,6 +202,7 @@ impl fmt::Display for PmuError {
             PmuError::InvalidArgument => write!(f, "vPMU hypercall: invalid argument"),
             PmuError::PermissionDenied => write!(f, "vPMU hypercall: not permitted"),
             PmuError::Other(errno) => write!(f, "vPMU hypercall failed: {errno}"),
+            PmuError::NestedPmi => write!(f, "PMI handler entered again on the same vCPU"),
             PmuError::VcpuOutOfRange(v) => write!(f, "vCPU {v} has no vPMU slot"),
             PmuError::MisalignedPage => write!(f, "vPMU page is not 4 KiB aligned"),
             PmuError::NotInitialized => write!(f, "no vPMU page registered for this vCPU"),
@@ -210,7 +220,8 @@ impl From<PmuError> for MsrError {
             PmuError::NotAvailable => MsrError::Hypercall(Errno::ENOENT),
             PmuError::InvalidArgument => MsrError::Hypercall(Errno::EINVAL),
             PmuError::PermissionDenied => MsrError::Hypercall(Errno::EPERM),
-            PmuError::VcpuOutOfRange(_)
+            PmuError::NestedPmi
+            | PmuError::VcpuOutOfRange(_)
             | PmuError::MisalignedPage
             | PmuError::NotInitialized
             | PmuError::NotConfigured => MsrError::PmuUnavailable,
@@ -541,10 +552,21 @@ impl Vpmu {
     ///
     /// Reads the sample from the page, marks the vCPU "in PMI", runs `handler` (whose PMU
     /// MSR accesses and RDPMCs are served from the cached context while `PMU_CACHED` is
-    /// set), flushes, and clears the mark (restoring an outer PMI's mark when nested).
+    /// set), flushes, and clears the mark.
     ///
     /// Xen's `XENPMU_flush` acts on the vCPU that calls it, so this takes no vCPU: it is
     /// the one [`VpmuConfig::vcpu_id`] names ([`PmiContext::vcpu`]).
+    ///
+    /// # Upcalls
+    ///
+    /// Call it from the kernel's `VIRQ_XENPMU` upcall handler, which runs with the
+    /// vCPU's upcalls masked (`evtchn_upcall_mask`), and keep them masked until it
+    /// returns. The flush hands the page back to Xen; an access served from the page
+    /// must therefore never be split by a flush on the same vCPU. Inside `on_pmi` the
+    /// masked upcalls guarantee that, and outside it no access touches the page. A
+    /// nested call on the same vCPU (upcalls left unmasked, or a handler calling
+    /// `on_pmi`) is refused with [`PmuError::NestedPmi`]: the handler does not run and
+    /// nothing is flushed, so the outer handler keeps its page.
     ///
     /// The flush runs on every normal return and also when `handler` unwinds (host
     /// builds with `panic = "unwind"`). A `no_std` kernel normally builds with
@@ -567,10 +589,13 @@ impl Vpmu {
             pcpu,
             domain_id,
         };
+        // Only this vCPU writes its mark, with its upcalls masked: a plain swap suffices.
+        if slot.in_pmi.swap(true, Ordering::Acquire) {
+            return Err(PmuError::NestedPmi);
+        }
         let guard = PmiGuard {
             slot,
             hypercalls: config.hypercalls,
-            outer: slot.in_pmi.swap(true, Ordering::AcqRel),
             armed: true,
         };
         let value = handler(&ctx);
@@ -579,9 +604,9 @@ impl Vpmu {
     }
 
     /// `rdmsr` of `msr` on the calling vCPU: `None` if `msr` is not a PMU MSR of this
-    /// layout; `Some(Native)` if it is but the context is not cached (pass through);
-    /// otherwise the cached value, or `Failed(PmuUnavailable)` for a page that fails
-    /// validation.
+    /// layout; `Some(Native)` if it is but the vCPU is not inside [`on_pmi`](Self::on_pmi)
+    /// with its context cached (pass through); otherwise the cached value, or
+    /// `Failed(PmuUnavailable)` for a page that fails validation.
     pub fn read(&self, msr: u32) -> Option<Outcome> {
         self.access(msr, Access::Read)
     }
@@ -620,9 +645,14 @@ impl Vpmu {
         }
     }
 
-    /// The calling vCPU's page if it has `PMU_CACHED` set.
+    /// The calling vCPU's page if the page is this vCPU's to use: the vCPU is inside
+    /// [`on_pmi`](Self::on_pmi) (so no flush can come before the access that follows,
+    /// see there) and Xen has cached the context (`PMU_CACHED`).
     fn cached_page(&self) -> Option<SharedPage> {
         let (_, slot) = self.own_slot().ok()?;
+        if !slot.in_pmi.load(Ordering::Relaxed) {
+            return None;
+        }
         slot.page().filter(|p| p.cached())
     }
 
@@ -640,8 +670,8 @@ impl Vpmu {
     /// - A counter index that names no counter of the layout (Intel: bit 30 plus a fixed
     ///   index below the fixed count, or a general index below the general count, and no
     ///   other bits; AMD: below the counter count) is `Failed(InvalidCounter)`.
-    /// - While `PMU_CACHED` is set: the cached counter (Intel `fixed_counters[i]` or
-    ///   `arch_counters[i].counter`; AMD `counters[i]`).
+    /// - Inside [`on_pmi`](Self::on_pmi) with `PMU_CACHED` set: the cached counter (Intel
+    ///   `fixed_counters[i]` or `arch_counters[i].counter`; AMD `counters[i]`).
     /// - Otherwise: `native.read_safe` of the counter MSR (Intel `0x309 + i` or `0xc1 + i`;
     ///   AMD `counters_base + i * step`), its error surfaced as `Failed`.
     pub fn rdpmc_with(&self, counter: u32, native: &dyn NativeMsr) -> Outcome {
@@ -662,12 +692,11 @@ impl Vpmu {
     }
 }
 
-/// Ends a PMI: flushes and restores the "in PMI" mark, on the normal path via
+/// Ends a PMI: flushes and clears the "in PMI" mark, on the normal path via
 /// [`finish`](Self::finish) and on unwinding via `Drop`.
 struct PmiGuard<'a> {
     slot: &'a VcpuSlot,
     hypercalls: HypercallPage,
-    outer: bool,
     armed: bool,
 }
 
@@ -675,7 +704,7 @@ impl PmiGuard<'_> {
     fn flush(&mut self) -> Result<(), PmuError> {
         self.armed = false;
         let r = op(self.hypercalls, XenPmuOp::FLUSH, None).map(drop);
-        self.slot.in_pmi.store(self.outer, Ordering::Release);
+        self.slot.in_pmi.store(false, Ordering::Release);
         r
     }
 
@@ -770,7 +799,8 @@ pub fn finish(vcpu: u32) -> Result<(), PmuError> {
     VPMU.finish_vcpu(vcpu)
 }
 
-/// [`Vpmu::on_pmi`] on the global backend, for the calling vCPU.
+/// [`Vpmu::on_pmi`] on the global backend, for the calling vCPU. Call it from the
+/// `VIRQ_XENPMU` upcall handler with upcalls masked (see [`Vpmu::on_pmi`]).
 ///
 /// # Examples
 ///

@@ -82,9 +82,9 @@ scenarios! {
     "routes/lookup_miss" => lookup_miss: "`routes::lookup(0x10)` alone: no row (one non-inlined call)",
     "pmu_read/work" => pmu_read_work: "`vpmu.read(PMC0)` alone, context not cached: `Native` (one non-inlined call)",
     "pmu_read/policy" => pmu_read_policy: "`policy.decide_read(PMC0)` with the vPMU, not cached: `Native` (one non-inlined call)",
-    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(PMC0)` alone, context cached: the value (one non-inlined call)",
-    "pmu_cached_read/policy" => pmu_cached_read_policy: "`policy.decide_read(PMC0)`, context cached: the value (one non-inlined call)",
-    "pmu_cached_read/stub" => pmu_cached_read_stub: "`rdmsr_safe(PMC0)` through the stub, context cached",
+    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(PMC0)` alone, inside a PMI, context cached: the value (one non-inlined call)",
+    "pmu_cached_read/policy" => pmu_cached_read_policy: "`policy.decide_read(PMC0)` inside a PMI, context cached: the value (one non-inlined call)",
+    "pmu_cached_read/stub" => pmu_cached_read_stub: "`rdmsr_safe(PMC0)` through the stub inside a PMI, context cached",
     "trivial_write/direct" => trivial_write_direct: "`backend.write(msr, v)` on a trivial `&dyn MsrBackend`",
     "trivial_write/handler" => trivial_write_handler: "`xenmsr_handle_write(msr, lo, hi)` (the stub's C-ABI handler) called from Rust",
     "trivial_write/stub" => trivial_write_stub: "`wrmsr_safe(msr, v)` -> stub -> trivial backend",
@@ -247,6 +247,19 @@ fn measure_fs_calls(n: u64, op: impl FnMut(u64)) {
 
 fn expect_no_calls() {
     assert!(mock::take_calls().is_empty(), "unexpected hypercalls");
+}
+
+/// Runs `body` inside a PMI handler on `vpmu`, as a kernel's `VIRQ_XENPMU` handler does
+/// (the cached context is used only there), then checks and takes the flush that ends
+/// it. The flush is outside every measured region.
+fn inside_pmi(vpmu: &Vpmu, body: impl FnOnce()) {
+    vpmu.on_pmi(|_| body()).expect("on_pmi on the mock page");
+    let calls = mock::take_calls();
+    assert_eq!(calls.len(), 1, "one flush: {calls:?}");
+    assert_eq!(
+        (calls[0].nr, calls[0].args[0]),
+        (nr::XENPMU_OP, u64::from(nr::XENPMU_FLUSH))
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -531,14 +544,20 @@ fn step_scenario(n: u64, spec: StepSpec) {
         let outcome = black_box(step)(black_box(&ctx), black_box(msr), v);
         black_box(outcome);
     };
-    assert_eq!(step(&ctx, msr, 7), spec.expected, "warm-up outcome");
-    if spec.fs_calls {
-        expect_fs_calls(1, 7);
-        measure_fs_calls(n, op);
-    } else {
-        expect_no_calls();
-        measure(n, op);
-        expect_no_calls();
+    let run = || {
+        assert_eq!(step(&ctx, msr, 7), spec.expected, "warm-up outcome");
+        if spec.fs_calls {
+            expect_fs_calls(1, 7);
+            measure_fs_calls(n, op);
+        } else {
+            expect_no_calls();
+            measure(n, op);
+            expect_no_calls();
+        }
+    };
+    match (vpmu, spec.vpmu) {
+        (Some(vpmu), Some(true)) => inside_pmi(vpmu, run),
+        _ => run(),
     }
 }
 
@@ -675,10 +694,12 @@ fn lookup_miss(n: u64) {
 fn pmu_cached_read_stub(n: u64) {
     let vpmu = install_vpmu(true);
     install_policy(Some(vpmu));
-    read_scenario(n, PMC0_CACHED, |_| {
-        // SAFETY: the backend serves PMC0 from the cached context in a heap page: no MSR
-        // is read.
-        unsafe { rdmsr_safe(black_box(MSR_PMC0)) }.unwrap_or(0)
+    inside_pmi(vpmu, || {
+        read_scenario(n, PMC0_CACHED, |_| {
+            // SAFETY: inside the PMI the backend serves PMC0 from the cached context in a
+            // heap page: no MSR is read.
+            unsafe { rdmsr_safe(black_box(MSR_PMC0)) }.unwrap_or(0)
+        })
     });
 }
 
