@@ -210,6 +210,8 @@ mod tests {
             v.push(PmuLayout::Intel(IntelLayout {
                 arch_counters: arch,
                 fixed_counters: fixed,
+                version: 4,
+                fixed_counter_width: 48,
             }));
         }
         for cpuid in [
@@ -280,6 +282,8 @@ mod tests {
         let huge = PmuLayout::Intel(IntelLayout {
             arch_counters: 200,
             fixed_counters: 31,
+            version: 4,
+            fixed_counter_width: 48,
         });
         assert!(ClassIndex::build(&huge).is_none());
         let huge_amd = PmuLayout::Amd(AmdLayout {

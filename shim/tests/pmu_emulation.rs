@@ -548,6 +548,8 @@ fn wide_cpuid_counts_cannot_reach_past_the_page() {
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: 255,
         fixed_counters: 31,
+        version: 4,
+        fixed_counter_width: 48,
     });
     let v = vpmu(s.page(), layout, FakeNative::leak(vec![]));
     xen_ok(a);
@@ -562,4 +564,245 @@ fn wide_cpuid_counts_cannot_reach_past_the_page() {
     })
     .unwrap();
     let _ = mock::take_calls();
+}
+
+/// What the native `wrmsr` of a reserved value raises.
+const GP: Option<Outcome> = Some(Outcome::Failed(MsrError::Fault { vector: 13 }));
+
+/// Inside a PMI, a write of a value Xen's flush would refuse (Xen 4.17's
+/// `core2_vpmu_verify`) fails like the native write, and the page keeps the old value;
+/// the values just inside each rule are stored.
+#[test]
+fn intel_writes_xen_would_refuse_at_flush_fail_with_gp() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    // Skylake: 4 general counters, 3 fixed of 48 bits, PMU version 4.
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    let refused: &[(u32, u64, &str)] = &[
+        (0x3f1, 1, "PEBS_ENABLE: Xen offers no PEBS"),
+        (
+            0x38f,
+            1 << 4,
+            "GLOBAL_CTRL: general counter 4 does not exist",
+        ),
+        (
+            0x38f,
+            1 << 35,
+            "GLOBAL_CTRL: fixed counter 3 does not exist",
+        ),
+        (0x390, 1 << 60, "GLOBAL_OVF_CTRL: reserved bit"),
+        (0x38d, 0x4, "FIXED_CTR_CTRL: AnyThread of counter 0"),
+        (0x38d, 0x400, "FIXED_CTR_CTRL: AnyThread of counter 2"),
+        (0x38d, 0x1000, "FIXED_CTR_CTRL: a fourth counter's field"),
+        (0x309, 1 << 48, "FIXED_CTR0: beyond the 48-bit width"),
+        (0x186, 1 << 21, "PERFEVTSEL0: AnyThread"),
+        (0x187, 1 << 19, "PERFEVTSEL1: pin control"),
+        (0x188, 1 << 32, "PERFEVTSEL2: bits 63..32"),
+        (0x600, 0x0000_8000_0000_0000, "DS_AREA: non-canonical"),
+        (0x600, 0xffff_8000_0000_1000, "DS_AREA: inside Xen's range"),
+        (0x38e, 0, "GLOBAL_STATUS is read-only"),
+    ];
+    let accepted: &[(u32, u64)] = &[
+        (0x3f1, 0),
+        (0x38f, 0x7_0000_000f),
+        (0x390, 0xe000_0007_0000_000f),
+        (0x38d, 0xbbb),
+        (0x309, (1 << 48) - 1),
+        (0x186, 0xffff_ffff & !(1 << 21 | 1 << 19)),
+        (0x600, 0x0000_7fff_ffff_f000),
+        (0x600, 0xffff_8800_0000_0000),
+        (0xc1, u64::MAX),
+    ];
+    v.on_pmi(|_| {
+        for &(msr, value, why) in refused {
+            let before = page.snapshot();
+            assert_eq!(v.write(msr, value), GP, "{why}");
+            assert_eq!(page.snapshot(), before, "{why}: nothing stored");
+        }
+        for &(msr, value) in accepted {
+            assert_eq!(
+                v.write(msr, value),
+                Some(Outcome::Done(0)),
+                "{msr:#x} {value:#x}"
+            );
+            assert_eq!(v.read(msr), Some(Outcome::Done(value)), "{msr:#x}");
+        }
+    })
+    .unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+
+    // Bit 61 of GLOBAL_OVF_CTRL (uncore overflow) is Xen's to accept from PMU version 3 on.
+    for (version, want) in [(2, GP), (3, Some(Outcome::Done(0)))] {
+        let s = mock::session();
+        let layout = PmuLayout::Intel(IntelLayout {
+            version,
+            ..match SKYLAKE {
+                PmuLayout::Intel(l) => l,
+                _ => unreachable!(),
+            }
+        });
+        let v = vpmu(s.page(), layout, FakeNative::leak(vec![]));
+        xen_ok(a);
+        // (The slot storage is the new backend's own.)
+        let page = GuardedPage::new();
+        registered(&v, 0, &page);
+        xen_intel_pmi(page.addr(), &FIXED, &ARCH);
+        let got = v.on_pmi(|_| v.write(0x390, 1 << 61)).unwrap();
+        assert_eq!(got, want, "PMU version {version}");
+        let _ = mock::take_calls();
+    }
+}
+
+/// AMD: Xen refuses a control whose reserved bits (63..42, 39..36, 21, 19) differ from
+/// the hardware's; the cached control came from the hardware, so it is the reference.
+#[test]
+fn amd_control_writes_keep_the_reserved_bits_of_the_cached_control() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(
+        s.page(),
+        PmuLayout::Amd(AmdLayout::F15H),
+        FakeNative::leak(vec![]),
+    );
+    xen_ok(a);
+    registered(&v, 0, &page);
+    let reserved_set = 1u64 << 42;
+    xen_amd_pmi(a, &[0; 6], &[0, reserved_set, 0, 0, 0, 0]);
+    v.on_pmi(|_| {
+        // CTL0 caches 0 in its reserved bits: setting one is refused.
+        for bit in [19, 21, 36, 39, 42, 63] {
+            assert_eq!(v.write(0xc001_0200, 1 << bit), GP, "bit {bit}");
+        }
+        assert_eq!(v.write(0xc001_0200, 0x43_0076), Some(Outcome::Done(0)));
+        // The K7 alias of CTL0 follows the same rule.
+        assert_eq!(v.write(0xc001_0000, 1 << 21), GP);
+        // CTL1 caches bit 42 set (as its hardware has it): a write must keep it.
+        assert_eq!(v.write(0xc001_0202, 0x43_0076), GP);
+        assert_eq!(
+            v.write(0xc001_0202, reserved_set | 0x43_0076),
+            Some(Outcome::Done(0))
+        );
+        // Counters have no reserved-bit rule.
+        assert_eq!(v.write(0xc001_0201, u64::MAX), Some(Outcome::Done(0)));
+    })
+    .unwrap();
+    assert_eq!(page.r64(PMU_CTXT_OFFSET + 8 + 48), 0x43_0076, "ctrls[0]");
+    assert_eq!(
+        page.r64(PMU_CTXT_OFFSET + 8 + 48 + 8),
+        reserved_set | 0x43_0076,
+        "ctrls[1]"
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+/// Xen refusing the context at the flush (`-EIO`, `PMU_CACHED` set again) is a typed
+/// error; the vCPU's PMU accesses then fail instead of "succeeding" against a page Xen
+/// never loads, and `recover` repairs the context and flushes it again.
+#[test]
+fn a_refused_flush_is_reported_stops_the_vcpu_and_recover_restarts_it() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), SKYLAKE, native);
+    let flushes = std::rc::Rc::new(std::cell::Cell::new(0));
+    xen_refusing_pebs(a, flushes.clone());
+    registered(&v, 0, &page);
+
+    // A context Xen will refuse: PEBS enabled (in the page as Xen cached it, e.g. by a
+    // writer that bypassed the library's checks).
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    page.w64(intel::PEBS_ENABLE, 1);
+    page.w64(intel::GLOBAL_CTRL, 0x7_0000_000f | (1 << 20));
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::FlushRejected));
+    assert_eq!(flushes.get(), 1);
+    assert!(
+        flags(a).contains(PmuFlags::CACHED),
+        "Xen set PMU_CACHED again"
+    );
+    let _ = mock::take_calls();
+
+    // Stopped: every PMU access of this vCPU fails, nothing reads the hardware, nothing
+    // touches the page, and no PMI handler runs.
+    let before = page.snapshot();
+    let unavailable = Some(Outcome::Failed(MsrError::PmuUnavailable));
+    assert_eq!(v.read(0xc1), unavailable);
+    assert_eq!(v.write(0x186, 0x43_003c), unavailable);
+    assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+    let mut ran = false;
+    assert_eq!(v.on_pmi(|_| ran = true), Err(PmuError::FlushRejected));
+    assert!(!ran);
+    assert_eq!(page.snapshot(), before);
+    assert!(native.take().is_empty());
+    assert!(mock::take_calls().is_empty(), "no hypercall while stopped");
+    // Another vCPU is not affected.
+    set_vcpu(1);
+    assert_eq!(v.read(0xc1), Some(Outcome::Native));
+    set_vcpu(0);
+
+    // Recovery: the refused bits are cleared, everything else is kept, and the flush
+    // is made again.
+    assert_eq!(v.recover(), Ok(2), "pebs_enable and global_ctrl repaired");
+    assert_eq!(flushes.get(), 2);
+    assert_eq!(page.r64(intel::PEBS_ENABLE), 0);
+    assert_eq!(page.r64(intel::GLOBAL_CTRL), 0x7_0000_000f);
+    assert_eq!(page.r64(fixed_at(0)), FIXED[0], "valid values kept");
+    assert!(!flags(a).contains(PmuFlags::CACHED), "Xen loaded it");
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    // Running again: accesses pass through, the next PMI is served and flushed.
+    assert_eq!(v.read(0xc1), Some(Outcome::Native));
+    assert_eq!(v.recover(), Ok(0), "nothing to recover: no hypercall");
+    assert!(mock::take_calls().is_empty());
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(
+        v.on_pmi(|_| v.read(0xc1)),
+        Ok(Some(Outcome::Done(ARCH[0].0)))
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+/// When Xen refuses even the repaired context, `recover` says so and the vCPU stays
+/// stopped; `finish` and a new `init` (Xen's fresh context) restart it.
+#[test]
+fn a_context_refused_again_needs_finish_and_init() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    // A Xen that refuses every flush (a check the library does not know).
+    mock::script_err(XENPMU_OP, Errno::EIO);
+    mock::script_err(XENPMU_OP, Errno::EIO);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::FlushRejected));
+    assert_eq!(v.recover(), Err(PmuError::FlushRejected));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH, nr::XENPMU_FLUSH]);
+    assert_eq!(
+        v.on_pmi(|_| ()),
+        Err(PmuError::FlushRejected),
+        "still stopped"
+    );
+    assert_eq!(
+        MsrError::from(PmuError::FlushRejected),
+        MsrError::PmuUnavailable
+    );
+    assert_eq!(v.finish_vcpu(0), Ok(()));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FINISH]);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(v.on_pmi(|_| 5), Ok(5));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+
+    // Other flush errors are not a refusal of the context: nothing is stopped.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    mock::script_err(XENPMU_OP, Errno::EINVAL);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::InvalidArgument));
+    assert_eq!(v.recover(), Ok(0));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
 }

@@ -52,14 +52,22 @@ struct Case {
 
 fn layout() -> impl Strategy<Value = PmuLayout> {
     prop_oneof![
-        (0u8..=8, 0u8..=4).prop_map(|(a, f)| PmuLayout::Intel(IntelLayout {
-            arch_counters: a,
-            fixed_counters: f
-        })),
-        (any::<u8>(), 0u8..32).prop_map(|(a, f)| PmuLayout::Intel(IntelLayout {
-            arch_counters: a,
-            fixed_counters: f
-        })),
+        (0u8..=8, 0u8..=4, 2u8..=5, prop_oneof![Just(48u8), 0u8..=70]).prop_map(
+            |(a, f, version, width)| PmuLayout::Intel(IntelLayout {
+                arch_counters: a,
+                fixed_counters: f,
+                version,
+                fixed_counter_width: width,
+            })
+        ),
+        (any::<u8>(), 0u8..32, any::<u8>(), any::<u8>()).prop_map(|(a, f, version, width)| {
+            PmuLayout::Intel(IntelLayout {
+                arch_counters: a,
+                fixed_counters: f,
+                version,
+                fixed_counter_width: width,
+            })
+        }),
         Just(PmuLayout::Amd(AmdLayout::K7)),
         Just(PmuLayout::Amd(AmdLayout::F15H)),
         Just(PmuLayout::None),
@@ -101,12 +109,63 @@ fn counter() -> impl Strategy<Value = u32> {
     ]
 }
 
+/// A written value: any, small (mostly accepted), or one bit (each of Xen's rules).
+fn value() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        0u64..=0xffff,
+        (0u32..64).prop_map(|bit| 1u64 << bit),
+        Just(0xffff_8800_0000_0000u64),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         msr().prop_map(Op::Read),
-        (msr(), any::<u64>()).prop_map(|(m, v)| Op::Write(m, v)),
+        (msr(), value()).prop_map(|(m, v)| Op::Write(m, v)),
         counter().prop_map(Op::Rdpmc),
     ]
+}
+
+/// The bits `0..n` (any `n`).
+fn bits_below(n: u32) -> u64 {
+    (0..n.min(64)).fold(0, |bits, b| bits | (1 << b))
+}
+
+/// Whether Xen's flush would refuse the context after `value` is written to `class`
+/// (whose slot held `cached`): the model of Xen 4.17's checks (`core2_vpmu_verify`, the
+/// AMD reserved-bit test), written out bit by bit, plus the read-only global status.
+fn model_refuses(layout: &PmuLayout, class: PmuMsr, value: u64, cached: u64) -> bool {
+    let counters = |l: &IntelLayout| {
+        let fixed = (0..u32::from(l.fixed_counters))
+            .filter(|i| 32 + i < 64)
+            .fold(0u64, |bits, i| bits | (1 << (32 + i)));
+        fixed | bits_below(l.arch_counters.into())
+    };
+    match (layout, class) {
+        (PmuLayout::Intel(l), PmuMsr::Intel(m)) => match m {
+            IntelMsr::GlobalOvfCtrl => {
+                let uncore = if l.version >= 3 { 1 << 61 } else { 0 };
+                value & !(counters(l) | (1 << 63) | (1 << 62) | uncore) != 0
+            }
+            IntelMsr::GlobalCtrl => value & !counters(l) != 0,
+            IntelMsr::GlobalStatus => true,
+            IntelMsr::PebsEnable => value != 0,
+            IntelMsr::FixedCtrl => (0..64u32).any(|b| {
+                let field_bit_of_a_counter = b < 4 * u32::from(l.fixed_counters);
+                value & (1 << b) != 0 && (!field_bit_of_a_counter || b % 4 == 2)
+            }),
+            IntelMsr::FixedCounter(_) => value & !bits_below(l.fixed_counter_width.into()) != 0,
+            IntelMsr::ArchCtrl(_) => (value >> 32) != 0 || value & (1 << 21 | 1 << 19) != 0,
+            IntelMsr::DsArea => (1 << 47..0xffff_8800_0000_0000).contains(&value),
+            IntelMsr::ArchCounter(_) => false,
+        },
+        (PmuLayout::Amd(_), PmuMsr::Amd(AmdMsr::Ctrl(_))) => {
+            let reserved = !bits_below(42) | (0xf << 36) | (1 << 21) | (1 << 19);
+            (value ^ cached) & reserved != 0
+        }
+        _ => false,
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -292,6 +351,16 @@ fn run_ops(
                         Op::Read(_) => {
                             prop_assert_eq!(got, Some(Outcome::Done(u64_at(&before, slot))));
                             prop_assert!(diff.is_empty());
+                        }
+                        Op::Write(_, value)
+                            if model_refuses(&c.layout, class, value, u64_at(&before, slot)) =>
+                        {
+                            // Like the native wrmsr of a refused value: #GP, nothing stored.
+                            prop_assert_eq!(
+                                got,
+                                Some(Outcome::Failed(MsrError::Fault { vector: 13 }))
+                            );
+                            prop_assert!(diff.is_empty(), "refused write stored {:?}", diff);
                         }
                         Op::Write(_, value) => {
                             prop_assert_eq!(got, Some(Outcome::Done(0)));

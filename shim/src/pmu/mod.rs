@@ -53,6 +53,7 @@ pub mod classify;
 mod emulate;
 pub mod layout;
 mod page;
+pub mod verify;
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -96,6 +97,10 @@ pub struct VcpuSlot {
     page: AtomicPtr<u8>,
     /// Inside [`Vpmu::on_pmi`]: written only by this vCPU, with its upcalls masked.
     in_pmi: AtomicBool,
+    /// Xen refused this vCPU's cached context at its last flush
+    /// ([`PmuError::FlushRejected`]); cleared by a successful [`Vpmu::recover`] or by
+    /// [`Vpmu::finish_vcpu`].
+    flush_rejected: AtomicBool,
 }
 
 const _: () = assert!(core::mem::align_of::<VcpuSlot>() == SLOT_ALIGN);
@@ -107,6 +112,7 @@ impl VcpuSlot {
         VcpuSlot {
             page: AtomicPtr::new(core::ptr::null_mut()),
             in_pmi: AtomicBool::new(false),
+            flush_rejected: AtomicBool::new(false),
         }
     }
 
@@ -130,6 +136,10 @@ impl fmt::Debug for VcpuSlot {
         f.debug_struct("VcpuSlot")
             .field("registered", &!self.page.load(Ordering::Relaxed).is_null())
             .field("in_pmi", &self.in_pmi.load(Ordering::Relaxed))
+            .field(
+                "flush_rejected",
+                &self.flush_rejected.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -158,7 +168,7 @@ pub enum PmuError {
     /// The vPMU is not available to this vCPU (`-ENOENT`).
     NotAvailable,
     /// Xen rejected an argument (`-EINVAL`): a bad MFN or vCPU, a wrong interface version,
-    /// no page registered on Xen's side, or a cached context Xen refused at flush.
+    /// or no page registered on Xen's side.
     InvalidArgument,
     /// The op needs a privileged domain (`-EPERM`).
     PermissionDenied,
@@ -169,6 +179,13 @@ pub enum PmuError {
     /// running the handler or flushing: a nested flush would hand the page back to Xen
     /// under the outer handler.
     NestedPmi,
+    /// Xen refused the vCPU's cached context at `XENPMU_flush` (`-EIO`: a value its checks
+    /// reject, see [`verify`]). Xen then did not load it, set `PMU_CACHED` again and
+    /// raises no further PMI, so the vCPU's vPMU is stopped. Until a successful
+    /// [`Vpmu::recover`] (or `finish` and a new `init`), that vCPU's PMU MSR accesses
+    /// and RDPMCs fail with [`MsrError::PmuUnavailable`] and [`Vpmu::on_pmi`] answers
+    /// this error without running its handler.
+    FlushRejected,
     /// The vCPU id has no slot in the backend's storage ([`VpmuConfig::slots`]).
     VcpuOutOfRange(u32),
     /// The page is not 4 KiB aligned (no hypercall made).
@@ -203,6 +220,7 @@ impl fmt::Display for PmuError {
             PmuError::PermissionDenied => write!(f, "vPMU hypercall: not permitted"),
             PmuError::Other(errno) => write!(f, "vPMU hypercall failed: {errno}"),
             PmuError::NestedPmi => write!(f, "PMI handler entered again on the same vCPU"),
+            PmuError::FlushRejected => write!(f, "Xen refused the cached PMU context"),
             PmuError::VcpuOutOfRange(v) => write!(f, "vCPU {v} has no vPMU slot"),
             PmuError::MisalignedPage => write!(f, "vPMU page is not 4 KiB aligned"),
             PmuError::NotInitialized => write!(f, "no vPMU page registered for this vCPU"),
@@ -221,6 +239,7 @@ impl From<PmuError> for MsrError {
             PmuError::InvalidArgument => MsrError::Hypercall(Errno::EINVAL),
             PmuError::PermissionDenied => MsrError::Hypercall(Errno::EPERM),
             PmuError::NestedPmi
+            | PmuError::FlushRejected
             | PmuError::VcpuOutOfRange(_)
             | PmuError::MisalignedPage
             | PmuError::NotInitialized
@@ -323,6 +342,22 @@ impl fmt::Debug for Vpmu {
 impl Default for Vpmu {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `XENPMU_flush` for the calling vCPU, its `-EIO` (Xen's checks refused the cached
+/// context) mapped to [`PmuError::FlushRejected`] and recorded in `slot`.
+fn flush(hypercalls: HypercallPage, slot: &VcpuSlot) -> Result<(), PmuError> {
+    match op(hypercalls, XenPmuOp::FLUSH, None) {
+        Ok(_) => {
+            slot.flush_rejected.store(false, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(PmuError::Other(Errno::EIO)) => {
+            slot.flush_rejected.store(true, Ordering::Relaxed);
+            Err(PmuError::FlushRejected)
+        }
+        Err(other) => Err(other),
     }
 }
 
@@ -469,6 +504,7 @@ impl Vpmu {
         {
             return Err(PmuError::AlreadyInitialized);
         }
+        slot.flush_rejected.store(false, Ordering::Relaxed);
         let mut params = XenPmuParams::new(mfn, vcpu);
         let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
         if r.is_err() {
@@ -494,6 +530,8 @@ impl Vpmu {
         if old.is_null() {
             return Err(PmuError::NotInitialized);
         }
+        // Xen frees its context with the page: a refused one is gone too.
+        slot.flush_rejected.store(false, Ordering::Relaxed);
         let mut params = XenPmuParams::new(0, vcpu);
         self.note(op(config.hypercalls, XenPmuOp::FINISH, Some(&mut params)))
             .map(drop)
@@ -574,11 +612,16 @@ impl Vpmu {
     /// nothing left to flush for then.
     ///
     /// Returns the handler's result, or the flush's error (Linux likewise reports a
-    /// failed flush as "not handled"); the handler's result is then dropped.
+    /// failed flush as "not handled"); the handler's result is then dropped. When Xen
+    /// refuses the context at the flush the error is [`PmuError::FlushRejected`], and the
+    /// vCPU's vPMU stays stopped until [`recover`](Self::recover) succeeds.
     pub fn on_pmi<R>(&self, handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
         let config = self.config()?;
         let (vcpu, slot) = self.own_slot()?;
         let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        if slot.flush_rejected.load(Ordering::Relaxed) {
+            return Err(PmuError::FlushRejected);
+        }
         let regs = page.regs();
         let (sampled_vcpu, pcpu, domain_id) = page.sample_ids();
         let ctx = PmiContext {
@@ -601,6 +644,31 @@ impl Vpmu {
         let value = handler(&ctx);
         let flushed = guard.finish();
         self.note(flushed).map(|()| value)
+    }
+
+    /// Recovers the calling vCPU's vPMU after Xen refused its context
+    /// ([`PmuError::FlushRejected`]): repairs the cached context in the page so that it
+    /// passes Xen's checks ([`verify`]: refused bits cleared, `pebs_enable` and a refused
+    /// `ds_area` zeroed, AMD reserved control bits cleared) and makes `XENPMU_flush`
+    /// again. On success the vPMU runs again and the number of repaired registers is
+    /// returned; `Ok(0)` without a hypercall when nothing was refused.
+    ///
+    /// If Xen refuses again (`FlushRejected`: a check the library does not know, such as
+    /// an AMD CPU whose reserved control bits read non-zero), the remedy is
+    /// [`finish_vcpu`](Self::finish_vcpu) and a new [`init_vcpu`](Self::init_vcpu),
+    /// which give Xen a fresh context.
+    ///
+    /// Like [`on_pmi`](Self::on_pmi) it acts on the calling vCPU, with its upcalls masked
+    /// (for example in the upcall handler, right after `on_pmi` reported the refusal).
+    pub fn recover(&self) -> Result<u32, PmuError> {
+        let config = self.config()?;
+        let (_, slot) = self.own_slot()?;
+        if !slot.flush_rejected.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        let repaired = emulate::sanitize(page, &config.layout);
+        self.note(flush(config.hypercalls, slot)).map(|()| repaired)
     }
 
     /// `rdmsr` of `msr` on the calling vCPU: `None` if `msr` is not a PMU MSR of this
@@ -639,21 +707,32 @@ impl Vpmu {
         let Some(config) = self.config.get() else {
             return Outcome::Native;
         };
-        match self.cached_page() {
-            Some(page) => emulate::access(page, &config.layout, class, access),
-            None => Outcome::Native,
+        match self.own_context() {
+            Context::Cached(page) => emulate::access(page, &config.layout, class, access),
+            Context::Hardware => Outcome::Native,
+            Context::Rejected => Outcome::Failed(MsrError::PmuUnavailable),
         }
     }
 
-    /// The calling vCPU's page if the page is this vCPU's to use: the vCPU is inside
-    /// [`on_pmi`](Self::on_pmi) (so no flush can come before the access that follows,
-    /// see there) and Xen has cached the context (`PMU_CACHED`).
-    fn cached_page(&self) -> Option<SharedPage> {
-        let (_, slot) = self.own_slot().ok()?;
-        if !slot.in_pmi.load(Ordering::Relaxed) {
-            return None;
+    /// Where the calling vCPU's PMU state is for an access right now.
+    ///
+    /// The page only while the vCPU is inside [`on_pmi`](Self::on_pmi) (so no flush can
+    /// come before the access that follows, see there) and Xen has cached the context
+    /// (`PMU_CACHED`); nowhere while Xen refuses the context.
+    fn own_context(&self) -> Context {
+        let Ok((_, slot)) = self.own_slot() else {
+            return Context::Hardware;
+        };
+        if slot.flush_rejected.load(Ordering::Relaxed) {
+            return Context::Rejected;
         }
-        slot.page().filter(|p| p.cached())
+        if !slot.in_pmi.load(Ordering::Relaxed) {
+            return Context::Hardware;
+        }
+        match slot.page().filter(|p| p.cached()) {
+            Some(page) => Context::Cached(page),
+            None => Context::Hardware,
+        }
     }
 
     /// RDPMC of `counter` on the calling vCPU, with the configured native reader. See
@@ -672,6 +751,8 @@ impl Vpmu {
     ///   other bits; AMD: below the counter count) is `Failed(InvalidCounter)`.
     /// - Inside [`on_pmi`](Self::on_pmi) with `PMU_CACHED` set: the cached counter (Intel
     ///   `fixed_counters[i]` or `arch_counters[i].counter`; AMD `counters[i]`).
+    /// - While Xen refuses the vCPU's context ([`PmuError::FlushRejected`]):
+    ///   `Failed(PmuUnavailable)`.
     /// - Otherwise: `native.read_safe` of the counter MSR (Intel `0x309 + i` or `0xc1 + i`;
     ///   AMD `counters_base + i * step`), its error surfaced as `Failed`.
     pub fn rdpmc_with(&self, counter: u32, native: &dyn NativeMsr) -> Outcome {
@@ -679,8 +760,10 @@ impl Vpmu {
         let Some(pmc) = decode_pmc(&layout, counter) else {
             return Outcome::Failed(MsrError::InvalidCounter);
         };
-        if let Some(page) = self.cached_page() {
-            return emulate::rdpmc(page, &layout, pmc);
+        match self.own_context() {
+            Context::Cached(page) => return emulate::rdpmc(page, &layout, pmc),
+            Context::Rejected => return Outcome::Failed(MsrError::PmuUnavailable),
+            Context::Hardware => {}
         }
         match pmc.msr(&layout) {
             Some(msr) => match native.read_safe(msr) {
@@ -690,6 +773,16 @@ impl Vpmu {
             None => Outcome::Failed(MsrError::InvalidCounter),
         }
     }
+}
+
+/// Where a vCPU's PMU state is for an access.
+enum Context {
+    /// In the page: inside `on_pmi`, with `PMU_CACHED`.
+    Cached(SharedPage),
+    /// In the hardware (Xen's trap-and-emulate path): pass through.
+    Hardware,
+    /// Nowhere usable: Xen refused the context at the last flush.
+    Rejected,
 }
 
 /// Ends a PMI: flushes and clears the "in PMI" mark, on the normal path via
@@ -703,7 +796,7 @@ struct PmiGuard<'a> {
 impl PmiGuard<'_> {
     fn flush(&mut self) -> Result<(), PmuError> {
         self.armed = false;
-        let r = op(self.hypercalls, XenPmuOp::FLUSH, None).map(drop);
+        let r = flush(self.hypercalls, self.slot);
         self.slot.in_pmi.store(false, Ordering::Release);
         r
     }
@@ -818,6 +911,11 @@ pub fn finish(vcpu: u32) -> Result<(), PmuError> {
 /// ```
 pub fn on_pmi<R>(handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
     VPMU.on_pmi(handler)
+}
+
+/// [`Vpmu::recover`] on the global backend, for the calling vCPU.
+pub fn recover() -> Result<u32, PmuError> {
+    VPMU.recover()
 }
 
 /// [`Vpmu::lvtpc_set`] on the global backend, for the calling vCPU.

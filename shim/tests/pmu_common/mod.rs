@@ -278,6 +278,8 @@ impl NativeMsr for FakeNative {
 pub const SKYLAKE: PmuLayout = PmuLayout::Intel(IntelLayout {
     arch_counters: 4,
     fixed_counters: 3,
+    version: 4,
+    fixed_counter_width: 48,
 });
 
 thread_local! {
@@ -329,4 +331,24 @@ pub fn registered(v: &Vpmu, vcpu: u32, page: &GuardedPage) {
     // test that uses this helper.
     unsafe { v.init_vcpu(vcpu, page.ptr(), 0x1234) }.expect("init");
     let _ = mock::take_calls();
+}
+
+/// Installs a "Xen" whose FLUSH refuses a context with a non-zero `pebs_enable`, as Xen
+/// 4.17's `core2_vpmu_verify` does: it answers `-EIO` and leaves `PMU_CACHED` set (Xen
+/// sets it again). An accepted flush clears `PMU_CACHED`. Counts the flushes in `flushes`.
+pub fn xen_refusing_pebs(addr: usize, flushes: std::rc::Rc<Cell<u32>>) {
+    mock::on(XENPMU_OP, move |args| match args[0] as u32 {
+        nr::XENPMU_FLUSH => {
+            flushes.set(flushes.get() + 1);
+            if r64(addr, intel::PEBS_ENABLE) != 0 {
+                set_flags(addr, flags(addr) | PmuFlags::CACHED);
+                xenmsr_hypercall::Errno::EIO.to_ret()
+            } else {
+                set_flags(addr, flags(addr) - PmuFlags::CACHED);
+                0
+            }
+        }
+        nr::XENPMU_INIT | nr::XENPMU_FINISH | nr::XENPMU_LVTPC_SET => 0,
+        _ => -22,
+    });
 }

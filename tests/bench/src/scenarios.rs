@@ -170,6 +170,8 @@ fn install_vpmu(cached: bool) -> &'static Vpmu {
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: ARCH as u8,
         fixed_counters: FIXED as u8,
+        version: 4,
+        fixed_counter_width: 48,
     });
     let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
         hypercalls: mock::page(),
