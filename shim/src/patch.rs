@@ -209,8 +209,14 @@ pub struct PatchReport {
 /// its op's generic stub, which asks the policy at run time. Until `init` has given the
 /// segment-base stubs their hypercall page, those sites stay on the generic stub too.
 pub fn xen_stub(op: SiteOp, imm: u32) -> Stub {
+    xen_stub_with(op, imm, xenmsr_asm::stubs::segbase_stubs_ready())
+}
+
+/// [`xen_stub`], with `direct_segbase` saying whether the segment-base stubs may be used
+/// (rather than asking whether their hypercall page is set already).
+fn xen_stub_with(op: SiteOp, imm: u32, direct_segbase: bool) -> Stub {
     if op == SiteOp::WriteImm
-        && xenmsr_asm::stubs::segbase_stubs_ready()
+        && direct_segbase
         && let Some(Route {
             write: WriteRoute::SegmentBase(which),
             ..
@@ -224,6 +230,15 @@ pub fn xen_stub(op: SiteOp, imm: u32) -> Stub {
 
 /// The bytes `variant` wants at `site`.
 pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, PatchError> {
+    wanted_bytes_with(site, variant, xenmsr_asm::stubs::segbase_stubs_ready())
+}
+
+/// [`wanted_bytes`] with the segment-base choice of [`xen_stub_with`].
+fn wanted_bytes_with(
+    site: &PatchSite,
+    variant: Variant,
+    direct_segbase: bool,
+) -> Result<SiteBytes, PatchError> {
     let op = site.op.ok_or(PatchError::BadLength {
         site: site.addr,
         len: usize::from(site.len),
@@ -233,7 +248,7 @@ pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, Pat
         site.addr,
         usize::from(site.len),
         site.imm,
-        xen_stub(op, site.imm).addr(),
+        xen_stub_with(op, site.imm, direct_segbase).addr(),
         variant,
     )
 }
@@ -244,22 +259,55 @@ pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, Pat
 /// twice changes nothing. Every record is checked before any site is written: one bad
 /// record leaves the image untouched.
 ///
+/// This is the boot-time patcher: nothing else may run the sites meanwhile. To re-patch
+/// while other vCPUs run, use [`crate::repatch`].
+///
 /// # Safety
 ///
 /// Every site must be a live patch site of this image (as [`xenmsr_asm::patch::patch_sites`]
-/// gives them), and no other CPU may be executing any of them while they are rewritten
-/// (early boot, one CPU). `write` must store exactly the given bytes.
+/// gives them), and no CPU may be executing any of them while they are rewritten (early
+/// boot, one CPU, upcalls and interrupts masked). `write` must store exactly the given
+/// bytes. The caller serialises (e.g. `cpuid`) before running a rewritten site.
 pub unsafe fn patch_sites(
     sites: impl Iterator<Item = PatchSite> + Clone,
     variant: Variant,
     write: &mut dyn FnMut(usize, &[u8]),
 ) -> Result<PatchReport, PatchError> {
-    for site in sites.clone() {
-        wanted_bytes(&site, variant)?;
+    let direct_segbase = xenmsr_asm::stubs::segbase_stubs_ready();
+    check_sites(sites.clone(), variant, direct_segbase)?;
+    // SAFETY: forwarded to the caller; every record was just checked.
+    unsafe { write_sites(sites, variant, direct_segbase, write) }
+}
+
+/// Checks that every site can take `variant` (with the segment-base choice
+/// `direct_segbase`): the error of the first one that cannot.
+pub(crate) fn check_sites(
+    sites: impl Iterator<Item = PatchSite>,
+    variant: Variant,
+    direct_segbase: bool,
+) -> Result<(), PatchError> {
+    for site in sites {
+        wanted_bytes_with(&site, variant, direct_segbase)?;
     }
+    Ok(())
+}
+
+/// Writes `variant` into every site that does not hold it yet. Call [`check_sites`]
+/// first with the same arguments: then this cannot fail, and no site is written unless
+/// all of them can be.
+///
+/// # Safety
+///
+/// As for [`patch_sites`].
+pub(crate) unsafe fn write_sites(
+    sites: impl Iterator<Item = PatchSite>,
+    variant: Variant,
+    direct_segbase: bool,
+    write: &mut dyn FnMut(usize, &[u8]),
+) -> Result<PatchReport, PatchError> {
     let mut report = PatchReport::default();
     for site in sites {
-        let wanted = wanted_bytes(&site, variant)?;
+        let wanted = wanted_bytes_with(&site, variant, direct_segbase)?;
         // SAFETY: `site.addr..site.addr + site.len` is a live patch site of this image
         // (caller's contract), so it is mapped and readable.
         let current =
@@ -272,6 +320,15 @@ pub unsafe fn patch_sites(
         }
     }
     Ok(report)
+}
+
+/// Makes the calling CPU serialise instruction fetch (`cpuid`), so that it runs the
+/// bytes just written rather than anything it fetched before: Intel's rule for
+/// cross-modifying code. In a PV guest `cpuid` may trap to Xen, whose return to the guest
+/// serialises too.
+pub fn serialise() {
+    // `cpuid` has no side effect beyond its outputs, which are dropped.
+    let _ = core::arch::x86_64::__cpuid(0);
 }
 
 /// Writes code bytes with plain volatile stores: for kernels whose text is writable at
