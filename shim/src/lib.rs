@@ -39,6 +39,7 @@ pub use xenmsr_asm::site::{
 pub use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::HypercallPage;
 
+use crate::dispatch::ClassIndex;
 use crate::patch::{CpuFeatures, PatchError, PatchReport, Variant};
 use crate::pmu::RawMsr;
 use crate::policy::XenPvPolicy;
@@ -151,6 +152,8 @@ const INIT_DONE: u8 = 2;
 static INIT_STATE: AtomicU8 = AtomicU8::new(INIT_NONE);
 static SETTINGS: Once<Settings> = Once::new();
 static XEN_POLICY: Once<XenPvPolicy<RawMsr>> = Once::new();
+/// The storage the policy's class index is built in (about 5 KiB, so not on the stack).
+static CLASS_INDEX: spin::Mutex<ClassIndex> = spin::Mutex::new(ClassIndex::new());
 
 fn dispatch_warning(access: &UncheckedAccess) {
     if let Some(settings) = SETTINGS.get()
@@ -304,8 +307,12 @@ unsafe fn init_claimed(
             vcpu_id,
             slots: pmu_slots,
         });
-        let policy =
-            XEN_POLICY.call_once(|| XenPvPolicy::new(hypercalls, vcpu_id, RawMsr, Some(vpmu)));
+        // The class index is built in its static storage, never on the stack. This runs
+        // once (INIT_STATE), so the lock is free; it stays taken: the policy keeps the
+        // index for the rest of the kernel's life.
+        let index = spin::MutexGuard::leak(CLASS_INDEX.lock());
+        let policy = XEN_POLICY
+            .call_once(|| XenPvPolicy::new(hypercalls, vcpu_id, RawMsr, Some(vpmu), index));
         xenmsr_asm::backend::set_backend(policy);
     }
     let write_text = config.write_text;

@@ -31,8 +31,19 @@ impl NativeMsr for ScriptedNative {
     }
 }
 
+/// Storage for a policy's class index (a kernel uses a `static`).
+fn index_storage() -> &'static mut xenmsr::dispatch::ClassIndex {
+    Box::leak(Box::new(xenmsr::dispatch::ClassIndex::new()))
+}
+
 fn policy() -> XenPvPolicy<ScriptedNative> {
-    XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, None)
+    XenPvPolicy::new(
+        mock::page(),
+        current_vcpu,
+        ScriptedNative,
+        None,
+        index_storage(),
+    )
 }
 
 fn segbase_call(which: SegmentBase, base: u64) -> MockCall {
@@ -258,7 +269,13 @@ fn oversized_pmu_layout_falls_back_to_the_same_classification() {
         vcpu_id: current_vcpu,
         slots: &SLOTS,
     })));
-    let policy = XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, Some(vpmu));
+    let policy = XenPvPolicy::new(
+        mock::page(),
+        current_vcpu,
+        ScriptedNative,
+        Some(vpmu),
+        index_storage(),
+    );
     assert!(
         format!("{policy:?}").contains("indexed: None"),
         "the layout should not fit the index: {policy:?}"

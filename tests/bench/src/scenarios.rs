@@ -126,11 +126,13 @@ static POLICY: OnceLock<&'static Policy> = OnceLock::new();
 /// Builds the policy over the mock page (with `pmu`), registers it as the stubs' backend
 /// and for the pvops table, and clears the mock's record.
 fn install_policy(pmu: Option<&'static Vpmu>) -> &'static Policy {
+    let index = Box::leak(Box::new(xenmsr::dispatch::ClassIndex::new()));
     let policy: &'static Policy = Box::leak(Box::new(XenPvPolicy::new(
         mock::page(),
         vcpu0,
         FakeNative,
         pmu,
+        index,
     )));
     assert!(set_backend(policy), "a backend was already registered");
     assert!(POLICY.set(policy).is_ok(), "the policy was already set");
