@@ -4,7 +4,8 @@
 //!   show what the library does for a set of MSRs.
 //! - `cargo xtask test`: every test: host tests, then the in-guest suites as dom0 on three
 //!   CPU models, then the `xl create` domU path.
-//! - `cargo xtask bench`: benchmarks (host instruction counts and in-guest ratios).
+//! - `cargo xtask bench`: benchmarks (host instruction counts, the host scaling table and
+//!   in-guest ratios); `--scaling` runs only the scaling table.
 
 mod bench;
 mod guestbench;
@@ -355,17 +356,23 @@ fn print_summary(results: &[SuiteResult]) {
 /// Benchmarks: host instruction counts under callgrind, then TSC-cycle ratios in the PV
 /// test kernel under Xen/QEMU (TCG) on three CPU models plus an XPTI control run; both go to
 /// `docs/benchmarks.md` and are printed. `--no-host` / `--no-guest` skip one part (the
-/// other section of the file is kept as it is).
+/// other section of the file is kept as it is). `--scaling` measures only the host's
+/// two-threads-against-one table and prints it, writing nothing.
 fn cmd_bench(args: &[String]) -> XtaskResult<()> {
     let (mut host, mut guest) = (true, true);
     for arg in args {
         match arg.as_str() {
             "--no-host" => host = false,
             "--no-guest" => guest = false,
+            "--scaling" => {
+                println!("{}", bench::scaling_bench()?);
+                return Ok(());
+            }
             other => {
-                return Err(
-                    format!("bench: unknown option {other} (--no-host, --no-guest)").into(),
-                );
+                return Err(format!(
+                    "bench: unknown option {other} (--no-host, --no-guest, --scaling)"
+                )
+                .into());
             }
         }
     }
