@@ -12,7 +12,9 @@
 //! 3. in its linker script, keep the `xenmsr_extable` and `xenmsr_patch_sites` sections
 //!    with their bounds symbols (see `docs/integrating.md`);
 //! 4. for the PMU, per vCPU, [`pmu`]'s `init`, `on_pmi` and `finish` (`on_pmi` and
-//!    `lvtpc_set` act on the calling vCPU, which the `vcpu_id` hook names).
+//!    `lvtpc_set` act on the calling vCPU, which the `vcpu_id` hook names);
+//! 5. to re-patch the sites later, while other vCPUs run, [`repatch`] with the kernel's
+//!    stop-the-world hook.
 #![no_std]
 #![warn(missing_docs)]
 

@@ -567,7 +567,9 @@ impl Vpmu {
     /// that ends the PMI applies it, so no hypercall is made.
     ///
     /// Xen's `XENPMU_lvtpc_set` acts on the vCPU that calls it, so this takes no vCPU:
-    /// it is the one [`VpmuConfig::vcpu_id`] names.
+    /// it is the one [`VpmuConfig::vcpu_id`] names. After a [`PmuError::FlushRejected`]
+    /// (Xen keeps `PMU_CACHED` set) the value is stored and applied by the flush that
+    /// [`recover`](Self::recover) makes.
     pub fn lvtpc_set(&self, value: u32) -> Result<(), PmuError> {
         let config = self.config()?;
         let (_, slot) = self.own_slot()?;
