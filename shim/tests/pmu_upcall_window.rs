@@ -245,20 +245,13 @@ fn make_text_writable(writable: bool) {
     assert_eq!(rc, 0, "mprotect: {}", std::io::Error::last_os_error());
 }
 
-fn stack_pointer() -> usize {
-    let sp: usize;
-    // SAFETY: reads rsp; no memory access.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, preserves_flags)) };
-    sp
-}
-
 /// Runs the access under the single-step trap and returns the address of every
-/// instruction boundary inside [`run`] (the address of the instruction about to run).
+/// instruction boundary from the first instruction of [`run`] to its return (the address
+/// of the instruction about to run): the code the injection runs execute too.
 #[inline(never)]
 fn trace(v: &Vpmu, access: Access) -> Vec<usize> {
     TRACED.store(0, Relaxed);
     MODE.store(RECORDING, Relaxed);
-    let frame = stack_pointer();
     // SAFETY: sets EFLAGS.TF; the stack is balanced. Every instruction until TF is
     // cleared raises SIGTRAP, which `on_trap` records.
     unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
@@ -271,11 +264,22 @@ fn trace(v: &Vpmu, access: Access) -> Vec<usize> {
         n <= MAX_STEPS,
         "access longer than {MAX_STEPS} instructions"
     );
-    // Below this frame: inside `run` and what it calls, the code both runs share.
-    TRACE[..n]
+    let trace: Vec<(usize, usize)> = TRACE[..n]
         .iter()
-        .filter(|(_, sp)| (sp.load(Relaxed) as usize) < frame)
-        .map(|(at, _)| at.load(Relaxed) as usize)
+        .map(|(at, sp)| (at.load(Relaxed) as usize, sp.load(Relaxed) as usize))
+        .collect();
+    // From `run`'s entry (its return address just pushed, at `sp`) until the stack is
+    // above that again (it returned).
+    let entry = run as fn(&Vpmu, Access) -> Outcome as usize;
+    let first = trace
+        .iter()
+        .position(|&(at, _)| at == entry)
+        .expect("the trace passes `run`'s entry");
+    let entry_sp = trace[first].1;
+    trace[first..]
+        .iter()
+        .take_while(|&&(_, sp)| sp <= entry_sp)
+        .map(|&(at, _)| at)
         .collect()
 }
 
@@ -423,6 +427,7 @@ fn outside_the_handler(v: &Vpmu, page: &GuardedPage, native: &FakeNative) {
             assert_eq!(outcome, expected, "{what}");
         }
         assert_eq!(upcalls, points.len());
+        eprintln!("upcall window: {access:?} outside the handler: {upcalls} boundaries");
         let _ = mock::take_calls();
     }
 }
@@ -444,12 +449,6 @@ fn inside_the_handler(v: &Vpmu, page: &GuardedPage) {
             let what = describe(access, i, at, hit);
             let (outcome, upcall) = v
                 .on_pmi(|_| {
-                    eprintln!(
-                        "DEBUG {what} hit {hit} off {:#x}",
-                        at - (&raw const __executable_start) as usize
-                    );
-                    let off = at - (&raw const __executable_start) as usize;
-                    let what = format!("{what} off {off:#x} hit {hit}");
                     let (outcome, upcall) = with_upcall_at(v, at, hit, access);
                     assert!(
                         mock::take_calls().is_empty(),
@@ -471,6 +470,10 @@ fn inside_the_handler(v: &Vpmu, page: &GuardedPage) {
             assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH], "only the outer flush");
             let _ = AT_FLUSH.with(|p| p.borrow_mut().take());
         }
+        eprintln!(
+            "upcall window: {access:?} inside the handler: {} boundaries",
+            points.len()
+        );
     }
 }
 
