@@ -57,7 +57,7 @@ pub mod verify;
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 use spin::Once;
 use xenmsr_asm::{MsrError, Outcome};
@@ -95,13 +95,17 @@ pub const SLOT_ALIGN: usize = 128;
 pub struct VcpuSlot {
     /// The registered page, or null.
     page: AtomicPtr<u8>,
-    /// Inside [`Vpmu::on_pmi`]: written only by this vCPU, with its upcalls masked.
-    in_pmi: AtomicBool,
-    /// Xen refused this vCPU's cached context at its last flush
-    /// ([`PmuError::FlushRejected`]); cleared by a successful [`Vpmu::recover`] or by
-    /// [`Vpmu::finish_vcpu`].
-    flush_rejected: AtomicBool,
+    /// [`IN_PMI`] and [`FLUSH_REJECTED`]: one word, so an access tests both with one load.
+    state: AtomicU8,
 }
+
+/// [`VcpuSlot`] state: inside [`Vpmu::on_pmi`] (written only by the slot's vCPU, with its
+/// upcalls masked).
+const IN_PMI: u8 = 1 << 0;
+/// [`VcpuSlot`] state: Xen refused this vCPU's cached context at its last flush
+/// ([`PmuError::FlushRejected`]); cleared by a successful [`Vpmu::recover`] or by
+/// [`Vpmu::finish_vcpu`].
+const FLUSH_REJECTED: u8 = 1 << 1;
 
 const _: () = assert!(core::mem::align_of::<VcpuSlot>() == SLOT_ALIGN);
 const _: () = assert!(core::mem::size_of::<VcpuSlot>() == SLOT_ALIGN);
@@ -111,8 +115,28 @@ impl VcpuSlot {
     pub const fn new() -> Self {
         VcpuSlot {
             page: AtomicPtr::new(core::ptr::null_mut()),
-            in_pmi: AtomicBool::new(false),
-            flush_rejected: AtomicBool::new(false),
+            state: AtomicU8::new(0),
+        }
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    /// Marks the vCPU inside `on_pmi`; whether it already was.
+    fn enter_pmi(&self) -> bool {
+        self.state.fetch_or(IN_PMI, Ordering::Acquire) & IN_PMI != 0
+    }
+
+    fn leave_pmi(&self) {
+        self.state.fetch_and(!IN_PMI, Ordering::Release);
+    }
+
+    fn set_flush_rejected(&self, rejected: bool) {
+        if rejected {
+            self.state.fetch_or(FLUSH_REJECTED, Ordering::Relaxed);
+        } else if self.state() & FLUSH_REJECTED != 0 {
+            self.state.fetch_and(!FLUSH_REJECTED, Ordering::Relaxed);
         }
     }
 
@@ -135,11 +159,8 @@ impl fmt::Debug for VcpuSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VcpuSlot")
             .field("registered", &!self.page.load(Ordering::Relaxed).is_null())
-            .field("in_pmi", &self.in_pmi.load(Ordering::Relaxed))
-            .field(
-                "flush_rejected",
-                &self.flush_rejected.load(Ordering::Relaxed),
-            )
+            .field("in_pmi", &(self.state() & IN_PMI != 0))
+            .field("flush_rejected", &(self.state() & FLUSH_REJECTED != 0))
             .finish()
     }
 }
@@ -350,11 +371,11 @@ impl Default for Vpmu {
 fn flush(hypercalls: HypercallPage, slot: &VcpuSlot) -> Result<(), PmuError> {
     match op(hypercalls, XenPmuOp::FLUSH, None) {
         Ok(_) => {
-            slot.flush_rejected.store(false, Ordering::Relaxed);
+            slot.set_flush_rejected(false);
             Ok(())
         }
         Err(PmuError::Other(Errno::EIO)) => {
-            slot.flush_rejected.store(true, Ordering::Relaxed);
+            slot.set_flush_rejected(true);
             Err(PmuError::FlushRejected)
         }
         Err(other) => Err(other),
@@ -504,7 +525,7 @@ impl Vpmu {
         {
             return Err(PmuError::AlreadyInitialized);
         }
-        slot.flush_rejected.store(false, Ordering::Relaxed);
+        slot.set_flush_rejected(false);
         let mut params = XenPmuParams::new(mfn, vcpu);
         let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
         if r.is_err() {
@@ -531,7 +552,7 @@ impl Vpmu {
             return Err(PmuError::NotInitialized);
         }
         // Xen frees its context with the page: a refused one is gone too.
-        slot.flush_rejected.store(false, Ordering::Relaxed);
+        slot.set_flush_rejected(false);
         let mut params = XenPmuParams::new(0, vcpu);
         self.note(op(config.hypercalls, XenPmuOp::FINISH, Some(&mut params)))
             .map(drop)
@@ -581,7 +602,7 @@ impl Vpmu {
         };
         let page = slot.page().ok_or(missing)?;
         page.set_lapic_lvtpc(value);
-        if slot.in_pmi.load(Ordering::Acquire) || page.cached() {
+        if slot.state() & IN_PMI != 0 || page.cached() {
             return Ok(());
         }
         self.note(op(config.hypercalls, XenPmuOp::LVTPC_SET, None))
@@ -621,7 +642,7 @@ impl Vpmu {
         let config = self.config()?;
         let (vcpu, slot) = self.own_slot()?;
         let page = slot.page().ok_or(PmuError::NotInitialized)?;
-        if slot.flush_rejected.load(Ordering::Relaxed) {
+        if slot.state() & FLUSH_REJECTED != 0 {
             return Err(PmuError::FlushRejected);
         }
         let regs = page.regs();
@@ -635,7 +656,7 @@ impl Vpmu {
             domain_id,
         };
         // Only this vCPU writes its mark, with its upcalls masked: a plain swap suffices.
-        if slot.in_pmi.swap(true, Ordering::Acquire) {
+        if slot.enter_pmi() {
             return Err(PmuError::NestedPmi);
         }
         let guard = PmiGuard {
@@ -665,7 +686,7 @@ impl Vpmu {
     pub fn recover(&self) -> Result<u32, PmuError> {
         let config = self.config()?;
         let (_, slot) = self.own_slot()?;
-        if !slot.flush_rejected.load(Ordering::Relaxed) {
+        if slot.state() & FLUSH_REJECTED == 0 {
             return Ok(0);
         }
         let page = slot.page().ok_or(PmuError::NotInitialized)?;
@@ -709,31 +730,10 @@ impl Vpmu {
         let Some(config) = self.config.get() else {
             return Outcome::Native;
         };
-        match self.own_context() {
+        match own_context(config) {
             Context::Cached(page) => emulate::access(page, &config.layout, class, access),
             Context::Hardware => Outcome::Native,
             Context::Rejected => Outcome::Failed(MsrError::PmuUnavailable),
-        }
-    }
-
-    /// Where the calling vCPU's PMU state is for an access right now.
-    ///
-    /// The page only while the vCPU is inside [`on_pmi`](Self::on_pmi) (so no flush can
-    /// come before the access that follows, see there) and Xen has cached the context
-    /// (`PMU_CACHED`); nowhere while Xen refuses the context.
-    fn own_context(&self) -> Context {
-        let Ok((_, slot)) = self.own_slot() else {
-            return Context::Hardware;
-        };
-        if slot.flush_rejected.load(Ordering::Relaxed) {
-            return Context::Rejected;
-        }
-        if !slot.in_pmi.load(Ordering::Relaxed) {
-            return Context::Hardware;
-        }
-        match slot.page().filter(|p| p.cached()) {
-            Some(page) => Context::Cached(page),
-            None => Context::Hardware,
         }
     }
 
@@ -758,11 +758,14 @@ impl Vpmu {
     /// - Otherwise: `native.read_safe` of the counter MSR (Intel `0x309 + i` or `0xc1 + i`;
     ///   AMD `counters_base + i * step`), its error surfaced as `Failed`.
     pub fn rdpmc_with(&self, counter: u32, native: &dyn NativeMsr) -> Outcome {
-        let layout = self.layout();
+        let Some(config) = self.config.get() else {
+            return Outcome::Failed(MsrError::InvalidCounter);
+        };
+        let layout = config.layout;
         let Some(pmc) = decode_pmc(&layout, counter) else {
             return Outcome::Failed(MsrError::InvalidCounter);
         };
-        match self.own_context() {
+        match own_context(config) {
             Context::Cached(page) => return emulate::rdpmc(page, &layout, pmc),
             Context::Rejected => return Outcome::Failed(MsrError::PmuUnavailable),
             Context::Hardware => {}
@@ -774,6 +777,26 @@ impl Vpmu {
             },
             None => Outcome::Failed(MsrError::InvalidCounter),
         }
+    }
+}
+
+/// Where the calling vCPU's PMU state is for an access right now.
+///
+/// The page only while the vCPU is inside [`Vpmu::on_pmi`] (so no flush can come before
+/// the access that follows, see there) and Xen has cached the context (`PMU_CACHED`);
+/// nowhere while Xen refuses the context. One load of the slot's state decides.
+fn own_context(config: &VpmuConfig) -> Context {
+    let vcpu = (config.vcpu_id)();
+    let Some(slot) = usize::try_from(vcpu).ok().and_then(|i| config.slots.get(i)) else {
+        return Context::Hardware;
+    };
+    match slot.state() {
+        0 => Context::Hardware,
+        IN_PMI => match slot.page().filter(|p| p.cached()) {
+            Some(page) => Context::Cached(page),
+            None => Context::Hardware,
+        },
+        _ => Context::Rejected,
     }
 }
 
@@ -799,7 +822,7 @@ impl PmiGuard<'_> {
     fn flush(&mut self) -> Result<(), PmuError> {
         self.armed = false;
         let r = flush(self.hypercalls, self.slot);
-        self.slot.in_pmi.store(false, Ordering::Release);
+        self.slot.leave_pmi();
         r
     }
 
