@@ -23,8 +23,8 @@
 //!
 //! # Concurrency
 //!
-//! The per-vCPU state ([`VcpuSlot`]) is a few atomics (the page pointer and the "in PMI"
-//! flag), never a lock: the PMI handler interrupts arbitrary code on its vCPU, including
+//! The per-vCPU state ([`VcpuSlot`]) is two atomics (the page pointer and a state word:
+//! "in PMI", "flush refused"), never a lock: the PMI handler interrupts arbitrary code on its vCPU, including
 //! code in the middle of an MSR access, and a lock held there would deadlock. Each slot
 //! has its own cache lines, and the kernel gives the slot storage, sized for its vCPU
 //! count ([`VpmuConfig::slots`]; [`DEFAULT_SLOTS`] for up to [`DEFAULT_VCPUS`]). The
