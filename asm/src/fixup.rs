@@ -178,6 +178,11 @@ pub fn set_warn_hook(hook: fn(&UncheckedAccess)) -> bool {
     installed
 }
 
+/// Whether a warn hook is registered (so [`set_warn_hook`] would change nothing).
+pub fn warn_hook_registered() -> bool {
+    WARN_HOOK.get().is_some()
+}
+
 /// How many rewinds one fixup follows before it gives up. A stub's rewind lands on its
 /// caller's site entry, so one is normal; more means a stub called a stub, and a chain
 /// this long is a bug.

@@ -1,13 +1,16 @@
 //! One probe per access: the class index the policy dispatches on.
 //!
 //! The fixed routes ([`ROUTES`]) and the PMU MSRs of the CPU's layout are put into one
-//! perfect-hash index when the policy is built: a multiplicative hash picks one of 2,048
+//! perfect-hash index when the policy is built (in place, in storage the caller gives:
+//! the index is about 5 KiB, too much for a small boot stack): a multiplicative hash picks one of 2,048
 //! slots, the slot names an entry, and one comparison confirms it. Every MSR, of every
 //! class (a route, a PMU MSR, or anything else), costs exactly that probe, so dispatch is
 //! flat by construction. The multiplier is searched when the index is built; a layout
 //! too large to index (more PMU MSRs than [`MAX_ENTRIES`], or no collision-free
 //! multiplier found quickly) gets no index, and the policy falls back to the two-step
 //! classification ([`reference_class`]), which gives the same answers.
+
+use xenmsr_asm::fastpath::ReadKind;
 
 use crate::pmu::{PmuLayout, PmuMsr, classify};
 use crate::routes::{self, ROUTES, ReadRoute, WriteRoute};
@@ -63,7 +66,11 @@ const SENTINEL: Entry = Entry {
 };
 
 /// The perfect-hash index of every MSR with non-native handling.
-#[derive(Clone, Debug)]
+///
+/// About 5 KiB. It is built in place ([`rebuild`](Self::rebuild)) in storage that starts
+/// as [`ClassIndex::new`], e.g. a `static`, so that building it never puts a copy on the
+/// stack (the library's stack budget per function is 4 KiB; see `docs/architecture.md`).
+#[derive(Debug)]
 pub struct ClassIndex {
     multiplier: u32,
     slots: [u8; SLOTS],
@@ -116,11 +123,83 @@ fn pmu_msrs(layout: &PmuLayout, mut visit: impl FnMut(u32)) {
     }
 }
 
+/// The read stub's filter keys (`xenmsr_asm::fastpath`): every MSR whose read the policy
+/// must see (the routing rows whose read is not plain pass-through, such as the APIC
+/// base's fix-up, and every PMU MSR of `layout`), plus, with `fsgsbase`, the FS and kernel
+/// GS bases, read with RDFSBASE/RDGSBASE. Without repeats; at most
+/// `READ_FILTER_MAX_KEYS + 1` (one more than the filter takes means "too many", which
+/// makes the filter divert every read to the policy).
+pub fn read_filter_keys(layout: &PmuLayout, fsgsbase: bool) -> FilterKeys {
+    let mut keys = FilterKeys {
+        keys: [(0, ReadKind::Policy); FILTER_KEYS_CAP],
+        len: 0,
+    };
+    for route in crate::routes::ROUTES {
+        if route.read != crate::routes::ReadRoute::Native {
+            keys.push(route.msr, ReadKind::Policy);
+        }
+    }
+    pmu_msrs(layout, |msr| {
+        if matches!(reference_class(layout, msr), Class::Pmu(_)) {
+            keys.push(msr, ReadKind::Policy);
+        }
+    });
+    if fsgsbase {
+        keys.push(crate::routes::MSR_FS_BASE, ReadKind::RdFsBase);
+        keys.push(crate::routes::MSR_GS_BASE, ReadKind::RdGsBase);
+    }
+    keys
+}
+
+const FILTER_KEYS_CAP: usize = xenmsr_asm::fastpath::READ_FILTER_MAX_KEYS + 1;
+
+/// The keys [`read_filter_keys`] found.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterKeys {
+    keys: [(u32, ReadKind); FILTER_KEYS_CAP],
+    len: usize,
+}
+
+impl FilterKeys {
+    fn push(&mut self, msr: u32, kind: ReadKind) {
+        if self.keys[..self.len].iter().any(|&(k, _)| k == msr) || self.len == FILTER_KEYS_CAP {
+            return;
+        }
+        self.keys[self.len] = (msr, kind);
+        self.len += 1;
+    }
+
+    /// The keys.
+    pub fn as_slice(&self) -> &[(u32, ReadKind)] {
+        &self.keys[..self.len]
+    }
+}
+
+/// The first multiplier tried.
+const FIRST_MULTIPLIER: u32 = 0x9e37_79b1;
+
 impl ClassIndex {
-    /// Builds the index for the routes and `layout`'s PMU MSRs; `None` if they do not
-    /// fit (the policy then uses [`reference_class`]).
-    pub fn build(layout: &PmuLayout) -> Option<ClassIndex> {
-        let mut entries = [SENTINEL; MAX_ENTRIES + 1];
+    /// An empty index (every MSR is `Native`): the starting value of the storage
+    /// [`rebuild`](Self::rebuild) fills. `const`, so a `static` holding it costs no stack.
+    pub const fn new() -> Self {
+        ClassIndex {
+            multiplier: FIRST_MULTIPLIER,
+            slots: [0; SLOTS],
+            entries: [SENTINEL; MAX_ENTRIES + 1],
+            len: 0,
+        }
+    }
+
+    /// Builds, in place, the index for the routes and `layout`'s PMU MSRs. `false` if
+    /// they do not fit (the index is then left empty and the policy uses
+    /// [`reference_class`]). Uses no stack beyond a few words: every table is written
+    /// where it lives.
+    pub fn rebuild(&mut self, layout: &PmuLayout) -> bool {
+        self.slots.fill(0);
+        self.entries.fill(SENTINEL);
+        self.multiplier = FIRST_MULTIPLIER;
+        self.len = 0;
+        let entries = &mut self.entries;
         let mut len = 0;
         let mut overflow = false;
         let mut add = |msr: u32| {
@@ -142,23 +221,21 @@ impl ClassIndex {
             add(route.msr);
         }
         pmu_msrs(layout, &mut add);
-        if overflow {
-            return None;
-        }
-        let mut multiplier: u32 = 0x9e37_79b1;
-        let mut slots = [0u8; SLOTS];
-        for _ in 0..MAX_TRIES {
-            if Self::fill(&mut slots, &entries[..=len], multiplier) {
-                return Some(ClassIndex {
-                    multiplier,
-                    slots,
-                    entries,
-                    len,
-                });
+        if !overflow {
+            let mut multiplier = FIRST_MULTIPLIER;
+            for _ in 0..MAX_TRIES {
+                if Self::fill(&mut self.slots, &self.entries[..=len], multiplier) {
+                    self.multiplier = multiplier;
+                    self.len = len;
+                    return true;
+                }
+                multiplier = multiplier.wrapping_add(0x2_0002);
             }
-            multiplier = multiplier.wrapping_add(0x2_0002);
         }
-        None
+        // Does not fit: an empty index, which answers `Native` for every MSR.
+        self.slots.fill(0);
+        self.entries.fill(SENTINEL);
+        false
     }
 
     /// Puts every entry (after the sentinel) in its own slot; false on a collision.
@@ -193,9 +270,16 @@ impl ClassIndex {
         self.len
     }
 
-    /// Whether no MSR has non-native handling (never: the routes are always there).
+    /// Whether no MSR has non-native handling (only an index that is [`new`](Self::new)
+    /// or did not fit; a built one always has the routes).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl Default for ClassIndex {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -210,6 +294,8 @@ mod tests {
             v.push(PmuLayout::Intel(IntelLayout {
                 arch_counters: arch,
                 fixed_counters: fixed,
+                version: 4,
+                fixed_counter_width: 48,
             }));
         }
         for cpuid in [
@@ -246,10 +332,16 @@ mod tests {
             .chain([0x4000_0000, 0x8000_0000, 0xffff_ffff, 0x1234_5678])
     }
 
+    /// A built index on the heap (the tests' stand-in for a kernel's static storage).
+    fn build(layout: &PmuLayout) -> Option<std::boxed::Box<ClassIndex>> {
+        let mut index = std::boxed::Box::new(ClassIndex::new());
+        index.rebuild(layout).then_some(index)
+    }
+
     #[test]
     fn index_agrees_with_the_reference_classification_everywhere() {
         for layout in layouts() {
-            let index = ClassIndex::build(&layout).expect("typical layouts fit the index");
+            let index = build(&layout).expect("typical layouts fit the index");
             for msr in probe_msrs() {
                 assert_eq!(
                     index.lookup(msr),
@@ -264,7 +356,7 @@ mod tests {
     fn amd_layouts_index_the_pmu_msrs() {
         let layout = PmuLayout::from_cpuid(amd_cpuid(0x17));
         assert!(matches!(layout, PmuLayout::Amd(_)), "{layout:?}");
-        let index = ClassIndex::build(&layout).unwrap();
+        let index = build(&layout).unwrap();
         assert!(matches!(index.lookup(0xc001_0201), Class::Pmu(_)));
         assert!(matches!(index.lookup(0xc001_0004), Class::Pmu(_)));
         let expected = probe_msrs()
@@ -280,8 +372,10 @@ mod tests {
         let huge = PmuLayout::Intel(IntelLayout {
             arch_counters: 200,
             fixed_counters: 31,
+            version: 4,
+            fixed_counter_width: 48,
         });
-        assert!(ClassIndex::build(&huge).is_none());
+        assert!(build(&huge).is_none());
         let huge_amd = PmuLayout::Amd(AmdLayout {
             ctrls_base: 0xc001_0200,
             counters_base: 0xc001_0201,
@@ -289,6 +383,32 @@ mod tests {
             num_counters: u32::MAX,
             k7_mirrored: true,
         });
-        assert!(ClassIndex::build(&huge_amd).is_none());
+        assert!(build(&huge_amd).is_none());
+    }
+
+    #[test]
+    fn rebuilding_in_place_replaces_the_old_index() {
+        let mut index = std::boxed::Box::new(ClassIndex::new());
+        assert!(index.is_empty());
+        assert_eq!(
+            index.lookup(0xc000_0100),
+            Class::Native,
+            "empty: all native"
+        );
+        let amd = PmuLayout::from_cpuid(amd_cpuid(0x17));
+        assert!(index.rebuild(&amd));
+        assert!(matches!(index.lookup(0xc001_0201), Class::Pmu(_)));
+        assert!(index.rebuild(&PmuLayout::None));
+        assert_eq!(index.lookup(0xc001_0201), Class::Native, "no stale entry");
+        assert!(matches!(index.lookup(0xc000_0100), Class::Route { .. }));
+        let huge = PmuLayout::Intel(IntelLayout {
+            arch_counters: 200,
+            fixed_counters: 31,
+            version: 4,
+            fixed_counter_width: 48,
+        });
+        assert!(!index.rebuild(&huge));
+        assert!(index.is_empty());
+        assert_eq!(index.lookup(0xc000_0100), Class::Native);
     }
 }

@@ -14,8 +14,14 @@
 //! | read-imm (9) | `call stub; nop4` | `rdmsr; shl $32,%rdx; or %rdx,%rax` | — | `rdmsr $imm,%rax` |
 //! | write-imm (9) | `call stub; nop4` | `wrmsr; nop7` | `wrmsrns; nop6` | `wrmsrns %rax,$imm` |
 //!
-//! On Xen PV a constant-index write of `FS_BASE`, `GS_BASE` or `KERNEL_GS_BASE` calls a
-//! segment-base stub that makes the `set_segment_base` hypercall itself ([`xen_stub`]).
+//! A constant-index site's MSR is known when it is patched, so on Xen PV its route is
+//! decided then ([`XenRouting`], [`ConstRoute`]): a pass-through MSR gets the native
+//! instruction inline (Xen traps and emulates it, exactly as the stub's own instruction
+//! would be), an ignored write gets a 9-byte NOP, an FS/GS base gets `rdfsbase`/`wrfsbase`
+//! and friends with FSGSBASE, or the segment-base stub that makes the `set_segment_base`
+//! hypercall itself without, and only the MSRs the policy must see at run time (the APIC
+//! base, the vPMU's) keep the call to the stub. With [`CpuFeatures::fsgsbase`], native
+//! images get the same inline FS/GS base instructions.
 //!
 //! Redundant CS prefixes pad the short instructions instead of a trailing NOP (Intel's
 //! JCC-erratum guidance prefers CS); the 9-byte sites use NOPs, because seven prefixes
@@ -26,7 +32,11 @@
 use xenmsr_asm::patch::{PatchSite, SiteOp};
 use xenmsr_asm::stubs::Stub;
 
-use crate::routes::{self, Route, WriteRoute};
+use xenmsr_hypercall::abi::SegmentBase;
+
+use crate::dispatch::{Class, reference_class};
+use crate::pmu::PmuLayout;
+use crate::routes::{self, ReadRoute, WriteRoute};
 
 /// CPU features that select native variants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,6 +45,11 @@ pub struct CpuFeatures {
     pub wrmsrns: bool,
     /// The immediate forms of RDMSR and WRMSRNS: CPUID.(EAX=7,ECX=1):ECX\[5\].
     pub msr_imm: bool,
+    /// `RDFSBASE`/`WRFSBASE` and friends, usable: the CPU has them
+    /// (CPUID.(EAX=7,ECX=0):EBX\[0\]) *and* the kernel has set CR4.FSGSBASE (which CPUID
+    /// cannot tell, so [`from_cpuid`](Self::from_cpuid) leaves it false and `init` sets it
+    /// for a kernel that opted in with [`crate::FsGsBase::Use`]).
+    pub fsgsbase: bool,
 }
 
 impl CpuFeatures {
@@ -52,6 +67,7 @@ impl CpuFeatures {
         CpuFeatures {
             wrmsrns: eax & (1 << 19) != 0,
             msr_imm: ecx & (1 << 5) != 0,
+            fsgsbase: false,
         }
     }
 
@@ -131,6 +147,13 @@ const FOLD_EDX_EAX: [u8; 7] = [0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
 const NOP4: [u8; 4] = xenmsr_asm::IMM_SITE_PAD;
 const NOP6: [u8; 6] = [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00];
 const NOP7: [u8; 7] = [0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00];
+/// `rdfsbase %rax`, `rdgsbase %rax`, `wrfsbase %rax`, `wrgsbase %rax`.
+const RDFSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xc0];
+const RDGSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xc8];
+const WRFSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xd0];
+const WRGSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xd8];
+/// `nopw 0x0(%rax,%rax,1)` with a 32-bit displacement: a 9-byte NOP.
+const NOP9: [u8; 9] = [0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00];
 /// VEX prefix and ModRM of `rdmsr $imm32, %rax` (VEX.128.F2.M7.W0 F6 /0).
 const RDMSR_IMM: [u8; 5] = [0xc4, 0xe7, 0x7b, 0xf6, 0xc0];
 /// VEX prefix and ModRM of `wrmsrns %rax, $imm32` (VEX.128.F3.M7.W0 F6 /0).
@@ -175,6 +198,7 @@ pub fn site_bytes(
             }
         }
         Variant::Native(features) => {
+            let imm_msr = imm;
             let imm = imm.to_le_bytes();
             match op {
                 SiteOp::Read => SiteBytes::new(&[&[CS, CS, CS], &RDMSR]),
@@ -182,6 +206,18 @@ pub fn site_bytes(
                 SiteOp::WriteNs if features.wrmsrns => SiteBytes::new(&[&[CS, CS], &WRMSRNS]),
                 SiteOp::WriteNs => SiteBytes::new(&[&[CS, CS, CS], &WRMSR]),
                 SiteOp::Rdpmc => SiteBytes::new(&[&[CS, CS, CS], &RDPMC]),
+                SiteOp::ReadImm if features.fsgsbase && imm_msr == routes::MSR_FS_BASE => {
+                    SiteBytes::new(&[&RDFSBASE_RAX, &NOP4])
+                }
+                SiteOp::ReadImm if features.fsgsbase && imm_msr == routes::MSR_GS_BASE => {
+                    SiteBytes::new(&[&RDGSBASE_RAX, &NOP4])
+                }
+                SiteOp::WriteImm if features.fsgsbase && imm_msr == routes::MSR_FS_BASE => {
+                    SiteBytes::new(&[&WRFSBASE_RAX, &NOP4])
+                }
+                SiteOp::WriteImm if features.fsgsbase && imm_msr == routes::MSR_GS_BASE => {
+                    SiteBytes::new(&[&WRGSBASE_RAX, &NOP4])
+                }
                 SiteOp::ReadImm if features.msr_imm => SiteBytes::new(&[&RDMSR_IMM, &imm]),
                 SiteOp::ReadImm => SiteBytes::new(&[&RDMSR, &FOLD_EDX_EAX]),
                 SiteOp::WriteImm if features.msr_imm => SiteBytes::new(&[&WRMSRNS_IMM, &imm]),
@@ -203,39 +239,189 @@ pub struct PatchReport {
     pub unchanged: usize,
 }
 
-/// The stub a site of `op` calls on Xen PV. A constant-index write whose MSR the routing
-/// table sends to `set_segment_base` gets the segment-base stub that makes that hypercall
-/// directly (the index is a constant, so the route is known now); every other site gets
-/// its op's generic stub, which asks the policy at run time. Until `init` has given the
-/// segment-base stubs their hypercall page, those sites stay on the generic stub too.
-pub fn xen_stub(op: SiteOp, imm: u32) -> Stub {
-    if op == SiteOp::WriteImm
-        && xenmsr_asm::stubs::segbase_stubs_ready()
-        && let Some(Route {
-            write: WriteRoute::SegmentBase(which),
-            ..
-        }) = routes::lookup(imm)
-        && let Some(stub) = Stub::segbase(*which)
-    {
-        return stub;
-    }
-    op.stub()
+/// What the Xen PV variant puts at a site (decided at patch time for constant-index
+/// sites, whose MSR is known then; every other site keeps its op's stub).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConstRoute {
+    /// `call` this stub.
+    Stub(Stub),
+    /// The native instruction inline: a pass-through MSR, which Xen traps and emulates
+    /// exactly as it would the stub's own instruction.
+    Native,
+    /// A 9-byte NOP: a write the policy ignores (the syscall MSRs).
+    Ignore,
+    /// `rdfsbase %rax` (FSGSBASE enabled).
+    RdFsBase,
+    /// `rdgsbase %rax`.
+    RdGsBase,
+    /// `wrfsbase %rax`.
+    WrFsBase,
+    /// `wrgsbase %rax` (the kernel's GS base; the user GS base stays a hypercall).
+    WrGsBase,
 }
 
-/// The bytes `variant` wants at `site`.
+/// What decides the Xen PV variant of constant-index sites: set by `init`, which knows the
+/// vPMU layout and whether FSGSBASE is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XenRouting {
+    /// The segment-base stubs have their hypercall page.
+    pub direct_segbase: bool,
+    /// The layout whose PMU MSRs need the policy; `None`: route nothing at patch time
+    /// (every constant-index site but the segment-base writes keeps its stub).
+    pub layout: Option<PmuLayout>,
+    /// FSGSBASE is enabled on every vCPU that will run these sites.
+    pub fsgsbase: bool,
+}
+
+impl XenRouting {
+    /// Before `init`: the stubs everywhere (with the direct segment-base stubs once their
+    /// hypercall page is set).
+    pub fn stubs_only() -> XenRouting {
+        XenRouting {
+            direct_segbase: xenmsr_asm::stubs::segbase_stubs_ready(),
+            layout: None,
+            fsgsbase: false,
+        }
+    }
+
+    /// The route of a site of `op` with constant index `imm`.
+    pub fn route(&self, op: SiteOp, imm: u32) -> ConstRoute {
+        let generic = ConstRoute::Stub(op.stub());
+        if !matches!(op, SiteOp::ReadImm | SiteOp::WriteImm) {
+            return generic;
+        }
+        let class = match &self.layout {
+            Some(layout) => reference_class(layout, imm),
+            None => match routes::lookup(imm) {
+                Some(route) => Class::Route {
+                    read: route.read,
+                    write: route.write,
+                },
+                None => return generic,
+            },
+        };
+        match (op, class) {
+            (
+                SiteOp::ReadImm,
+                Class::Route {
+                    read: ReadRoute::Native,
+                    ..
+                },
+            )
+            | (SiteOp::ReadImm, Class::Native) => match imm {
+                routes::MSR_FS_BASE if self.fsgsbase => ConstRoute::RdFsBase,
+                routes::MSR_GS_BASE if self.fsgsbase => ConstRoute::RdGsBase,
+                _ if self.layout.is_some() => ConstRoute::Native,
+                _ => generic,
+            },
+            (
+                SiteOp::WriteImm,
+                Class::Route {
+                    write: WriteRoute::SegmentBase(which),
+                    ..
+                },
+            ) => match which {
+                SegmentBase::FS if self.fsgsbase => ConstRoute::WrFsBase,
+                SegmentBase::GS_KERNEL if self.fsgsbase => ConstRoute::WrGsBase,
+                _ => match Stub::segbase(which) {
+                    Some(stub) if self.direct_segbase => ConstRoute::Stub(stub),
+                    _ => generic,
+                },
+            },
+            (
+                SiteOp::WriteImm,
+                Class::Route {
+                    write: WriteRoute::Ignore,
+                    ..
+                },
+            ) if self.layout.is_some() => ConstRoute::Ignore,
+            (
+                SiteOp::WriteImm,
+                Class::Route {
+                    write: WriteRoute::Native,
+                    ..
+                },
+            )
+            | (SiteOp::WriteImm, Class::Native)
+                if self.layout.is_some() =>
+            {
+                ConstRoute::Native
+            }
+            _ => generic,
+        }
+    }
+}
+
+/// The routing `init` decided (or [`XenRouting::stubs_only`] before it).
+static ROUTING: spin::Once<XenRouting> = spin::Once::new();
+
+/// Records the routing of this kernel (once, by `init`).
+pub(crate) fn set_routing(routing: XenRouting) {
+    ROUTING.call_once(|| routing);
+}
+
+/// The routing sites are patched with: `init`'s, or the stubs before it.
+pub fn routing() -> XenRouting {
+    ROUTING
+        .get()
+        .copied()
+        .unwrap_or_else(XenRouting::stubs_only)
+}
+
+/// The stub a site of `op` (constant index `imm`) calls on Xen PV, if its route is a
+/// stub: see [`XenRouting::route`].
+pub fn xen_stub(op: SiteOp, imm: u32) -> Option<Stub> {
+    match routing().route(op, imm) {
+        ConstRoute::Stub(stub) => Some(stub),
+        _ => None,
+    }
+}
+
+/// The bytes `variant` wants at `site` (with this kernel's [`routing`]).
 pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, PatchError> {
+    wanted_bytes_with(site, variant, &routing())
+}
+
+/// [`wanted_bytes`] with the given routing.
+pub fn wanted_bytes_with(
+    site: &PatchSite,
+    variant: Variant,
+    routing: &XenRouting,
+) -> Result<SiteBytes, PatchError> {
     let op = site.op.ok_or(PatchError::BadLength {
         site: site.addr,
         len: usize::from(site.len),
     })?;
-    site_bytes(
-        op,
-        site.addr,
-        usize::from(site.len),
-        site.imm,
-        xen_stub(op, site.imm).addr(),
-        variant,
-    )
+    let (addr, len, imm) = (site.addr, usize::from(site.len), site.imm);
+    if len != site_len(op) {
+        return Err(PatchError::BadLength { site: addr, len });
+    }
+    let inline = |code: &[u8]| -> SiteBytes {
+        if code.len() == len {
+            SiteBytes::new(&[code])
+        } else {
+            SiteBytes::new(&[code, &NOP4])
+        }
+    };
+    match variant {
+        Variant::Native(_) => site_bytes(op, addr, len, imm, op.stub().addr(), variant),
+        Variant::XenPv => match routing.route(op, imm) {
+            ConstRoute::Stub(stub) => site_bytes(op, addr, len, imm, stub.addr(), variant),
+            ConstRoute::Native => site_bytes(
+                op,
+                addr,
+                len,
+                imm,
+                op.stub().addr(),
+                Variant::Native(CpuFeatures::default()),
+            ),
+            ConstRoute::Ignore => Ok(inline(&NOP9)),
+            ConstRoute::RdFsBase => Ok(inline(&RDFSBASE_RAX)),
+            ConstRoute::RdGsBase => Ok(inline(&RDGSBASE_RAX)),
+            ConstRoute::WrFsBase => Ok(inline(&WRFSBASE_RAX)),
+            ConstRoute::WrGsBase => Ok(inline(&WRGSBASE_RAX)),
+        },
+    }
 }
 
 /// Rewrites every site in `sites` for `variant`, through `write(address, bytes)`, which
@@ -244,22 +430,55 @@ pub fn wanted_bytes(site: &PatchSite, variant: Variant) -> Result<SiteBytes, Pat
 /// twice changes nothing. Every record is checked before any site is written: one bad
 /// record leaves the image untouched.
 ///
+/// This is the boot-time patcher: nothing else may run the sites meanwhile. To re-patch
+/// while other vCPUs run, use [`crate::repatch`].
+///
 /// # Safety
 ///
 /// Every site must be a live patch site of this image (as [`xenmsr_asm::patch::patch_sites`]
-/// gives them), and no other CPU may be executing any of them while they are rewritten
-/// (early boot, one CPU). `write` must store exactly the given bytes.
+/// gives them), and no CPU may be executing any of them while they are rewritten (early
+/// boot, one CPU, upcalls and interrupts masked). `write` must store exactly the given
+/// bytes. The caller serialises (e.g. `cpuid`) before running a rewritten site.
 pub unsafe fn patch_sites(
     sites: impl Iterator<Item = PatchSite> + Clone,
     variant: Variant,
     write: &mut dyn FnMut(usize, &[u8]),
 ) -> Result<PatchReport, PatchError> {
-    for site in sites.clone() {
-        wanted_bytes(&site, variant)?;
+    let routing = routing();
+    check_sites(sites.clone(), variant, &routing)?;
+    // SAFETY: forwarded to the caller; every record was just checked.
+    unsafe { write_sites(sites, variant, &routing, write) }
+}
+
+/// Checks that every site can take `variant` (with `routing`): the error of the first one
+/// that cannot.
+pub(crate) fn check_sites(
+    sites: impl Iterator<Item = PatchSite>,
+    variant: Variant,
+    routing: &XenRouting,
+) -> Result<(), PatchError> {
+    for site in sites {
+        wanted_bytes_with(&site, variant, routing)?;
     }
+    Ok(())
+}
+
+/// Writes `variant` into every site that does not hold it yet. Call [`check_sites`]
+/// first with the same arguments: then this cannot fail, and no site is written unless
+/// all of them can be.
+///
+/// # Safety
+///
+/// As for [`patch_sites`].
+pub(crate) unsafe fn write_sites(
+    sites: impl Iterator<Item = PatchSite>,
+    variant: Variant,
+    routing: &XenRouting,
+    write: &mut dyn FnMut(usize, &[u8]),
+) -> Result<PatchReport, PatchError> {
     let mut report = PatchReport::default();
     for site in sites {
-        let wanted = wanted_bytes(&site, variant)?;
+        let wanted = wanted_bytes_with(&site, variant, routing)?;
         // SAFETY: `site.addr..site.addr + site.len` is a live patch site of this image
         // (caller's contract), so it is mapped and readable.
         let current =
@@ -272,6 +491,15 @@ pub unsafe fn patch_sites(
         }
     }
     Ok(report)
+}
+
+/// Makes the calling CPU serialise instruction fetch (`cpuid`), so that it runs the
+/// bytes just written rather than anything it fetched before: Intel's rule for
+/// cross-modifying code. In a PV guest `cpuid` may trap to Xen, whose return to the guest
+/// serialises too.
+pub fn serialise() {
+    // `cpuid` has no side effect beyond its outputs, which are dropped.
+    let _ = core::arch::x86_64::__cpuid(0);
 }
 
 /// Writes code bytes with plain volatile stores: for kernels whose text is writable at

@@ -19,7 +19,7 @@ pub struct XenPvPolicy<N: NativeMsr + 'static = RawMsr> {
     native: N,
     pmu: Option<&'static Vpmu>,
     layout: PmuLayout,
-    index: Option<ClassIndex>,
+    index: Option<&'static ClassIndex>,
 }
 
 impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
@@ -28,30 +28,41 @@ impl<N: NativeMsr> core::fmt::Debug for XenPvPolicy<N> {
             .field("hypercalls", &self.hypercalls)
             .field("pmu", &self.pmu.is_some())
             .field("layout", &self.layout)
-            .field("indexed", &self.index.as_ref().map(ClassIndex::len))
+            .field("indexed", &self.index.map(ClassIndex::len))
             .finish()
     }
 }
 
 impl<N: NativeMsr> XenPvPolicy<N> {
     /// A policy that makes its hypercalls through `hypercalls`, learns the current vCPU
-    /// from `vcpu_id`, reads MSRs natively through `native`, and sends PMU MSRs and RDPMC
-    /// to `pmu` (when `None`, they pass through). Builds the one-probe class index for
-    /// the routes and `pmu`'s layout.
+    /// from `vcpu_id` (for the APIC base's `BSP` bit), reads MSRs natively through
+    /// `native`, and sends PMU MSRs and RDPMC to `pmu` (when `None`, they pass through;
+    /// the vPMU knows the calling vCPU from its own configuration).
+    ///
+    /// Builds the one-probe class index for the routes and `pmu`'s layout in place, in
+    /// `index` (about 5 KiB: a `static` holding [`ClassIndex::new`] in a kernel, so that
+    /// nothing that large is ever on the stack). The policy is small and keeps a shared
+    /// reference to it.
     pub fn new(
         hypercalls: HypercallPage,
         vcpu_id: fn() -> u32,
         native: N,
         pmu: Option<&'static Vpmu>,
+        index: &'static mut ClassIndex,
     ) -> Self {
         let layout = pmu.map_or(PmuLayout::None, Vpmu::layout);
+        let index = if index.rebuild(&layout) {
+            Some(&*index)
+        } else {
+            None
+        };
         XenPvPolicy {
             hypercalls,
             vcpu_id,
             native,
             pmu,
             layout,
-            index: ClassIndex::build(&layout),
+            index,
         }
     }
 
@@ -59,7 +70,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
     /// layout too large to index, the equivalent two-step classification).
     #[inline]
     pub fn class(&self, msr: u32) -> Class {
-        match &self.index {
+        match self.index {
             Some(index) => index.lookup(msr),
             None => reference_class(&self.layout, msr),
         }
@@ -83,7 +94,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
                 Err(error) => Outcome::Failed(error),
             },
             Class::Pmu(class) => match self.pmu {
-                Some(pmu) => pmu.read_classified((self.vcpu_id)(), class),
+                Some(pmu) => pmu.read_classified(class),
                 None => Outcome::Native,
             },
         }
@@ -110,7 +121,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
                 Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
             },
             Class::Pmu(class) => match self.pmu {
-                Some(pmu) => pmu.write_classified((self.vcpu_id)(), class, value),
+                Some(pmu) => pmu.write_classified(class, value),
                 None => Outcome::Native,
             },
         }
@@ -121,7 +132,7 @@ impl<N: NativeMsr> XenPvPolicy<N> {
     #[inline]
     pub fn decide_rdpmc(&self, counter: u32) -> Outcome {
         match self.pmu {
-            Some(pmu) => pmu.rdpmc((self.vcpu_id)(), counter),
+            Some(pmu) => pmu.rdpmc(counter),
             None => Outcome::Native,
         }
     }

@@ -18,7 +18,11 @@ const ALL_OPS: [SiteOp; 6] = [
 ];
 
 fn features(wrmsrns: bool, msr_imm: bool) -> CpuFeatures {
-    CpuFeatures { wrmsrns, msr_imm }
+    CpuFeatures {
+        wrmsrns,
+        msr_imm,
+        fsgsbase: false,
+    }
 }
 
 fn all_variants() -> Vec<Variant> {

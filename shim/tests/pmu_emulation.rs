@@ -38,9 +38,9 @@ fn intel_pmi_serves_msrs_from_the_cache_and_always_flushes() {
     registered(&v, 0, &page);
 
     // Before the PMI: PMU MSRs pass through, others are not ours.
-    assert_eq!(v.read(0, 0x38f), Some(Outcome::Native));
-    assert_eq!(v.write(0, 0x186, 1), Some(Outcome::Native));
-    assert_eq!(v.read(0, 0x10), None);
+    assert_eq!(v.read(0x38f), Some(Outcome::Native));
+    assert_eq!(v.write(0x186, 1), Some(Outcome::Native));
+    assert_eq!(v.read(0x10), None);
 
     // Xen injects a PMI: caches the context and the sample.
     xen_intel_pmi(a, &FIXED, &ARCH);
@@ -60,7 +60,7 @@ fn intel_pmi_serves_msrs_from_the_cache_and_always_flushes() {
     );
 
     let out = v
-        .on_pmi(0, |ctx| {
+        .on_pmi(|ctx| {
             assert!(ctx.cached());
             assert_eq!(ctx.regs.ip, 0xffff_ffff_8100_0000);
             assert_eq!(ctx.regs.sp, 0xffff_c900_0000_0f00);
@@ -72,43 +72,43 @@ fn intel_pmi_serves_msrs_from_the_cache_and_always_flushes() {
 
             // Reads from the cache.
             for (i, f) in FIXED.iter().enumerate() {
-                assert_eq!(v.read(0, 0x309 + i as u32), Some(Outcome::Done(*f)));
+                assert_eq!(v.read(0x309 + i as u32), Some(Outcome::Done(*f)));
             }
             for (i, (counter, control)) in ARCH.iter().enumerate() {
                 let i = i as u32;
-                assert_eq!(v.read(0, 0xc1 + i), Some(Outcome::Done(*counter)));
-                assert_eq!(v.read(0, 0x4c1 + i), Some(Outcome::Done(*counter)), "alias");
-                assert_eq!(v.read(0, 0x186 + i), Some(Outcome::Done(*control)));
+                assert_eq!(v.read(0xc1 + i), Some(Outcome::Done(*counter)));
+                assert_eq!(v.read(0x4c1 + i), Some(Outcome::Done(*counter)), "alias");
+                assert_eq!(v.read(0x186 + i), Some(Outcome::Done(*control)));
             }
-            assert_eq!(v.read(0, 0x38f), Some(Outcome::Done(0x7_0000_000f)));
-            assert_eq!(v.read(0, 0x38e), Some(Outcome::Done(0x3_0000_0005)));
-            assert_eq!(v.read(0, 0x38d), Some(Outcome::Done(0x333)));
-            assert_eq!(v.read(0, 0x600), Some(Outcome::Done(0xffff_8000_0000_1000)));
-            assert_eq!(v.read(0, 0x3f1), Some(Outcome::Done(0)));
+            assert_eq!(v.read(0x38f), Some(Outcome::Done(0x7_0000_000f)));
+            assert_eq!(v.read(0x38e), Some(Outcome::Done(0x3_0000_0005)));
+            assert_eq!(v.read(0x38d), Some(Outcome::Done(0x333)));
+            assert_eq!(v.read(0x600), Some(Outcome::Done(0xffff_8000_0000_1000)));
+            assert_eq!(v.read(0x3f1), Some(Outcome::Done(0)));
             // Beyond the counts: not PMU MSRs of this layout.
-            assert_eq!(v.read(0, 0x30c), None);
-            assert_eq!(v.read(0, 0xc5), None);
-            assert_eq!(v.read(0, 0x4c5), None);
-            assert_eq!(v.read(0, 0x18a), None);
+            assert_eq!(v.read(0x30c), None);
+            assert_eq!(v.read(0xc5), None);
+            assert_eq!(v.read(0x4c5), None);
+            assert_eq!(v.read(0x18a), None);
             // DEBUGCTL is not served from the cache (Xen neither saves nor loads it).
-            assert_eq!(v.read(0, 0x1d9), None);
+            assert_eq!(v.read(0x1d9), None);
 
             // Writes into the cache.
-            assert_eq!(v.write(0, 0x30a, 0xaaaa), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0x30a, 0xaaaa), Some(Outcome::Done(0)));
             assert_eq!(
-                v.write(0, 0x4c3, 0xbbbb),
+                v.write(0x4c3, 0xbbbb),
                 Some(Outcome::Done(0)),
                 "alias write"
             );
-            assert_eq!(v.write(0, 0xc2, 0xcccc), Some(Outcome::Done(0)));
-            assert_eq!(v.write(0, 0x189, 0x41_003c), Some(Outcome::Done(0)));
-            assert_eq!(v.write(0, 0x38f, 0x1), Some(Outcome::Done(0)));
-            assert_eq!(v.write(0, 0x38d, 0xb), Some(Outcome::Done(0)));
-            assert_eq!(v.write(0, 0x600, 0x5000), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0xc2, 0xcccc), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0x189, 0x41_003c), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0x38f, 0x1), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0x38d, 0xb), Some(Outcome::Done(0)));
+            assert_eq!(v.write(0x600, 0x5000), Some(Outcome::Done(0)));
             // GLOBAL_OVF_CTRL: stored, and clears those bits of global_status.
-            assert_eq!(v.write(0, 0x390, 0x1_0000_0001), Some(Outcome::Done(0)));
-            assert_eq!(v.read(0, 0x38e), Some(Outcome::Done(0x2_0000_0004)));
-            assert_eq!(v.read(0, 0x390), Some(Outcome::Done(0x1_0000_0001)));
+            assert_eq!(v.write(0x390, 0x1_0000_0001), Some(Outcome::Done(0)));
+            assert_eq!(v.read(0x38e), Some(Outcome::Done(0x2_0000_0004)));
+            assert_eq!(v.read(0x390), Some(Outcome::Done(0x1_0000_0001)));
             "handled"
         })
         .unwrap();
@@ -136,8 +136,8 @@ fn intel_pmi_serves_msrs_from_the_cache_and_always_flushes() {
     assert!(!flags(a).contains(PmuFlags::CACHED));
 
     // After the PMI: pass-through again.
-    assert_eq!(v.read(0, 0x309), Some(Outcome::Native));
-    assert_eq!(v.write(0, 0x390, 1), Some(Outcome::Native));
+    assert_eq!(v.read(0x309), Some(Outcome::Native));
+    assert_eq!(v.write(0x390, 1), Some(Outcome::Native));
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn cpl_comes_from_the_flags_for_pv_samples_and_from_regs_otherwise() {
         xen_intel_pmi(a, &FIXED, &ARCH);
         set_flags(a, flags | PmuFlags::CACHED);
         page.w32(44, u32::from(cpl)); // regs.cpl at 16 + 28
-        let got = v.on_pmi(0, |ctx| ctx.cpl()).unwrap();
+        let got = v.on_pmi(|ctx| ctx.cpl()).unwrap();
         assert_eq!(got, want, "{flags:?} cpl {cpl}");
     }
     let _ = mock::take_calls();
@@ -174,35 +174,77 @@ fn flush_runs_on_unwind_and_its_failure_is_reported() {
 
     // A panicking handler still flushes and leaves "in PMI" cleared.
     xen_intel_pmi(a, &FIXED, &ARCH);
-    let r = catch_unwind(AssertUnwindSafe(|| v.on_pmi(0, |_| panic!("handler bug"))));
+    let r = catch_unwind(AssertUnwindSafe(|| v.on_pmi(|_| panic!("handler bug"))));
     assert!(r.is_err());
     assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
     assert!(!v.is_cached(0));
-    v.lvtpc_set(0, 0x10).unwrap();
+    v.lvtpc_set(0x10).unwrap();
     assert_eq!(pmu_ops(), vec![nr::XENPMU_LVTPC_SET], "no longer in a PMI");
 
     // A failing flush (Xen refusing the context) is the PMI's error.
     xen_intel_pmi(a, &FIXED, &ARCH);
     mock::script_err(XENPMU_OP, Errno::EINVAL);
-    assert_eq!(v.on_pmi(0, |_| 42), Err(PmuError::InvalidArgument));
+    assert_eq!(v.on_pmi(|_| 42), Err(PmuError::InvalidArgument));
     assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
     // (The scripted failure left PMU_CACHED set; clear it to see the in-PMI mark alone.)
     set_flags(a, PmuFlags::empty());
     xen_ok(a);
-    v.lvtpc_set(0, 0x10).unwrap();
+    v.lvtpc_set(0x10).unwrap();
     assert_eq!(
         pmu_ops(),
         vec![nr::XENPMU_LVTPC_SET],
         "in-PMI mark cleared on error too"
     );
 
-    // A PMI without a page is refused without a hypercall.
-    assert_eq!(v.on_pmi(1, |_| ()), Err(PmuError::NotInitialized));
+    // A PMI on a vCPU without a page is refused without a hypercall.
+    set_vcpu(1);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::NotInitialized));
+    set_vcpu(0);
     assert!(mock::take_calls().is_empty());
 }
 
+/// The page is used only while both hold: the calling vCPU is inside `on_pmi` (the
+/// library's own mark, which no flush can clear under an access) and Xen has cached the
+/// context (`PMU_CACHED`).
 #[test]
-fn pmu_cached_not_the_handler_decides_emulation() {
+fn emulation_needs_both_the_handler_and_pmu_cached() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), SKYLAKE, native);
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    // PMU_CACHED set (a PMI pending), handler not running: an upcall could flush between
+    // a check and the access, so the page is not used; the access passes through.
+    let before = page.snapshot();
+    assert_eq!(v.read(0x309), Some(Outcome::Native));
+    assert_eq!(v.write(0xc1, 7), Some(Outcome::Native));
+    assert_eq!(v.rdpmc(0), Outcome::Done(FakeNative::value(0xc1)));
+    assert_eq!(native.take(), vec![0xc1], "RDPMC read the counter MSR");
+    assert_eq!(page.snapshot(), before, "the page was not touched");
+    // Both: the cache is authoritative.
+    v.on_pmi(|ctx| {
+        assert!(ctx.cached());
+        assert_eq!(v.read(0x309), Some(Outcome::Done(FIXED[0])));
+    })
+    .unwrap();
+    // Handler running, but Xen did not cache (spurious VIRQ): pass through.
+    set_flags(a, PmuFlags::SAMPLE_PV);
+    v.on_pmi(|ctx| {
+        assert!(!ctx.cached());
+        assert_eq!(v.read(0x309), Some(Outcome::Native));
+    })
+    .unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH, nr::XENPMU_FLUSH]);
+}
+
+/// A nested `on_pmi` on the same vCPU (an upcall taken with upcalls unmasked, or a
+/// handler calling it) is a typed error: no handler, no flush, and the outer handler
+/// keeps serving from its page.
+#[test]
+fn a_nested_pmi_on_the_same_vcpu_is_refused_without_a_flush() {
     let s = mock::session();
     let page = GuardedPage::new();
     let a = page.addr();
@@ -210,16 +252,25 @@ fn pmu_cached_not_the_handler_decides_emulation() {
     xen_ok(a);
     registered(&v, 0, &page);
     xen_intel_pmi(a, &FIXED, &ARCH);
-    // PMU_CACHED set, handler not (yet) running: the cache is authoritative.
-    assert_eq!(v.read(0, 0x309), Some(Outcome::Done(FIXED[0])));
-    // Handler running, but Xen did not cache (spurious VIRQ): pass through.
-    set_flags(a, PmuFlags::SAMPLE_PV);
-    v.on_pmi(0, |ctx| {
-        assert!(!ctx.cached());
-        assert_eq!(v.read(0, 0x309), Some(Outcome::Native));
-    })
-    .unwrap();
+    let outer = v.on_pmi(|_| {
+        let mut ran = false;
+        assert_eq!(v.on_pmi(|_| ran = true), Err(PmuError::NestedPmi));
+        assert!(!ran, "the nested handler did not run");
+        assert!(mock::take_calls().is_empty(), "nothing flushed");
+        assert!(flags(a).contains(PmuFlags::CACHED));
+        assert_eq!(v.write(0xc1, 0x77), Some(Outcome::Done(0)));
+        v.read(0xc1)
+    });
+    assert_eq!(outer, Ok(Some(Outcome::Done(0x77))));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH], "only the outer flush");
+    // The mark is cleared afterwards: the next PMI runs.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(v.on_pmi(|_| 1), Ok(1));
     assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    assert_eq!(
+        MsrError::from(PmuError::NestedPmi),
+        MsrError::PmuUnavailable
+    );
 }
 
 #[test]
@@ -237,15 +288,12 @@ fn amd_f15h_layout_and_the_k7_remap() {
     let counters: Vec<u64> = (0..6).map(|i| 0x100 + i).collect();
     let ctrls: Vec<u64> = (0..6).map(|i| 0x43_0000 + i).collect();
     xen_amd_pmi(a, &counters, &ctrls);
-    v.on_pmi(0, |_| {
+    v.on_pmi(|_| {
         for n in 0..6u32 {
             let i = n as usize;
+            assert_eq!(v.read(0xc001_0200 + 2 * n), Some(Outcome::Done(ctrls[i])));
             assert_eq!(
-                v.read(0, 0xc001_0200 + 2 * n),
-                Some(Outcome::Done(ctrls[i]))
-            );
-            assert_eq!(
-                v.read(0, 0xc001_0201 + 2 * n),
+                v.read(0xc001_0201 + 2 * n),
                 Some(Outcome::Done(counters[i]))
             );
         }
@@ -254,27 +302,27 @@ fn amd_f15h_layout_and_the_k7_remap() {
             // K7 EVNTSELn / PERFCTRn mirror F15H CTLn / CTRn (Linux would give CTL/CTR
             // n/2-ish slots here: PERFCTR1 -> CTL1).
             assert_eq!(
-                v.read(0, 0xc001_0000 + n),
+                v.read(0xc001_0000 + n),
                 Some(Outcome::Done(ctrls[i])),
                 "EVNTSEL{n}"
             );
             assert_eq!(
-                v.read(0, 0xc001_0004 + n),
+                v.read(0xc001_0004 + n),
                 Some(Outcome::Done(counters[i])),
                 "PERFCTR{n}"
             );
         }
         // Write through a K7 alias, read back through the F15H MSR.
-        assert_eq!(v.write(0, 0xc001_0005, 0xdead), Some(Outcome::Done(0)));
-        assert_eq!(v.read(0, 0xc001_0203), Some(Outcome::Done(0xdead)));
-        assert_eq!(v.write(0, 0xc001_0003, 0x42_0076), Some(Outcome::Done(0)));
-        assert_eq!(v.read(0, 0xc001_0206), Some(Outcome::Done(0x42_0076)));
+        assert_eq!(v.write(0xc001_0005, 0xdead), Some(Outcome::Done(0)));
+        assert_eq!(v.read(0xc001_0203), Some(Outcome::Done(0xdead)));
+        assert_eq!(v.write(0xc001_0003, 0x42_0076), Some(Outcome::Done(0)));
+        assert_eq!(v.read(0xc001_0206), Some(Outcome::Done(0x42_0076)));
         // In Linux's ranges without a slot: pass through even while cached.
-        assert_eq!(v.read(0, 0xc001_020c), Some(Outcome::Native));
-        assert_eq!(v.read(0, 0xc001_0008), Some(Outcome::Native));
-        assert_eq!(v.read(0, 0xc001_020d), None);
+        assert_eq!(v.read(0xc001_020c), Some(Outcome::Native));
+        assert_eq!(v.read(0xc001_0008), Some(Outcome::Native));
+        assert_eq!(v.read(0xc001_020d), None);
         // Intel MSRs are not PMU MSRs on AMD.
-        assert_eq!(v.read(0, 0x38f), None);
+        assert_eq!(v.read(0x38f), None);
     })
     .unwrap();
     // Slot contents as Xen will read them back.
@@ -305,21 +353,25 @@ fn amd_k7_layout() {
     xen_ok(a);
     registered(&v, 2, &page);
     xen_amd_pmi(a, &[10, 11, 12, 13], &[20, 21, 22, 23]);
-    v.on_pmi(2, |_| {
+    // This thread runs as vCPU 2: every op acts on vCPU 2's page.
+    set_vcpu(2);
+    v.on_pmi(|ctx| {
+        assert_eq!(ctx.vcpu, 2);
         for n in 0..4u32 {
             assert_eq!(
-                v.read(2, 0xc001_0000 + n),
+                v.read(0xc001_0000 + n),
                 Some(Outcome::Done(20 + u64::from(n)))
             );
             assert_eq!(
-                v.read(2, 0xc001_0004 + n),
+                v.read(0xc001_0004 + n),
                 Some(Outcome::Done(10 + u64::from(n)))
             );
         }
-        assert_eq!(v.read(2, 0xc001_0200), Some(Outcome::Native), "no K7 slot");
-        assert_eq!(v.write(2, 0xc001_0007, 99), Some(Outcome::Done(0)));
+        assert_eq!(v.read(0xc001_0200), Some(Outcome::Native), "no K7 slot");
+        assert_eq!(v.write(0xc001_0007, 99), Some(Outcome::Done(0)));
     })
     .unwrap();
+    set_vcpu(0);
     assert_eq!(page.r64(PMU_CTXT_OFFSET + 8 + 24), 99);
     let _ = mock::take_calls();
 }
@@ -335,21 +387,20 @@ fn rdpmc_inside_and_outside_a_pmi_intel() {
     registered(&v, 0, &page);
 
     // Outside: RDMSR of the counter MSR.
-    assert_eq!(v.rdpmc(0, 0), Outcome::Done(FakeNative::value(0xc1)));
-    assert_eq!(v.rdpmc(0, 3), Outcome::Done(FakeNative::value(0xc4)));
-    assert_eq!(v.rdpmc(0, 1 << 30), Outcome::Done(FakeNative::value(0x309)));
+    assert_eq!(v.rdpmc(0), Outcome::Done(FakeNative::value(0xc1)));
+    assert_eq!(v.rdpmc(3), Outcome::Done(FakeNative::value(0xc4)));
+    assert_eq!(v.rdpmc(1 << 30), Outcome::Done(FakeNative::value(0x309)));
     assert_eq!(
-        v.rdpmc(0, (1 << 30) | 2),
+        v.rdpmc((1 << 30) | 2),
         Outcome::Done(FakeNative::value(0x30b))
     );
     // A faulting counter read is surfaced, not turned into 0.
-    assert_eq!(
-        v.rdpmc(0, 2),
-        Outcome::Failed(MsrError::Fault { vector: 13 })
-    );
+    assert_eq!(v.rdpmc(2), Outcome::Failed(MsrError::Fault { vector: 13 }));
     assert_eq!(native.take(), vec![0xc1, 0xc4, 0x309, 0x30b, 0xc3]);
     // A vCPU without a page reads natively too.
-    assert_eq!(v.rdpmc(9, 1), Outcome::Done(FakeNative::value(0xc2)));
+    set_vcpu(9);
+    assert_eq!(v.rdpmc(1), Outcome::Done(FakeNative::value(0xc2)));
+    set_vcpu(0);
     let _ = native.take();
 
     // Bad indices: typed failure, and no MSR read at all.
@@ -364,7 +415,7 @@ fn rdpmc_inside_and_outside_a_pmi_intel() {
         u32::MAX,
     ] {
         assert_eq!(
-            v.rdpmc(0, bad),
+            v.rdpmc(bad),
             Outcome::Failed(MsrError::InvalidCounter),
             "{bad:#x}"
         );
@@ -373,16 +424,16 @@ fn rdpmc_inside_and_outside_a_pmi_intel() {
 
     // Inside: from the cache.
     xen_intel_pmi(a, &FIXED, &ARCH);
-    v.on_pmi(0, |_| {
+    v.on_pmi(|_| {
         for (i, f) in FIXED.iter().enumerate() {
-            assert_eq!(v.rdpmc(0, (1 << 30) | i as u32), Outcome::Done(*f));
+            assert_eq!(v.rdpmc((1 << 30) | i as u32), Outcome::Done(*f));
         }
         for (i, (c, _)) in ARCH.iter().enumerate() {
-            assert_eq!(v.rdpmc(0, i as u32), Outcome::Done(*c));
+            assert_eq!(v.rdpmc(i as u32), Outcome::Done(*c));
         }
-        assert_eq!(v.rdpmc(0, 4), Outcome::Failed(MsrError::InvalidCounter));
+        assert_eq!(v.rdpmc(4), Outcome::Failed(MsrError::InvalidCounter));
         assert_eq!(
-            v.rdpmc(0, (1 << 30) | 3),
+            v.rdpmc((1 << 30) | 3),
             Outcome::Failed(MsrError::InvalidCounter)
         );
     })
@@ -402,30 +453,24 @@ fn rdpmc_inside_and_outside_a_pmi_amd() {
     registered(&v, 0, &page);
     for n in 0..6u32 {
         assert_eq!(
-            v.rdpmc(0, n),
+            v.rdpmc(n),
             Outcome::Done(FakeNative::value(0xc001_0201 + 2 * n))
         );
     }
-    assert_eq!(v.rdpmc(0, 6), Outcome::Failed(MsrError::InvalidCounter));
-    assert_eq!(
-        v.rdpmc(0, 1 << 30),
-        Outcome::Failed(MsrError::InvalidCounter)
-    );
+    assert_eq!(v.rdpmc(6), Outcome::Failed(MsrError::InvalidCounter));
+    assert_eq!(v.rdpmc(1 << 30), Outcome::Failed(MsrError::InvalidCounter));
     let counters: Vec<u64> = (0..6).map(|i| 0x7700 + i).collect();
     xen_amd_pmi(a, &counters, &[0; 6]);
-    v.on_pmi(0, |_| {
+    v.on_pmi(|_| {
         for n in 0..6u32 {
-            assert_eq!(v.rdpmc(0, n), Outcome::Done(counters[n as usize]));
+            assert_eq!(v.rdpmc(n), Outcome::Done(counters[n as usize]));
         }
     })
     .unwrap();
 
     let k7 = vpmu(s.page(), PmuLayout::Amd(AmdLayout::K7), native);
-    assert_eq!(
-        k7.rdpmc(0, 3),
-        Outcome::Done(FakeNative::value(0xc001_0007))
-    );
-    assert_eq!(k7.rdpmc(0, 4), Outcome::Failed(MsrError::InvalidCounter));
+    assert_eq!(k7.rdpmc(3), Outcome::Done(FakeNative::value(0xc001_0007)));
+    assert_eq!(k7.rdpmc(4), Outcome::Failed(MsrError::InvalidCounter));
     let _ = mock::take_calls();
 }
 
@@ -452,19 +497,23 @@ fn hostile_bank_offsets_fail_typed_and_never_touch_other_memory() {
         xen_intel_pmi(a, &FIXED, &ARCH);
         page.w32(intel::FIXED_OFF, fixed_off);
         page.w32(intel::ARCH_OFF, arch_off);
-        let before = page.snapshot();
-        assert_eq!(v.read(0, 0x309), unavailable, "{fixed_off} {arch_off}");
-        assert_eq!(v.write(0, 0xc1, 1), unavailable);
-        assert_eq!(v.write(0, 0x38f, 1), unavailable);
-        assert_eq!(v.rdpmc(0, 0), Outcome::Failed(MsrError::PmuUnavailable));
-        assert_eq!(page.snapshot(), before, "nothing written");
+        v.on_pmi(|_| {
+            let before = page.snapshot();
+            assert_eq!(v.read(0x309), unavailable, "{fixed_off} {arch_off}");
+            assert_eq!(v.write(0xc1, 1), unavailable);
+            assert_eq!(v.write(0x38f, 1), unavailable);
+            assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+            assert_eq!(page.snapshot(), before, "nothing written");
+        })
+        .unwrap();
     }
     // The last valid placement, flush against the page end, works.
     xen_intel_pmi(a, &FIXED, &ARCH);
     page.w32(intel::FIXED_OFF, 4000 - 24);
     page.w32(intel::ARCH_OFF, 64);
     page.w64(4096 - 8, 0x5151);
-    assert_eq!(v.read(0, 0x30b), Some(Outcome::Done(0x5151)));
+    let last = v.on_pmi(|_| v.read(0x30b)).unwrap();
+    assert_eq!(last, Some(Outcome::Done(0x5151)));
 
     // AMD: a bank past the end, overlap.
     let amd = vpmu(
@@ -480,8 +529,11 @@ fn hostile_bank_offsets_fail_typed_and_never_touch_other_memory() {
         xen_amd_pmi(a2, &[1; 6], &[2; 6]);
         page2.w32(amd::COUNTERS_OFF, c);
         page2.w32(amd::CTRLS_OFF, k);
-        assert_eq!(amd.read(0, 0xc001_0200), unavailable, "{c} {k}");
-        assert_eq!(amd.rdpmc(0, 0), Outcome::Failed(MsrError::PmuUnavailable));
+        amd.on_pmi(|_| {
+            assert_eq!(amd.read(0xc001_0200), unavailable, "{c} {k}");
+            assert_eq!(amd.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+        })
+        .unwrap();
     }
     let _ = mock::take_calls();
 }
@@ -496,15 +548,261 @@ fn wide_cpuid_counts_cannot_reach_past_the_page() {
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: 255,
         fixed_counters: 31,
+        version: 4,
+        fixed_counter_width: 48,
     });
     let v = vpmu(s.page(), layout, FakeNative::leak(vec![]));
     xen_ok(a);
     registered(&v, 0, &page);
     xen_intel_pmi(a, &[0; 31], &[]);
-    assert_eq!(
-        v.read(0, 0xc1 + 254),
-        Some(Outcome::Failed(MsrError::PmuUnavailable))
-    );
-    assert_eq!(v.rdpmc(0, 254), Outcome::Failed(MsrError::PmuUnavailable));
+    v.on_pmi(|_| {
+        assert_eq!(
+            v.read(0xc1 + 254),
+            Some(Outcome::Failed(MsrError::PmuUnavailable))
+        );
+        assert_eq!(v.rdpmc(254), Outcome::Failed(MsrError::PmuUnavailable));
+    })
+    .unwrap();
     let _ = mock::take_calls();
+}
+
+/// What the native `wrmsr` of a reserved value raises.
+const GP: Option<Outcome> = Some(Outcome::Failed(MsrError::Fault { vector: 13 }));
+
+/// Inside a PMI, a write of a value Xen's flush would refuse (Xen 4.17's
+/// `core2_vpmu_verify`) fails like the native write, and the page keeps the old value;
+/// the values just inside each rule are stored.
+#[test]
+fn intel_writes_xen_would_refuse_at_flush_fail_with_gp() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    // Skylake: 4 general counters, 3 fixed of 48 bits, PMU version 4.
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    let refused: &[(u32, u64, &str)] = &[
+        (0x3f1, 1, "PEBS_ENABLE: Xen offers no PEBS"),
+        (
+            0x38f,
+            1 << 4,
+            "GLOBAL_CTRL: general counter 4 does not exist",
+        ),
+        (
+            0x38f,
+            1 << 35,
+            "GLOBAL_CTRL: fixed counter 3 does not exist",
+        ),
+        (0x390, 1 << 60, "GLOBAL_OVF_CTRL: reserved bit"),
+        (0x38d, 0x4, "FIXED_CTR_CTRL: AnyThread of counter 0"),
+        (0x38d, 0x400, "FIXED_CTR_CTRL: AnyThread of counter 2"),
+        (0x38d, 0x1000, "FIXED_CTR_CTRL: a fourth counter's field"),
+        (0x309, 1 << 48, "FIXED_CTR0: beyond the 48-bit width"),
+        (0x186, 1 << 21, "PERFEVTSEL0: AnyThread"),
+        (0x187, 1 << 19, "PERFEVTSEL1: pin control"),
+        (0x188, 1 << 32, "PERFEVTSEL2: bits 63..32"),
+        (0x600, 0x0000_8000_0000_0000, "DS_AREA: non-canonical"),
+        (0x600, 0xffff_8000_0000_1000, "DS_AREA: inside Xen's range"),
+        (0x38e, 0, "GLOBAL_STATUS is read-only"),
+    ];
+    let accepted: &[(u32, u64)] = &[
+        (0x3f1, 0),
+        (0x38f, 0x7_0000_000f),
+        (0x390, 0xe000_0007_0000_000f),
+        (0x38d, 0xbbb),
+        (0x309, (1 << 48) - 1),
+        (0x186, 0xffff_ffff & !(1 << 21 | 1 << 19)),
+        (0x600, 0x0000_7fff_ffff_f000),
+        (0x600, 0xffff_8800_0000_0000),
+        (0xc1, u64::MAX),
+    ];
+    v.on_pmi(|_| {
+        for &(msr, value, why) in refused {
+            let before = page.snapshot();
+            assert_eq!(v.write(msr, value), GP, "{why}");
+            assert_eq!(page.snapshot(), before, "{why}: nothing stored");
+        }
+        for &(msr, value) in accepted {
+            assert_eq!(
+                v.write(msr, value),
+                Some(Outcome::Done(0)),
+                "{msr:#x} {value:#x}"
+            );
+            assert_eq!(v.read(msr), Some(Outcome::Done(value)), "{msr:#x}");
+        }
+    })
+    .unwrap();
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+
+    // Bit 61 of GLOBAL_OVF_CTRL (uncore overflow) is Xen's to accept from PMU version 3 on.
+    for (version, want) in [(2, GP), (3, Some(Outcome::Done(0)))] {
+        let s = mock::session();
+        let layout = PmuLayout::Intel(IntelLayout {
+            version,
+            ..match SKYLAKE {
+                PmuLayout::Intel(l) => l,
+                _ => unreachable!(),
+            }
+        });
+        let v = vpmu(s.page(), layout, FakeNative::leak(vec![]));
+        xen_ok(a);
+        // (The slot storage is the new backend's own.)
+        let page = GuardedPage::new();
+        registered(&v, 0, &page);
+        xen_intel_pmi(page.addr(), &FIXED, &ARCH);
+        let got = v.on_pmi(|_| v.write(0x390, 1 << 61)).unwrap();
+        assert_eq!(got, want, "PMU version {version}");
+        let _ = mock::take_calls();
+    }
+}
+
+/// AMD: Xen refuses a control whose reserved bits (63..42, 39..36, 21, 19) differ from
+/// the hardware's; the cached control came from the hardware, so it is the reference.
+#[test]
+fn amd_control_writes_keep_the_reserved_bits_of_the_cached_control() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(
+        s.page(),
+        PmuLayout::Amd(AmdLayout::F15H),
+        FakeNative::leak(vec![]),
+    );
+    xen_ok(a);
+    registered(&v, 0, &page);
+    let reserved_set = 1u64 << 42;
+    xen_amd_pmi(a, &[0; 6], &[0, reserved_set, 0, 0, 0, 0]);
+    v.on_pmi(|_| {
+        // CTL0 caches 0 in its reserved bits: setting one is refused.
+        for bit in [19, 21, 36, 39, 42, 63] {
+            assert_eq!(v.write(0xc001_0200, 1 << bit), GP, "bit {bit}");
+        }
+        assert_eq!(v.write(0xc001_0200, 0x43_0076), Some(Outcome::Done(0)));
+        // The K7 alias of CTL0 follows the same rule.
+        assert_eq!(v.write(0xc001_0000, 1 << 21), GP);
+        // CTL1 caches bit 42 set (as its hardware has it): a write must keep it.
+        assert_eq!(v.write(0xc001_0202, 0x43_0076), GP);
+        assert_eq!(
+            v.write(0xc001_0202, reserved_set | 0x43_0076),
+            Some(Outcome::Done(0))
+        );
+        // Counters have no reserved-bit rule.
+        assert_eq!(v.write(0xc001_0201, u64::MAX), Some(Outcome::Done(0)));
+    })
+    .unwrap();
+    assert_eq!(page.r64(PMU_CTXT_OFFSET + 8 + 48), 0x43_0076, "ctrls[0]");
+    assert_eq!(
+        page.r64(PMU_CTXT_OFFSET + 8 + 48 + 8),
+        reserved_set | 0x43_0076,
+        "ctrls[1]"
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+/// Xen refusing the context at the flush (`-EIO`, `PMU_CACHED` set again) is a typed
+/// error; the vCPU's PMU accesses then fail instead of "succeeding" against a page Xen
+/// never loads, and `recover` repairs the context and flushes it again.
+#[test]
+fn a_refused_flush_is_reported_stops_the_vcpu_and_recover_restarts_it() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let native = FakeNative::leak(vec![]);
+    let v = vpmu(s.page(), SKYLAKE, native);
+    let flushes = std::rc::Rc::new(std::cell::Cell::new(0));
+    xen_refusing_pebs(a, flushes.clone());
+    registered(&v, 0, &page);
+
+    // A context Xen will refuse: PEBS enabled (in the page as Xen cached it, e.g. by a
+    // writer that bypassed the library's checks).
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    page.w64(intel::PEBS_ENABLE, 1);
+    page.w64(intel::GLOBAL_CTRL, 0x7_0000_000f | (1 << 20));
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::FlushRejected));
+    assert_eq!(flushes.get(), 1);
+    assert!(
+        flags(a).contains(PmuFlags::CACHED),
+        "Xen set PMU_CACHED again"
+    );
+    let _ = mock::take_calls();
+
+    // Stopped: every PMU access of this vCPU fails, nothing reads the hardware, nothing
+    // touches the page, and no PMI handler runs.
+    let before = page.snapshot();
+    let unavailable = Some(Outcome::Failed(MsrError::PmuUnavailable));
+    assert_eq!(v.read(0xc1), unavailable);
+    assert_eq!(v.write(0x186, 0x43_003c), unavailable);
+    assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::PmuUnavailable));
+    let mut ran = false;
+    assert_eq!(v.on_pmi(|_| ran = true), Err(PmuError::FlushRejected));
+    assert!(!ran);
+    assert_eq!(page.snapshot(), before);
+    assert!(native.take().is_empty());
+    assert!(mock::take_calls().is_empty(), "no hypercall while stopped");
+    // Another vCPU is not affected.
+    set_vcpu(1);
+    assert_eq!(v.read(0xc1), Some(Outcome::Native));
+    set_vcpu(0);
+
+    // Recovery: the refused bits are cleared, everything else is kept, and the flush
+    // is made again.
+    assert_eq!(v.recover(), Ok(2), "pebs_enable and global_ctrl repaired");
+    assert_eq!(flushes.get(), 2);
+    assert_eq!(page.r64(intel::PEBS_ENABLE), 0);
+    assert_eq!(page.r64(intel::GLOBAL_CTRL), 0x7_0000_000f);
+    assert_eq!(page.r64(fixed_at(0)), FIXED[0], "valid values kept");
+    assert!(!flags(a).contains(PmuFlags::CACHED), "Xen loaded it");
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    // Running again: accesses pass through, the next PMI is served and flushed.
+    assert_eq!(v.read(0xc1), Some(Outcome::Native));
+    assert_eq!(v.recover(), Ok(0), "nothing to recover: no hypercall");
+    assert!(mock::take_calls().is_empty());
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(
+        v.on_pmi(|_| v.read(0xc1)),
+        Ok(Some(Outcome::Done(ARCH[0].0)))
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+}
+
+/// When Xen refuses even the repaired context, `recover` says so and the vCPU stays
+/// stopped; `finish` and a new `init` (Xen's fresh context) restart it.
+#[test]
+fn a_context_refused_again_needs_finish_and_init() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let a = page.addr();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    xen_ok(a);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    // A Xen that refuses every flush (a check the library does not know).
+    mock::script_err(XENPMU_OP, Errno::EIO);
+    mock::script_err(XENPMU_OP, Errno::EIO);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::FlushRejected));
+    assert_eq!(v.recover(), Err(PmuError::FlushRejected));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH, nr::XENPMU_FLUSH]);
+    assert_eq!(
+        v.on_pmi(|_| ()),
+        Err(PmuError::FlushRejected),
+        "still stopped"
+    );
+    assert_eq!(
+        MsrError::from(PmuError::FlushRejected),
+        MsrError::PmuUnavailable
+    );
+    assert_eq!(v.finish_vcpu(0), Ok(()));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FINISH]);
+    registered(&v, 0, &page);
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    assert_eq!(v.on_pmi(|_| 5), Ok(5));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+
+    // Other flush errors are not a refusal of the context: nothing is stopped.
+    xen_intel_pmi(a, &FIXED, &ARCH);
+    mock::script_err(XENPMU_OP, Errno::EINVAL);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::InvalidArgument));
+    assert_eq!(v.recover(), Ok(0));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
 }

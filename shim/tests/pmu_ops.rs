@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 
 use pmu_common::*;
-use xenmsr::pmu::{MAX_VCPUS, PmuError, PmuLayout, Vpmu};
+use xenmsr::pmu::{DEFAULT_VCPUS, PmuError, PmuLayout, Vpmu};
 use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::abi::{LAPIC_LVTPC_OFFSET, PmuFlags, XenPmuFeature, XenPmuMode};
 use xenmsr_hypercall::{Errno, mock, nr};
@@ -80,8 +80,8 @@ fn init_errors_map_to_typed_variants_and_forget_the_page() {
         assert_eq!(v.is_disabled(), want == PmuError::Disabled);
         // PMU MSRs pass through when there is no page, whatever the reason.
         page.w64(80, PmuFlags::CACHED.bits());
-        assert_eq!(v.read(0, 0x38f), Some(Outcome::Native));
-        assert_eq!(v.write(0, 0xc1, 5), Some(Outcome::Native));
+        assert_eq!(v.read(0x38f), Some(Outcome::Native));
+        assert_eq!(v.write(0xc1, 5), Some(Outcome::Native));
     }
 }
 
@@ -99,11 +99,13 @@ fn disabled_vpmu_skips_later_inits_and_passes_through() {
     assert_eq!(r, Err(PmuError::Disabled));
     assert_eq!(pmu_ops(), vec![nr::XENPMU_INIT], "no second hypercall");
     for vcpu in [0, 1] {
-        assert_eq!(v.read(vcpu, 0x309), Some(Outcome::Native));
-        assert_eq!(v.read(vcpu, 0x1b), None, "not a PMU MSR");
+        set_vcpu(vcpu);
+        assert_eq!(v.read(0x309), Some(Outcome::Native));
+        assert_eq!(v.read(0x1b), None, "not a PMU MSR");
     }
+    set_vcpu(0);
     // With no page there is nothing to store the LVTPC in: the answer says why.
-    assert_eq!(v.lvtpc_set(0, 0x10), Err(PmuError::Disabled));
+    assert_eq!(v.lvtpc_set(0x10), Err(PmuError::Disabled));
     assert_eq!(pmu_ops(), Vec::<u32>::new(), "lvtpc_set made no hypercall");
     assert_eq!(MsrError::from(PmuError::Disabled), MsrError::PmuUnavailable);
 }
@@ -119,15 +121,19 @@ fn misaligned_page_and_bad_vcpu_make_no_hypercall() {
     assert_eq!(r, Err(PmuError::MisalignedPage));
     assert_eq!(page.r64(0), 0xa5a5_a5a5_a5a5_a5a5, "page untouched");
     // SAFETY: rejected before any access.
-    let r = unsafe { v.init_vcpu(MAX_VCPUS as u32, page.ptr(), 1) };
-    assert_eq!(r, Err(PmuError::VcpuOutOfRange(MAX_VCPUS as u32)));
+    let r = unsafe { v.init_vcpu(DEFAULT_VCPUS as u32, page.ptr(), 1) };
+    assert_eq!(r, Err(PmuError::VcpuOutOfRange(DEFAULT_VCPUS as u32)));
     assert_eq!(
         v.finish_vcpu(u32::MAX),
         Err(PmuError::VcpuOutOfRange(u32::MAX))
     );
-    assert_eq!(v.lvtpc_set(1000, 0), Err(PmuError::VcpuOutOfRange(1000)));
-    assert_eq!(v.on_pmi(64, |_| ()), Err(PmuError::VcpuOutOfRange(64)));
-    assert_eq!(v.read(64, 0x38f), Some(Outcome::Native));
+    // The calling vCPU has no slot: the per-vCPU ops say so, MSRs pass through.
+    set_vcpu(1000);
+    assert_eq!(v.lvtpc_set(0), Err(PmuError::VcpuOutOfRange(1000)));
+    set_vcpu(64);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::VcpuOutOfRange(64)));
+    assert_eq!(v.read(0x38f), Some(Outcome::Native));
+    set_vcpu(0);
     assert!(mock::take_calls().is_empty());
 }
 
@@ -140,9 +146,9 @@ fn unconfigured_backend_is_inert() {
     let r = unsafe { v.init_vcpu(0, page.ptr(), 1) };
     assert_eq!(r, Err(PmuError::NotConfigured));
     assert_eq!(v.mode_get(), Err(PmuError::NotConfigured));
-    assert_eq!(v.read(0, 0x38f), None);
+    assert_eq!(v.read(0x38f), None);
     assert_eq!(v.layout(), PmuLayout::None);
-    assert_eq!(v.rdpmc(0, 0), Outcome::Failed(MsrError::InvalidCounter));
+    assert_eq!(v.rdpmc(0), Outcome::Failed(MsrError::InvalidCounter));
     assert!(mock::take_calls().is_empty());
 }
 
@@ -232,7 +238,7 @@ fn lvtpc_stores_the_value_and_calls_only_outside_a_pmi() {
     let page = GuardedPage::new();
     let addr = page.addr();
     let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
-    assert_eq!(v.lvtpc_set(0, 0x400), Err(PmuError::NotInitialized));
+    assert_eq!(v.lvtpc_set(0x400), Err(PmuError::NotInitialized));
     xen_ok(addr);
     registered(&v, 0, &page);
 
@@ -245,7 +251,7 @@ fn lvtpc_stores_the_value_and_calls_only_outside_a_pmi() {
         seen2.set(r32(addr, LAPIC_LVTPC_OFFSET));
         0
     });
-    v.lvtpc_set(0, 0x0001_00fe).unwrap();
+    v.lvtpc_set(0x0001_00fe).unwrap();
     assert_eq!(
         seen.get(),
         0x0001_00fe,
@@ -256,8 +262,8 @@ fn lvtpc_stores_the_value_and_calls_only_outside_a_pmi() {
     // Inside a PMI: stored, no hypercall (the flush applies it).
     xen_ok(addr);
     xen_intel_pmi(addr, &[0; 3], &[(0, 0); 4]);
-    v.on_pmi(0, |_| {
-        v.lvtpc_set(0, 0x0001_0020).unwrap();
+    v.on_pmi(|_| {
+        v.lvtpc_set(0x0001_0020).unwrap();
         assert_eq!(r32(addr, LAPIC_LVTPC_OFFSET), 0x0001_0020);
     })
     .unwrap();
@@ -265,12 +271,79 @@ fn lvtpc_stores_the_value_and_calls_only_outside_a_pmi() {
 
     // PMU_CACHED set but the handler not running yet (PMI pending): no hypercall either.
     set_flags(addr, PmuFlags::CACHED);
-    v.lvtpc_set(0, 0x20).unwrap();
+    v.lvtpc_set(0x20).unwrap();
     assert!(mock::take_calls().is_empty());
 
     // Errors map.
     set_flags(addr, PmuFlags::empty());
     mock::script_err(XENPMU_OP, Errno::EINVAL);
-    assert_eq!(v.lvtpc_set(0, 0x20), Err(PmuError::InvalidArgument));
+    assert_eq!(v.lvtpc_set(0x20), Err(PmuError::InvalidArgument));
     assert_eq!(pmu_ops(), vec![nr::XENPMU_LVTPC_SET]);
+}
+
+#[test]
+fn each_vcpu_slot_has_its_own_cache_lines() {
+    use xenmsr::pmu::{DEFAULT_SLOTS, SLOT_ALIGN, VcpuSlot};
+    assert_eq!(
+        SLOT_ALIGN, 128,
+        "two 64-byte lines: the adjacent-line prefetch pair"
+    );
+    assert_eq!(std::mem::align_of::<VcpuSlot>(), SLOT_ALIGN);
+    assert_eq!(std::mem::size_of::<VcpuSlot>(), SLOT_ALIGN);
+    for slots in [&DEFAULT_SLOTS[..], leak_slots(3)] {
+        for pair in slots.windows(2) {
+            let (a, b) = (&pair[0] as *const VcpuSlot, &pair[1] as *const VcpuSlot);
+            assert_eq!(a as usize % SLOT_ALIGN, 0, "slot starts a 128-byte block");
+            assert_eq!(
+                b as usize - a as usize,
+                SLOT_ALIGN,
+                "no two slots share a block"
+            );
+        }
+    }
+    assert_eq!(DEFAULT_SLOTS.len(), DEFAULT_VCPUS);
+}
+
+/// The kernel gives the slot storage, so vCPU ids are not capped at 64; and the
+/// per-vCPU ops (`lvtpc_set`, `on_pmi`, MSR accesses) act on the calling vCPU, which the
+/// `vcpu_id` hook names, never on a vCPU the caller picks.
+#[test]
+fn a_vcpu_beyond_the_default_count_works_with_kernel_storage_and_ops_act_on_the_caller() {
+    let s = mock::session();
+    let (page_1, page_200) = (GuardedPage::new(), GuardedPage::new());
+    let slots = leak_slots(256);
+    let v = vpmu_with_slots(s.page(), SKYLAKE, FakeNative::leak(vec![]), slots);
+    xen_ok(page_200.addr());
+    // Registration names the vCPU (Xen accepts any vCPU of the domain), here from vCPU 0.
+    set_vcpu(0);
+    registered(&v, 200, &page_200);
+    registered(&v, 1, &page_1);
+    assert!(v.is_initialized(200) && v.is_initialized(1));
+    let (lvtpc_1, lvtpc_200) = (r32(page_1.addr(), LAPIC_LVTPC_OFFSET), 0x0001_00fe);
+
+    // vCPU 200's LVTPC write lands in vCPU 200's page only.
+    set_vcpu(200);
+    v.lvtpc_set(lvtpc_200).unwrap();
+    assert_eq!(r32(page_200.addr(), LAPIC_LVTPC_OFFSET), lvtpc_200);
+    assert_eq!(r32(page_1.addr(), LAPIC_LVTPC_OFFSET), lvtpc_1);
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_LVTPC_SET]);
+
+    // A PMI on vCPU 200: its sample, its cached context, its flush.
+    xen_intel_pmi(page_200.addr(), &[0x200; 3], &[(0x2000, 0); 4]);
+    page_200.w64(16, 0xffff_ffff_8200_0000);
+    let (vcpu, ip, pmc0) = v
+        .on_pmi(|ctx| (ctx.vcpu, ctx.regs.ip, v.read(0xc1)))
+        .unwrap();
+    assert_eq!(
+        (vcpu, ip, pmc0),
+        (200, 0xffff_ffff_8200_0000, Some(Outcome::Done(0x2000)))
+    );
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FLUSH]);
+    assert!(!v.is_cached(200));
+
+    // Beyond the kernel's storage: no slot.
+    set_vcpu(256);
+    assert_eq!(v.on_pmi(|_| ()), Err(PmuError::VcpuOutOfRange(256)));
+    set_vcpu(0);
+    assert!(mock::take_calls().is_empty());
 }

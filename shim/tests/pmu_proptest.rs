@@ -4,6 +4,9 @@
 //! panic fails it. Each case is also checked against an independent model of where the
 //! access must land and of which bytes it may change.
 //!
+//! The ops run inside `on_pmi` or outside it; the page is used only inside, with
+//! `PMU_CACHED`.
+//!
 //! Cases: `XENMSR_PROPTEST_CASES` (default 10,000).
 
 mod pmu_common;
@@ -12,7 +15,10 @@ use pmu_common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use xenmsr::pmu::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
-use xenmsr::pmu::{AmdLayout, IntelLayout, PAGE_SIZE, PmuLayout, classify, decode_pmc};
+use xenmsr::pmu::{
+    AmdLayout, DEFAULT_VCPUS, IntelLayout, PAGE_SIZE, PmuLayout, VcpuSlot, Vpmu, classify,
+    decode_pmc,
+};
 use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags};
 use xenmsr_hypercall::mock;
@@ -39,19 +45,29 @@ struct Case {
     off_b: u32,
     flags: u64,
     vcpu: u32,
+    /// Whether the ops run inside `on_pmi` (only vCPU 0 has a page to run one on).
+    in_handler: bool,
     ops: Vec<Op>,
 }
 
 fn layout() -> impl Strategy<Value = PmuLayout> {
     prop_oneof![
-        (0u8..=8, 0u8..=4).prop_map(|(a, f)| PmuLayout::Intel(IntelLayout {
-            arch_counters: a,
-            fixed_counters: f
-        })),
-        (any::<u8>(), 0u8..32).prop_map(|(a, f)| PmuLayout::Intel(IntelLayout {
-            arch_counters: a,
-            fixed_counters: f
-        })),
+        (0u8..=8, 0u8..=4, 2u8..=5, prop_oneof![Just(48u8), 0u8..=70]).prop_map(
+            |(a, f, version, width)| PmuLayout::Intel(IntelLayout {
+                arch_counters: a,
+                fixed_counters: f,
+                version,
+                fixed_counter_width: width,
+            })
+        ),
+        (any::<u8>(), 0u8..32, any::<u8>(), any::<u8>()).prop_map(|(a, f, version, width)| {
+            PmuLayout::Intel(IntelLayout {
+                arch_counters: a,
+                fixed_counters: f,
+                version,
+                fixed_counter_width: width,
+            })
+        }),
         Just(PmuLayout::Amd(AmdLayout::K7)),
         Just(PmuLayout::Amd(AmdLayout::F15H)),
         Just(PmuLayout::None),
@@ -93,12 +109,63 @@ fn counter() -> impl Strategy<Value = u32> {
     ]
 }
 
+/// A written value: any, small (mostly accepted), or one bit (each of Xen's rules).
+fn value() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        0u64..=0xffff,
+        (0u32..64).prop_map(|bit| 1u64 << bit),
+        Just(0xffff_8800_0000_0000u64),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         msr().prop_map(Op::Read),
-        (msr(), any::<u64>()).prop_map(|(m, v)| Op::Write(m, v)),
+        (msr(), value()).prop_map(|(m, v)| Op::Write(m, v)),
         counter().prop_map(Op::Rdpmc),
     ]
+}
+
+/// The bits `0..n` (any `n`).
+fn bits_below(n: u32) -> u64 {
+    (0..n.min(64)).fold(0, |bits, b| bits | (1 << b))
+}
+
+/// Whether Xen's flush would refuse the context after `value` is written to `class`
+/// (whose slot held `cached`): the model of Xen 4.17's checks (`core2_vpmu_verify`, the
+/// AMD reserved-bit test), written out bit by bit, plus the read-only global status.
+fn model_refuses(layout: &PmuLayout, class: PmuMsr, value: u64, cached: u64) -> bool {
+    let counters = |l: &IntelLayout| {
+        let fixed = (0..u32::from(l.fixed_counters))
+            .filter(|i| 32 + i < 64)
+            .fold(0u64, |bits, i| bits | (1 << (32 + i)));
+        fixed | bits_below(l.arch_counters.into())
+    };
+    match (layout, class) {
+        (PmuLayout::Intel(l), PmuMsr::Intel(m)) => match m {
+            IntelMsr::GlobalOvfCtrl => {
+                let uncore = if l.version >= 3 { 1 << 61 } else { 0 };
+                value & !(counters(l) | (1 << 63) | (1 << 62) | uncore) != 0
+            }
+            IntelMsr::GlobalCtrl => value & !counters(l) != 0,
+            IntelMsr::GlobalStatus => true,
+            IntelMsr::PebsEnable => value != 0,
+            IntelMsr::FixedCtrl => (0..64u32).any(|b| {
+                let field_bit_of_a_counter = b < 4 * u32::from(l.fixed_counters);
+                value & (1 << b) != 0 && (!field_bit_of_a_counter || b % 4 == 2)
+            }),
+            IntelMsr::FixedCounter(_) => value & !bits_below(l.fixed_counter_width.into()) != 0,
+            IntelMsr::ArchCtrl(_) => (value >> 32) != 0 || value & (1 << 21 | 1 << 19) != 0,
+            IntelMsr::DsArea => (1 << 47..0xffff_8800_0000_0000).contains(&value),
+            IntelMsr::ArchCounter(_) => false,
+        },
+        (PmuLayout::Amd(_), PmuMsr::Amd(AmdMsr::Ctrl(_))) => {
+            let reserved = !bits_below(42) | (0xf << 36) | (1 << 21) | (1 << 19);
+            (value ^ cached) & reserved != 0
+        }
+        _ => false,
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -109,17 +176,21 @@ fn case() -> impl Strategy<Value = Case> {
         offset(),
         prop_oneof![Just(PmuFlags::CACHED.bits()), any::<u64>()],
         prop_oneof![4 => Just(0u32), 1 => 0u32..70],
+        prop_oneof![3 => Just(true), 1 => Just(false)],
         prop::collection::vec(op(), 1..8),
     )
-        .prop_map(|(layout, seed, off_a, off_b, flags, vcpu, ops)| Case {
-            layout,
-            seed,
-            off_a,
-            off_b,
-            flags,
-            vcpu,
-            ops,
-        })
+        .prop_map(
+            |(layout, seed, off_a, off_b, flags, vcpu, in_handler, ops)| Case {
+                layout,
+                seed,
+                off_a,
+                off_b,
+                flags,
+                vcpu,
+                in_handler: in_handler && vcpu == 0,
+                ops,
+            },
+        )
 }
 
 /// Random page bytes from a seed (xorshift), then the case's offsets and flags.
@@ -201,13 +272,49 @@ fn changed(before: &[u8], after: &[u8]) -> Vec<usize> {
     (0..PAGE_SIZE).filter(|&i| before[i] != after[i]).collect()
 }
 
-fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<(), TestCaseError> {
+fn check(
+    page: &GuardedPage,
+    c: &Case,
+    native: &'static FakeNative,
+    slots: &'static [VcpuSlot],
+) -> Result<(), TestCaseError> {
     let s = mock::session();
-    let v = vpmu(s.page(), c.layout, native);
+    let v = vpmu_with_slots(s.page(), c.layout, native, slots);
     xen_ok(page.addr());
+    // A failed case (while shrinking) returned before freeing the shared slot.
+    if v.is_initialized(0) {
+        set_vcpu(0);
+        let _ = v.finish_vcpu(0);
+        let _ = mock::take_calls();
+    }
     registered(&v, 0, page);
     fill(page, c);
-    let cached = c.vcpu == 0 && PmuFlags::from_bits_retain(c.flags).contains(PmuFlags::CACHED);
+    // The case's vCPU makes the accesses; only vCPU 0 has the page.
+    set_vcpu(c.vcpu);
+    let ops = || run_ops(page, c, native, &v);
+    let result = if c.in_handler {
+        v.on_pmi(|_| ops()).expect("the flush succeeds")
+    } else {
+        ops()
+    };
+    // Free the slot for the next case (the storage is shared).
+    set_vcpu(0);
+    v.finish_vcpu(0).expect("finish");
+    drop(v);
+    let _ = mock::take_calls();
+    drop(s);
+    result
+}
+
+/// The case's ops, each checked against the model.
+fn run_ops(
+    page: &GuardedPage,
+    c: &Case,
+    native: &'static FakeNative,
+    v: &Vpmu,
+) -> Result<(), TestCaseError> {
+    // The page is used only inside `on_pmi` and only while Xen has cached the context.
+    let cached = c.in_handler && PmuFlags::from_bits_retain(c.flags).contains(PmuFlags::CACHED);
 
     for &op in &c.ops {
         let before = page.snapshot();
@@ -215,8 +322,8 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
         match op {
             Op::Read(msr) | Op::Write(msr, _) => {
                 let got = match op {
-                    Op::Read(_) => v.read(c.vcpu, msr),
-                    Op::Write(_, value) => v.write(c.vcpu, msr, value),
+                    Op::Read(_) => v.read(msr),
+                    Op::Write(_, value) => v.write(msr, value),
                     Op::Rdpmc(_) => unreachable!(),
                 };
                 let after = page.snapshot();
@@ -245,6 +352,16 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
                             prop_assert_eq!(got, Some(Outcome::Done(u64_at(&before, slot))));
                             prop_assert!(diff.is_empty());
                         }
+                        Op::Write(_, value)
+                            if model_refuses(&c.layout, class, value, u64_at(&before, slot)) =>
+                        {
+                            // Like the native wrmsr of a refused value: #GP, nothing stored.
+                            prop_assert_eq!(
+                                got,
+                                Some(Outcome::Failed(MsrError::Fault { vector: 13 }))
+                            );
+                            prop_assert!(diff.is_empty(), "refused write stored {:?}", diff);
+                        }
                         Op::Write(_, value) => {
                             prop_assert_eq!(got, Some(Outcome::Done(0)));
                             prop_assert_eq!(u64_at(&after, slot), value);
@@ -268,7 +385,7 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
                 }
             }
             Op::Rdpmc(counter) => {
-                let got = v.rdpmc(c.vcpu, counter);
+                let got = v.rdpmc(counter);
                 prop_assert!(changed(&before, &page.snapshot()).is_empty());
                 let reads = native.take();
                 let Some(pmc) = decode_pmc(&c.layout, counter) else {
@@ -311,9 +428,6 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
             }
         }
     }
-    drop(v);
-    let _ = mock::take_calls();
-    drop(s);
     Ok(())
 }
 
@@ -321,6 +435,7 @@ fn check(page: &GuardedPage, c: &Case, native: &'static FakeNative) -> Result<()
 fn random_pages_and_indices_stay_in_bounds_and_match_the_model() {
     let page = GuardedPage::new();
     let native = FakeNative::leak(vec![]);
+    let slots = leak_slots(DEFAULT_VCPUS);
     let mut runner = TestRunner::new(Config {
         cases: cases(),
         failure_persistence: None,
@@ -328,7 +443,7 @@ fn random_pages_and_indices_stay_in_bounds_and_match_the_model() {
     });
     let n = runner.config().cases;
     runner
-        .run(&case(), |c| check(&page, &c, native))
+        .run(&case(), |c| check(&page, &c, native, slots))
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("pmu property test: {n} cases passed");
 }

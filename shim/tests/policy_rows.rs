@@ -31,8 +31,19 @@ impl NativeMsr for ScriptedNative {
     }
 }
 
+/// Storage for a policy's class index (a kernel uses a `static`).
+fn index_storage() -> &'static mut xenmsr::dispatch::ClassIndex {
+    Box::leak(Box::new(xenmsr::dispatch::ClassIndex::new()))
+}
+
 fn policy() -> XenPvPolicy<ScriptedNative> {
-    XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, None)
+    XenPvPolicy::new(
+        mock::page(),
+        current_vcpu,
+        ScriptedNative,
+        None,
+        index_storage(),
+    )
 }
 
 fn segbase_call(which: SegmentBase, base: u64) -> MockCall {
@@ -241,16 +252,30 @@ fn every_row_behaves_as_its_route_says() {
 #[test]
 fn oversized_pmu_layout_falls_back_to_the_same_classification() {
     use xenmsr::dispatch::{Class, reference_class};
-    use xenmsr::pmu::{IntelLayout, PmuLayout, Vpmu};
+    use xenmsr::pmu::{IntelLayout, PmuLayout, VcpuSlot, Vpmu, VpmuConfig};
 
     let _session = mock::session();
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: 200,
         fixed_counters: 31,
+        version: 4,
+        fixed_counter_width: 48,
     });
-    let vpmu: &'static Vpmu =
-        Box::leak(Box::new(Vpmu::with(mock::page(), layout, &ScriptedNative)));
-    let policy = XenPvPolicy::new(mock::page(), current_vcpu, ScriptedNative, Some(vpmu));
+    static SLOTS: [VcpuSlot; 4] = [const { VcpuSlot::new() }; 4];
+    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
+        hypercalls: mock::page(),
+        layout,
+        native: &ScriptedNative,
+        vcpu_id: current_vcpu,
+        slots: &SLOTS,
+    })));
+    let policy = XenPvPolicy::new(
+        mock::page(),
+        current_vcpu,
+        ScriptedNative,
+        Some(vpmu),
+        index_storage(),
+    );
     assert!(
         format!("{policy:?}").contains("indexed: None"),
         "the layout should not fit the index: {policy:?}"

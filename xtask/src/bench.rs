@@ -92,7 +92,19 @@ pub fn host_bench() -> XtaskResult<String> {
     write_dispatch_table(&mut md, &counts)?;
     write_extable_table(&mut md, &counts)?;
     write_code_size(&mut md, &bin)?;
+    write_scaling_table(&mut md, &bin)?;
     write_doc(&md)?;
+    Ok(md)
+}
+
+/// `cargo xtask bench --scaling`: builds the benchmark binary and measures only the
+/// two-threads-against-one table (a few seconds), returned as Markdown; nothing is written.
+pub fn scaling_bench() -> XtaskResult<String> {
+    eprintln!("xtask: bench: building {PACKAGE} (release)");
+    run_checked(cargo().args(["build", "--release", "-p", PACKAGE]))?;
+    let bin = root_dir().join("target").join("release").join(PACKAGE);
+    let mut md = String::new();
+    write_scaling_table(&mut md, &bin)?;
     Ok(md)
 }
 
@@ -615,6 +627,84 @@ fn write_code_size(md: &mut String, bin: &Path) -> XtaskResult<()> {
             "no"
         };
         writeln!(md, "| {op} | {len} | {safe} | {count} |")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scaling: two threads against one
+// ---------------------------------------------------------------------------------------
+
+/// The deadline of the scaling run (it takes a few seconds).
+const SCALING_DEADLINE: Duration = Duration::from_secs(300);
+/// The largest two-threads-over-one ratio of a library path that counts as scaling.
+const SCALING_TARGET: f64 = 1.25;
+/// The smallest ratio of the shared-line control that shows the two threads overlapped.
+const OVERLAP_EVIDENCE: f64 = 1.5;
+
+/// Runs `xenmsr-bench scaling` (not under callgrind, which runs threads one at a time)
+/// and writes its table.
+fn write_scaling_table(md: &mut String, bin: &Path) -> XtaskResult<()> {
+    eprintln!("xtask: bench: scaling (2 threads against 1)");
+    let out = String::from_utf8(output_timeout(
+        Command::new(bin).arg("scaling"),
+        SCALING_DEADLINE,
+    )?)?;
+    let mut rows = Vec::new();
+    for line in out.lines() {
+        let [name, about, one, two, ratio] = line.split('\t').collect::<Vec<_>>()[..] else {
+            return Err(format!("{PACKAGE} scaling: bad line {line:?}").into());
+        };
+        let ratio: f64 = ratio
+            .parse()
+            .map_err(|e| format!("{PACKAGE} scaling: bad ratio in {line:?}: {e}"))?;
+        rows.push((name, about, one, two, ratio));
+    }
+    let overlap = rows
+        .iter()
+        .find(|r| r.0 == "control/shared_line")
+        .map(|r| r.4)
+        .ok_or("the scaling run has no control/shared_line row")?;
+    writeln!(md, "### Scaling: 2 threads against 1 (thread CPU time)\n")?;
+    writeln!(
+        md,
+        "Each operation runs through a real call site and stub to the production policy on \
+         the mock hypercall page (per-thread scripts and log), first on one thread, then on \
+         two at once, each thread playing its own vCPU (neighbouring vPMU slots, its own \
+         page); 15 pairs, about 40 ms of CPU time per thread per run. Columns: the medians \
+         of the nanoseconds per operation (each thread's `CLOCK_THREAD_CPUTIME_ID`) and the \
+         median of the per-pair ratios. A ratio near 1 means no cache line is written by \
+         both threads; the shared-line control shows what sharing one line costs, and that \
+         the threads really ran at the same time. `control/private_work` touches no shared \
+         memory: its ratio is what running two threads costs by itself on this machine.\n"
+    )?;
+    writeln!(
+        md,
+        "| operation | what | ns/op, 1 thread | ns/op, 2 threads | ratio | target |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---|")?;
+    for (name, about, one, two, ratio) in &rows {
+        let target = if name.starts_with("control/") {
+            String::new()
+        } else {
+            format!(
+                "≤ {SCALING_TARGET:.2}: {}",
+                verdict(*ratio <= SCALING_TARGET)
+            )
+        };
+        writeln!(
+            md,
+            "| `{name}` | {about} | {one} | {two} | {ratio:.2} | {target} |"
+        )?;
+    }
+    if overlap < OVERLAP_EVIDENCE {
+        writeln!(
+            md,
+            "\n**Inconclusive:** the shared-line control slowed down only {overlap:.2}× \
+             (< {OVERLAP_EVIDENCE}), so the two threads hardly ran at the same time (a \
+             busy machine); the ratios above say little."
+        )?;
     }
     writeln!(md)?;
     Ok(())

@@ -3,8 +3,11 @@
 //! - `cargo xtask run`: build the PV test kernel, boot it as dom0 under Xen in QEMU, and
 //!   show what the library does for a set of MSRs.
 //! - `cargo xtask test`: every test: host tests, then the in-guest suites as dom0 on three
-//!   CPU models under Xen 4.17 and again under Xen 4.20, then the `xl create` domU path.
-//! - `cargo xtask bench`: benchmarks (host instruction counts and in-guest ratios).
+//!   CPU models under Xen 4.17 and again under Xen 4.20 (4 vCPUs each), the minimal
+//!   example kernel, then the `xl create` domU path (2 vCPUs).
+//! - `cargo xtask bench`: benchmarks (host instruction counts, the host scaling table, and
+//!   in-guest ratios including the 4-vCPU scaling run); `--scaling` runs only the host
+//!   scaling table.
 
 mod bench;
 mod guestbench;
@@ -63,26 +66,26 @@ const DOM0_PCPUS: u32 = 2;
 /// The dom0 suites: one per CPU model and Xen release, each telling the kernel what to
 /// expect. Xen 4.17's are `dom0/<model>`, Xen 4.20's `dom0-xen4.20/<model>`.
 fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
-    let suite = |xen: Xen, cpu: &str, vpmu: bool| {
+    let suite = |xen: Xen, cpu: &str, vpmu: bool, fsgsbase: bool| {
         let mut xen_args = vec![format!("dom0_max_vcpus={DOM0_VCPUS}")];
         if vpmu {
             xen_args.push("vpmu=1".to_string());
         }
+        let prefix = match (xen, fsgsbase) {
+            (Xen::V4_17, false) => "dom0".to_string(),
+            (Xen::V4_17, true) => "dom0-fsgsbase".to_string(),
+            (other, false) => format!("dom0-xen{}", other.version()),
+            (other, true) => format!("dom0-xen{}-fsgsbase", other.version()),
+        };
         Dom0Run {
-            name: format!(
-                "{}/{cpu}{}",
-                match xen {
-                    Xen::V4_17 => "dom0".to_string(),
-                    other => format!("dom0-xen{}", other.version()),
-                },
-                if vpmu { "+vpmu" } else { "" }
-            ),
+            name: format!("{prefix}/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
             cpu: cpu.to_string(),
             smp: DOM0_PCPUS,
             xen_args,
             kernel_args: format!(
-                "suite=dom0 cpu={cpu} vpmu={} vcpus={DOM0_VCPUS}",
-                u8::from(vpmu)
+                "suite=dom0 cpu={cpu} vpmu={} vcpus={DOM0_VCPUS} fsgsbase={}",
+                u8::from(vpmu),
+                u8::from(fsgsbase)
             ),
             deadline,
             xen,
@@ -90,16 +93,22 @@ fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
     };
     vec![
         // AMD family 0xf: K7 PMU MSRs are RAZ/WI, Intel's #GP; vPMU unsupported.
-        suite(Xen::V4_17, "qemu64", false),
+        suite(Xen::V4_17, "qemu64", false, false),
         // Intel: P6/arch-perfmon MSRs RAZ/WI, AMD's #GP.
-        suite(Xen::V4_17, "Skylake-Client", false),
+        suite(Xen::V4_17, "Skylake-Client", false, false),
         // AMD family 0x17 with vpmu=1: the one model where XENPMU really initialises.
-        suite(Xen::V4_17, "EPYC", true),
+        suite(Xen::V4_17, "EPYC", true, false),
         // The same models under Debian 13's Xen 4.20; the suites encode where it differs
         // (Intel's P6_EVNTSEL4-7, AMD's MMIO_CONF_BASE: see the `xen` suite).
-        suite(Xen::V4_20, "qemu64", false),
-        suite(Xen::V4_20, "Skylake-Client", false),
-        suite(Xen::V4_20, "EPYC", true),
+        suite(Xen::V4_20, "qemu64", false, false),
+        suite(Xen::V4_20, "Skylake-Client", false, false),
+        suite(Xen::V4_20, "EPYC", true, false),
+        // Every suite again with the library opted in to FSGSBASE: Skylake-Client and
+        // EPYC have it (the FS/GS bases go through RDFSBASE/WRFSBASE), qemu64 has not
+        // (the tested fallback).
+        suite(Xen::V4_17, "qemu64", false, true),
+        suite(Xen::V4_17, "Skylake-Client", false, true),
+        suite(Xen::V4_17, "EPYC", true, true),
     ]
 }
 
@@ -534,17 +543,23 @@ fn print_summary(results: &[SuiteResult]) {
 /// Benchmarks: host instruction counts under callgrind, then TSC-cycle ratios in the PV
 /// test kernel under Xen/QEMU (TCG) on three CPU models plus an XPTI control run; both go to
 /// `docs/benchmarks.md` and are printed. `--no-host` / `--no-guest` skip one part (the
-/// other section of the file is kept as it is).
+/// other section of the file is kept as it is). `--scaling` measures only the host's
+/// two-threads-against-one table and prints it, writing nothing.
 fn cmd_bench(args: &[String]) -> XtaskResult<()> {
     let (mut host, mut guest) = (true, true);
     for arg in args {
         match arg.as_str() {
             "--no-host" => host = false,
             "--no-guest" => guest = false,
+            "--scaling" => {
+                println!("{}", bench::scaling_bench()?);
+                return Ok(());
+            }
             other => {
-                return Err(
-                    format!("bench: unknown option {other} (--no-host, --no-guest)").into(),
-                );
+                return Err(format!(
+                    "bench: unknown option {other} (--no-host, --no-guest, --scaling)"
+                )
+                .into());
             }
         }
     }

@@ -233,6 +233,8 @@ mod tests {
     const SKL: IntelLayout = IntelLayout {
         arch_counters: 4,
         fixed_counters: 3,
+        version: 4,
+        fixed_counter_width: 48,
     };
 
     /// Linux's `is_intel_pmu_msr`, transcribed from the spec's table as a reference model.
@@ -258,6 +260,8 @@ mod tests {
                 let l = IntelLayout {
                     arch_counters: arch,
                     fixed_counters: fixed,
+                    version: 4,
+                    fixed_counter_width: 48,
                 };
                 for msr in (0..0x1000).chain(0xc000_0000..0xc000_0200) {
                     assert_eq!(

@@ -1,15 +1,21 @@
 //! Serving PMU MSR accesses and RDPMC from the cached context in the shared page.
 //!
-//! Only called while the page has `PMU_CACHED` set. A page whose bank offsets fail
+//! Only called inside a PMI with `PMU_CACHED` set. A page whose bank offsets fail
 //! validation gives [`MsrError::PmuUnavailable`]: the access fails like a faulting
 //! instruction (the caller's `_safe` variant sees `Err`), rather than touching the real
-//! MSR, whose value Xen would overwrite at the flush anyway.
+//! MSR, whose value Xen would overwrite at the flush anyway. A write of a value Xen's
+//! flush would refuse ([`verify`](super::verify)) fails like the native `wrmsr` of it,
+//! with `#GP`, and leaves the page unchanged.
 
-use xenmsr_asm::{MsrError, Outcome};
+use xenmsr_asm::{MsrError, Outcome, VECTOR_GP};
 
 use super::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
-use super::layout::PmuLayout;
+use super::layout::{IntelLayout, PmuLayout};
 use super::page::{AmdCtxt, BadPage, IntelCtxt, SharedPage, intel_field};
+use super::verify;
+
+/// A write Xen's flush would refuse: what the native `wrmsr` of the value raises.
+const REFUSED: Outcome = Outcome::Failed(MsrError::Fault { vector: VECTOR_GP });
 
 /// A read or a write.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +45,7 @@ pub(crate) fn access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: 
     match (layout, msr) {
         (PmuLayout::Intel(l), PmuMsr::Intel(m)) => {
             match IntelCtxt::load(page, l.fixed_counters.into(), l.arch_counters.into()) {
-                Ok(ctxt) => intel(ctxt, m, access).unwrap_or_else(failed),
+                Ok(ctxt) => intel(ctxt, l, m, access).unwrap_or_else(failed),
                 Err(e) => failed(e),
             }
         }
@@ -55,7 +61,17 @@ pub(crate) fn access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: 
     }
 }
 
-fn intel(ctxt: IntelCtxt, msr: IntelMsr, access: Access) -> Result<Outcome, BadPage> {
+fn intel(
+    ctxt: IntelCtxt,
+    layout: &IntelLayout,
+    msr: IntelMsr,
+    access: Access,
+) -> Result<Outcome, BadPage> {
+    if let Access::Write(value) = access
+        && !verify::intel_write_ok(layout, msr, value)
+    {
+        return Ok(REFUSED);
+    }
     let field = Slot::Field;
     let slot = match msr {
         IntelMsr::GlobalOvfCtrl => Slot::OvfCtrl,
@@ -95,6 +111,12 @@ fn amd(ctxt: AmdCtxt, msr: AmdMsr, access: Access) -> Result<Outcome, BadPage> {
         AmdMsr::Counter(i) => Slot::At(ctxt.counter(i.into())?),
         AmdMsr::NoSlot => Slot::None,
     };
+    if let (AmdMsr::Ctrl(_), Slot::At(off), Access::Write(value)) = (msr, &slot, access) {
+        let cached = ctxt.page().read::<u64>(*off).ok_or(BadPage::BankOffset)?;
+        if !verify::amd_ctrl_write_ok(cached, value) {
+            return Ok(REFUSED);
+        }
+    }
     match slot {
         Slot::At(off) => rw(ctxt.page(), off, access),
         Slot::Field(_) | Slot::OvfCtrl | Slot::None => Ok(Outcome::Native),
@@ -108,6 +130,23 @@ fn rw(page: SharedPage, off: usize, access: Access) -> Result<Outcome, BadPage> 
         Access::Write(value) => page.write::<u64>(off, value).map(|()| Outcome::Done(0)),
     }
     .ok_or(BadPage::BankOffset)
+}
+
+/// Repairs the cached context in `page` so that Xen's flush accepts it (see
+/// [`verify`]); returns how many registers changed. Banks whose offsets fail validation
+/// are left alone (the flush then decides).
+pub(crate) fn sanitize(page: SharedPage, layout: &PmuLayout) -> u32 {
+    match layout {
+        PmuLayout::Intel(l) => {
+            IntelCtxt::load(page, l.fixed_counters.into(), l.arch_counters.into())
+                .map_or(0, |ctxt| verify::sanitize_intel(ctxt, l))
+        }
+        PmuLayout::Amd(l) => {
+            let len = usize::try_from(l.num_counters).unwrap_or(usize::MAX);
+            AmdCtxt::load(page, len).map_or(0, |ctxt| verify::sanitize_amd(ctxt, len))
+        }
+        PmuLayout::None => 0,
+    }
 }
 
 /// RDPMC of the decoded counter `pmc` from the cached context of `page`.

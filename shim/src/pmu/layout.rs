@@ -49,7 +49,7 @@ pub enum CpuVendor {
     Zhaoxin,
     /// "AuthenticAMD".
     Amd,
-    /// "HygonGenuine" (AMD-compatible PMU, legacy K7 layout).
+    /// "HygonGenuine" (AMD-compatible PMU; family 0x18 has the family-15h layout).
     Hygon,
     /// Anything else: the vPMU knows no MSRs of it.
     Unknown,
@@ -81,13 +81,20 @@ pub const fn display_family(leaf1_eax: u32) -> u32 {
     }
 }
 
-/// The Intel architectural PMU: how many general-purpose and fixed counters there are.
+/// The Intel architectural PMU: how many general-purpose and fixed counters there are,
+/// and what Xen's checks of a cached context need to know about them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IntelLayout {
     /// General-purpose ("architectural") counters: `CPUID.0xA.EAX[15:8]`.
     pub arch_counters: u8,
     /// Fixed-function counters: `CPUID.0xA.EDX[4:0]`.
     pub fixed_counters: u8,
+    /// The architectural PMU version: `CPUID.0xA.EAX[7:0]` (from 3 on, Xen lets
+    /// `IA32_PERF_GLOBAL_OVF_CTRL` clear bit 61).
+    pub version: u8,
+    /// The width in bits of the fixed-function counters: `CPUID.0xA.EDX[12:5]` (Xen
+    /// refuses a cached fixed counter with a bit at or above it).
+    pub fixed_counter_width: u8,
 }
 
 /// An AMD PMU layout: where the control and counter MSRs are and how they interleave.
@@ -147,34 +154,38 @@ impl PmuLayout {
     /// the shared page by.
     ///
     /// - Intel, Centaur, Zhaoxin: general counters `CPUID.0xA.EAX[15:8]`, fixed counters
-    ///   `CPUID.0xA.EDX[4:0]` (0 and 0 when the maximum basic leaf is below 0xA).
+    ///   `CPUID.0xA.EDX[4:0]`, version `EAX[7:0]`, fixed-counter width `EDX[12:5]` (all 0
+    ///   when the maximum basic leaf is below 0xA).
     /// - AMD family 0x15 and family 0x17 or later: the family-15h layout.
-    /// - Other AMD families (0x16 included, as Xen does) and Hygon: the K7 layout.
+    /// - Other AMD families (0x16 included, as Xen does): the K7 layout.
+    /// - Hygon family 0x18: the family-15h layout (Xen sizes it like AMD family 0x15);
+    ///   any other Hygon family: the K7 layout.
     /// - Unknown vendor: [`PmuLayout::None`].
     pub fn from_cpuid(cpuid: impl Fn(u32, u32) -> [u32; 4]) -> Self {
         let max_leaf = cpuid(0, 0)[0];
+        let family = || {
+            if max_leaf >= 1 {
+                display_family(cpuid(1, 0)[0])
+            } else {
+                0
+            }
+        };
         match CpuVendor::from_cpuid(&cpuid) {
             CpuVendor::Intel | CpuVendor::Centaur | CpuVendor::Zhaoxin => {
-                let (arch, fixed) = if max_leaf >= 0xa {
-                    let [eax, _, _, edx] = cpuid(0xa, 0);
-                    (((eax >> 8) & 0xff) as u8, (edx & 0x1f) as u8)
+                let [eax, _, _, edx] = if max_leaf >= 0xa {
+                    cpuid(0xa, 0)
                 } else {
-                    (0, 0)
+                    [0; 4]
                 };
                 PmuLayout::Intel(IntelLayout {
-                    arch_counters: arch,
-                    fixed_counters: fixed,
+                    arch_counters: ((eax >> 8) & 0xff) as u8,
+                    fixed_counters: (edx & 0x1f) as u8,
+                    version: (eax & 0xff) as u8,
+                    fixed_counter_width: ((edx >> 5) & 0xff) as u8,
                 })
             }
-            CpuVendor::Amd => {
-                let family = if max_leaf >= 1 {
-                    display_family(cpuid(1, 0)[0])
-                } else {
-                    0
-                };
-                PmuLayout::Amd(Self::amd_for_family(family))
-            }
-            CpuVendor::Hygon => PmuLayout::Amd(AmdLayout::K7),
+            CpuVendor::Amd => PmuLayout::Amd(Self::amd_for_family(family())),
+            CpuVendor::Hygon => PmuLayout::Amd(Self::hygon_for_family(family())),
             CpuVendor::Unknown => PmuLayout::None,
         }
     }
@@ -186,6 +197,20 @@ impl PmuLayout {
     /// for it (four counters); claiming six would read past Xen's banks.
     pub const fn amd_for_family(family: u32) -> AmdLayout {
         if family == 0x15 || family >= 0x17 {
+            AmdLayout::F15H
+        } else {
+            AmdLayout::K7
+        }
+    }
+
+    /// The Hygon layout of display family `family`: the family-15h layout for 0x18 (Xen
+    /// gives it six counters, with the K7 MSRs mirrored, exactly as for AMD family 0x15),
+    /// K7 otherwise.
+    ///
+    /// Xen knows no other Hygon family (its vPMU is then off and no page is ever
+    /// registered); K7 is the subset every AMD-compatible PMU has.
+    pub const fn hygon_for_family(family: u32) -> AmdLayout {
+        if family == 0x18 {
             AmdLayout::F15H
         } else {
             AmdLayout::K7
@@ -234,7 +259,9 @@ mod tests {
             l,
             PmuLayout::Intel(IntelLayout {
                 arch_counters: 0x0f,
-                fixed_counters: 3
+                fixed_counters: 3,
+                version: 2,
+                fixed_counter_width: 48,
             })
         );
         let l = PmuLayout::from_cpuid(fake(b"CentaurHauls", fam(6), 4 << 8, 0xffff_ffe2));
@@ -242,15 +269,19 @@ mod tests {
             l,
             PmuLayout::Intel(IntelLayout {
                 arch_counters: 4,
-                fixed_counters: 2
+                fixed_counters: 2,
+                version: 0,
+                fixed_counter_width: 0xff,
             })
         );
-        let l = PmuLayout::from_cpuid(fake(b"  Shanghai  ", fam(7), 2 << 8, 1));
+        let l = PmuLayout::from_cpuid(fake(b"  Shanghai  ", fam(7), (2 << 8) | 5, 1));
         assert!(matches!(
             l,
             PmuLayout::Intel(IntelLayout {
                 arch_counters: 2,
-                fixed_counters: 1
+                fixed_counters: 1,
+                version: 5,
+                fixed_counter_width: 0,
             })
         ));
     }
@@ -267,7 +298,9 @@ mod tests {
             l,
             PmuLayout::Intel(IntelLayout {
                 arch_counters: 0,
-                fixed_counters: 0
+                fixed_counters: 0,
+                version: 0,
+                fixed_counter_width: 0,
             })
         );
     }
@@ -301,9 +334,17 @@ mod tests {
 
     #[test]
     fn hygon_and_unknown() {
+        // Family 0x18 is sized like AMD family 0x15: six counters, K7 MSRs mirrored.
+        let dhyana = PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x18), 0, 0));
+        assert_eq!(dhyana, PmuLayout::Amd(AmdLayout::F15H));
+        let PmuLayout::Amd(l) = dhyana else {
+            unreachable!()
+        };
+        assert_eq!((l.num_counters, l.step, l.k7_mirrored), (6, 2, true));
         assert_eq!(
-            PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x18), 0, 0)),
-            PmuLayout::Amd(AmdLayout::K7)
+            PmuLayout::from_cpuid(fake(b"HygonGenuine", fam(0x19), 0, 0)),
+            PmuLayout::Amd(AmdLayout::K7),
+            "no other Hygon family has a Xen vPMU"
         );
         assert_eq!(
             PmuLayout::from_cpuid(fake(b"VIA VIA VIA ", fam(6), 0x800, 3)),

@@ -11,18 +11,36 @@
 //! hardware and clear `PMU_CACHED`.
 //!
 //! PMU MSR accesses ([`Vpmu::read`], [`Vpmu::write`]) and RDPMC ([`Vpmu::rdpmc`]) are
-//! served from the page exactly while its `PMU_CACHED` flag is set. That flag is the ABI's
-//! contract for when the cached copy is authoritative (Linux keys on a private "in the
-//! IRQ handler" flag instead; see `docs/pmu.md`). Otherwise a PMU MSR passes through
-//! ([`Outcome::Native`]: the stub executes the instruction and Xen emulates it), and RDPMC,
-//! which always faults for a PV guest, becomes an RDMSR of the counter MSR.
+//! served from the page exactly while the calling vCPU is inside [`Vpmu::on_pmi`] *and*
+//! its page has `PMU_CACHED` set. `PMU_CACHED` is the ABI's contract for when the cached
+//! copy is authoritative; the in-PMI mark (the library's own, per vCPU) is what makes
+//! the check and the access that follows it atomic: the only flush that can take the page
+//! back from this vCPU is the one `on_pmi` makes at its end, and `on_pmi` runs with the
+//! vCPU's upcalls masked, so nothing flushes between the check and the access. Outside
+//! `on_pmi` a PMU MSR passes through ([`Outcome::Native`]: the stub executes the
+//! instruction and Xen emulates it), and RDPMC, which always faults for a PV guest,
+//! becomes an RDMSR of the counter MSR.
 //!
 //! # Concurrency
 //!
-//! The per-vCPU state is two atomics (the page pointer and the "in PMI" flag), never a
-//! lock: the PMI handler interrupts arbitrary code on its vCPU, including code in the
-//! middle of an MSR access, and a lock held there would deadlock. The configuration
-//! (hypercall page, layout, native reader) is a `spin::Once`.
+//! The per-vCPU state ([`VcpuSlot`]) is two atomics (the page pointer and a state word:
+//! "in PMI", "flush refused"), never a lock: the PMI handler interrupts arbitrary code on its vCPU, including
+//! code in the middle of an MSR access, and a lock held there would deadlock. Each slot
+//! has its own cache lines, and the kernel gives the slot storage, sized for its vCPU
+//! count ([`VpmuConfig::slots`]; [`DEFAULT_SLOTS`] for up to [`DEFAULT_VCPUS`]). The
+//! configuration (hypercall page, layout, native reader, vCPU-id hook, slots) is a
+//! `spin::Once`.
+//!
+//! # Which vCPU
+//!
+//! `XENPMU_flush` and `XENPMU_lvtpc_set` act on the vCPU that makes the hypercall, and an
+//! MSR access or RDPMC is always the calling vCPU's. So [`Vpmu::on_pmi`],
+//! [`Vpmu::lvtpc_set`], [`Vpmu::read`], [`Vpmu::write`] and [`Vpmu::rdpmc`] name no vCPU:
+//! they use the kernel's vCPU-id hook ([`VpmuConfig::vcpu_id`]). Only
+//! [`Vpmu::init_vcpu`] and [`Vpmu::finish_vcpu`] take one: `XENPMU_init` and
+//! `XENPMU_finish` carry `params.vcpu`, and Xen accepts any vCPU of the calling domain
+//! there, so a kernel may register a page for a vCPU from another one (for example
+//! before bringing it up).
 //!
 //! # Hostile page
 //!
@@ -35,10 +53,11 @@ pub mod classify;
 mod emulate;
 pub mod layout;
 mod page;
+pub mod verify;
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 use spin::Once;
 use xenmsr_asm::{MsrError, Outcome};
@@ -54,8 +73,101 @@ pub use page::{BadPage, PAGE_SIZE};
 use emulate::Access;
 use page::SharedPage;
 
-/// The number of vCPUs a [`Vpmu`] has slots for.
-pub const MAX_VCPUS: usize = 64;
+/// The number of vCPUs [`DEFAULT_SLOTS`] has room for.
+pub const DEFAULT_VCPUS: usize = 64;
+
+/// The alignment (and so the minimum size) of a [`VcpuSlot`]: two 64-byte cache lines.
+///
+/// One line would already keep two vCPUs' slots apart; the second keeps them out of each
+/// other's adjacent-line prefetch pair (Intel's L2 spatial prefetcher fetches the 128-byte
+/// aligned pair of a missed line), which otherwise makes neighbouring slots interfere
+/// like a shared line. The cost is 128 bytes per vCPU.
+pub const SLOT_ALIGN: usize = 128;
+
+/// One vCPU's vPMU state, alone on its own [`SLOT_ALIGN`]-byte block, so that no vCPU's
+/// PMU path writes a cache line another vCPU writes.
+///
+/// The kernel provides them ([`VpmuConfig::slots`]), one per vCPU id, for the backend's
+/// whole life: a kernel with at most [`DEFAULT_VCPUS`] vCPUs passes [`DEFAULT_SLOTS`]; a
+/// larger one declares its own, e.g.
+/// `static SLOTS: [VcpuSlot; 512] = [const { VcpuSlot::new() }; 512];`.
+#[repr(C, align(128))]
+pub struct VcpuSlot {
+    /// The registered page, or null.
+    page: AtomicPtr<u8>,
+    /// [`IN_PMI`] and [`FLUSH_REJECTED`]: one word, so an access tests both with one load.
+    state: AtomicU8,
+}
+
+/// [`VcpuSlot`] state: inside [`Vpmu::on_pmi`] (written only by the slot's vCPU, with its
+/// upcalls masked).
+const IN_PMI: u8 = 1 << 0;
+/// [`VcpuSlot`] state: Xen refused this vCPU's cached context at its last flush
+/// ([`PmuError::FlushRejected`]); cleared by a successful [`Vpmu::recover`] or by
+/// [`Vpmu::finish_vcpu`].
+const FLUSH_REJECTED: u8 = 1 << 1;
+
+const _: () = assert!(core::mem::align_of::<VcpuSlot>() == SLOT_ALIGN);
+const _: () = assert!(core::mem::size_of::<VcpuSlot>() == SLOT_ALIGN);
+
+impl VcpuSlot {
+    /// An empty slot (no page registered).
+    pub const fn new() -> Self {
+        VcpuSlot {
+            page: AtomicPtr::new(core::ptr::null_mut()),
+            state: AtomicU8::new(0),
+        }
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    /// Marks the vCPU inside `on_pmi`; whether it already was.
+    fn enter_pmi(&self) -> bool {
+        self.state.fetch_or(IN_PMI, Ordering::Acquire) & IN_PMI != 0
+    }
+
+    fn leave_pmi(&self) {
+        self.state.fetch_and(!IN_PMI, Ordering::Release);
+    }
+
+    fn set_flush_rejected(&self, rejected: bool) {
+        if rejected {
+            self.state.fetch_or(FLUSH_REJECTED, Ordering::Relaxed);
+        } else if self.state() & FLUSH_REJECTED != 0 {
+            self.state.fetch_and(!FLUSH_REJECTED, Ordering::Relaxed);
+        }
+    }
+
+    fn page(&self) -> Option<SharedPage> {
+        let p = NonNull::new(self.page.load(Ordering::Acquire))?;
+        // SAFETY: only `init_vcpu` stores a non-null pointer here, and its caller
+        // guaranteed the page 4 KiB aligned and valid for volatile access until
+        // `finish_vcpu` for this vCPU has returned and no call that loaded it is running.
+        Some(unsafe { SharedPage::new(p) })
+    }
+}
+
+impl Default for VcpuSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for VcpuSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VcpuSlot")
+            .field("registered", &!self.page.load(Ordering::Relaxed).is_null())
+            .field("in_pmi", &(self.state() & IN_PMI != 0))
+            .field("flush_rejected", &(self.state() & FLUSH_REJECTED != 0))
+            .finish()
+    }
+}
+
+/// Slot storage for the backend of a kernel with at most [`DEFAULT_VCPUS`] vCPUs (8 KiB).
+/// Give it to one backend only: two backends sharing slots would share their pages.
+pub static DEFAULT_SLOTS: [VcpuSlot; DEFAULT_VCPUS] = [const { VcpuSlot::new() }; DEFAULT_VCPUS];
 
 /// Reads an MSR with the real instruction (never through a patched site), turning a
 /// fault into an error. RDPMC outside a PMI goes through this.
@@ -77,13 +189,25 @@ pub enum PmuError {
     /// The vPMU is not available to this vCPU (`-ENOENT`).
     NotAvailable,
     /// Xen rejected an argument (`-EINVAL`): a bad MFN or vCPU, a wrong interface version,
-    /// no page registered on Xen's side, or a cached context Xen refused at flush.
+    /// or no page registered on Xen's side.
     InvalidArgument,
     /// The op needs a privileged domain (`-EPERM`).
     PermissionDenied,
     /// Any other error from Xen.
     Other(Errno),
-    /// The vCPU id is at least [`MAX_VCPUS`].
+    /// [`Vpmu::on_pmi`] was called on a vCPU that is already inside `on_pmi` (an upcall
+    /// taken with upcalls unmasked, or a handler calling it again). Refused without
+    /// running the handler or flushing: a nested flush would hand the page back to Xen
+    /// under the outer handler.
+    NestedPmi,
+    /// Xen refused the vCPU's cached context at `XENPMU_flush` (`-EIO`: a value its checks
+    /// reject, see [`verify`]). Xen then did not load it, set `PMU_CACHED` again and
+    /// raises no further PMI, so the vCPU's vPMU is stopped. Until a successful
+    /// [`Vpmu::recover`] (or `finish` and a new `init`), that vCPU's PMU MSR accesses
+    /// and RDPMCs fail with [`MsrError::PmuUnavailable`] and [`Vpmu::on_pmi`] answers
+    /// this error without running its handler.
+    FlushRejected,
+    /// The vCPU id has no slot in the backend's storage ([`VpmuConfig::slots`]).
     VcpuOutOfRange(u32),
     /// The page is not 4 KiB aligned (no hypercall made).
     MisalignedPage,
@@ -116,7 +240,9 @@ impl fmt::Display for PmuError {
             PmuError::InvalidArgument => write!(f, "vPMU hypercall: invalid argument"),
             PmuError::PermissionDenied => write!(f, "vPMU hypercall: not permitted"),
             PmuError::Other(errno) => write!(f, "vPMU hypercall failed: {errno}"),
-            PmuError::VcpuOutOfRange(v) => write!(f, "vCPU {v} is beyond {MAX_VCPUS}"),
+            PmuError::NestedPmi => write!(f, "PMI handler entered again on the same vCPU"),
+            PmuError::FlushRejected => write!(f, "Xen refused the cached PMU context"),
+            PmuError::VcpuOutOfRange(v) => write!(f, "vCPU {v} has no vPMU slot"),
             PmuError::MisalignedPage => write!(f, "vPMU page is not 4 KiB aligned"),
             PmuError::NotInitialized => write!(f, "no vPMU page registered for this vCPU"),
             PmuError::NotConfigured => write!(f, "vPMU backend not configured"),
@@ -133,7 +259,9 @@ impl From<PmuError> for MsrError {
             PmuError::NotAvailable => MsrError::Hypercall(Errno::ENOENT),
             PmuError::InvalidArgument => MsrError::Hypercall(Errno::EINVAL),
             PmuError::PermissionDenied => MsrError::Hypercall(Errno::EPERM),
-            PmuError::VcpuOutOfRange(_)
+            PmuError::NestedPmi
+            | PmuError::FlushRejected
+            | PmuError::VcpuOutOfRange(_)
             | PmuError::MisalignedPage
             | PmuError::NotInitialized
             | PmuError::NotConfigured => MsrError::PmuUnavailable,
@@ -187,45 +315,40 @@ impl PmiContext {
     }
 }
 
-struct Config {
-    hypercalls: HypercallPage,
-    layout: PmuLayout,
-    native: &'static dyn NativeMsr,
+/// What a [`Vpmu`] is configured with.
+#[derive(Clone, Copy)]
+pub struct VpmuConfig {
+    /// The hypercall page (`xenpmu_op`).
+    pub hypercalls: HypercallPage,
+    /// The PMU layout, from the domain's view of CPUID ([`PmuLayout::from_cpuid`]).
+    pub layout: PmuLayout,
+    /// Reads counter MSRs for RDPMC outside a PMI.
+    pub native: &'static dyn NativeMsr,
+    /// The id of the vCPU this runs on: the vCPU every PMI, LVTPC, MSR and RDPMC
+    /// operation acts on, as Xen's own ops do.
+    pub vcpu_id: fn() -> u32,
+    /// One slot per vCPU id (`slots[id]`); an id beyond it has no vPMU
+    /// ([`PmuError::VcpuOutOfRange`], and its PMU MSRs pass through).
+    pub slots: &'static [VcpuSlot],
 }
 
-/// The per-vCPU state.
-struct Slot {
-    /// The registered page, or null.
-    page: AtomicPtr<u8>,
-    /// Inside [`Vpmu::on_pmi`].
-    in_pmi: AtomicBool,
-}
-
-impl Slot {
-    const fn new() -> Self {
-        Slot {
-            page: AtomicPtr::new(core::ptr::null_mut()),
-            in_pmi: AtomicBool::new(false),
-        }
-    }
-
-    fn page(&self) -> Option<SharedPage> {
-        let p = NonNull::new(self.page.load(Ordering::Acquire))?;
-        // SAFETY: only `init_vcpu` stores a non-null pointer here, and its caller
-        // guaranteed the page 4 KiB aligned and valid for volatile access until
-        // `finish_vcpu` for this vCPU has returned and no call that loaded it is running.
-        Some(unsafe { SharedPage::new(p) })
+impl fmt::Debug for VpmuConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VpmuConfig")
+            .field("hypercalls", &self.hypercalls)
+            .field("layout", &self.layout)
+            .field("slots", &self.slots.len())
+            .finish_non_exhaustive()
     }
 }
 
-/// The vPMU backend: configuration plus one slot per vCPU.
+/// The vPMU backend: its configuration, including the kernel's per-vCPU slots.
 ///
 /// Statics-friendly: `static VPMU: Vpmu = Vpmu::new();` then [`configure`](Self::configure)
 /// at boot (or [`Vpmu::with`] when everything is known at compile time).
 pub struct Vpmu {
-    config: Once<Config>,
+    config: Once<VpmuConfig>,
     disabled: AtomicBool,
-    slots: [Slot; MAX_VCPUS],
 }
 
 impl fmt::Debug for Vpmu {
@@ -240,6 +363,22 @@ impl fmt::Debug for Vpmu {
 impl Default for Vpmu {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `XENPMU_flush` for the calling vCPU, its `-EIO` (Xen's checks refused the cached
+/// context) mapped to [`PmuError::FlushRejected`] and recorded in `slot`.
+fn flush(hypercalls: HypercallPage, slot: &VcpuSlot) -> Result<(), PmuError> {
+    match op(hypercalls, XenPmuOp::FLUSH, None) {
+        Ok(_) => {
+            slot.set_flush_rejected(false);
+            Ok(())
+        }
+        Err(PmuError::Other(Errno::EIO)) => {
+            slot.set_flush_rejected(true);
+            Err(PmuError::FlushRejected)
+        }
+        Err(other) => Err(other),
     }
 }
 
@@ -263,61 +402,51 @@ impl Vpmu {
         Vpmu {
             config: Once::new(),
             disabled: AtomicBool::new(false),
-            slots: [const { Slot::new() }; MAX_VCPUS],
         }
     }
 
     /// A configured backend.
-    pub const fn with(
-        hypercalls: HypercallPage,
-        layout: PmuLayout,
-        native: &'static dyn NativeMsr,
-    ) -> Self {
+    pub const fn with(config: VpmuConfig) -> Self {
         Vpmu {
-            config: Once::initialized(Config {
-                hypercalls,
-                layout,
-                native,
-            }),
+            config: Once::initialized(config),
             disabled: AtomicBool::new(false),
-            slots: [const { Slot::new() }; MAX_VCPUS],
         }
     }
 
     /// Configures the backend: the first call wins and returns `true`; later calls
     /// change nothing and return `false`.
-    pub fn configure(
-        &self,
-        hypercalls: HypercallPage,
-        layout: PmuLayout,
-        native: &'static dyn NativeMsr,
-    ) -> bool {
+    pub fn configure(&self, config: VpmuConfig) -> bool {
         let mut first = false;
         self.config.call_once(|| {
             first = true;
-            Config {
-                hypercalls,
-                layout,
-                native,
-            }
+            config
         });
         first
     }
 
-    fn config(&self) -> Result<&Config, PmuError> {
+    fn config(&self) -> Result<&VpmuConfig, PmuError> {
         self.config.get().ok_or(PmuError::NotConfigured)
     }
 
-    fn slot(&self, vcpu: u32) -> Result<&Slot, PmuError> {
+    /// `vcpu`'s slot.
+    fn slot(&self, vcpu: u32) -> Result<&VcpuSlot, PmuError> {
+        let config = self.config()?;
         usize::try_from(vcpu)
             .ok()
-            .and_then(|i| self.slots.get(i))
+            .and_then(|i| config.slots.get(i))
             .ok_or(PmuError::VcpuOutOfRange(vcpu))
+    }
+
+    /// The calling vCPU's id and slot.
+    fn own_slot(&self) -> Result<(u32, &VcpuSlot), PmuError> {
+        let vcpu = (self.config()?.vcpu_id)();
+        Ok((vcpu, self.slot(vcpu)?))
     }
 
     /// Notes a `Disabled` answer so later registrations skip the hypercall.
     fn note<T>(&self, r: Result<T, PmuError>) -> Result<T, PmuError> {
-        if r.as_ref().err() == Some(&PmuError::Disabled) {
+        // Stored once: a repeated store would keep dirtying the line every vCPU reads.
+        if r.as_ref().err() == Some(&PmuError::Disabled) && !self.is_disabled() {
             self.disabled.store(true, Ordering::Relaxed);
         }
         r
@@ -345,15 +474,18 @@ impl Vpmu {
     pub fn is_cached(&self, vcpu: u32) -> bool {
         self.slot(vcpu)
             .ok()
-            .and_then(Slot::page)
+            .and_then(VcpuSlot::page)
             .is_some_and(SharedPage::cached)
     }
 
     /// Registers `page` as `vcpu`'s shared PMU page: zeroes it, then `XENPMU_init` with
     /// version 0.1, `val = mfn` and `vcpu`.
     ///
-    /// Fails without a hypercall when the page is misaligned, the vCPU is out of range,
-    /// the vCPU already has a page, the backend is unconfigured, or Xen already said its
+    /// `vcpu` may be any vCPU of the domain, not only the calling one: Xen's
+    /// `XENPMU_init` takes the vCPU from its parameters.
+    ///
+    /// Fails without a hypercall when the page is misaligned, the vCPU has no slot, the
+    /// vCPU already has a page, the backend is unconfigured, or Xen already said its
     /// vPMU is disabled. On failure the page is not kept.
     ///
     /// # Safety
@@ -368,8 +500,8 @@ impl Vpmu {
         if page.as_ptr().align_offset(PAGE_SIZE) != 0 {
             return Err(PmuError::MisalignedPage);
         }
-        let slot = self.slot(vcpu)?;
         let config = self.config()?;
+        let slot = self.slot(vcpu)?;
         if self.is_disabled() {
             return Err(PmuError::Disabled);
         }
@@ -393,6 +525,7 @@ impl Vpmu {
         {
             return Err(PmuError::AlreadyInitialized);
         }
+        slot.set_flush_rejected(false);
         let mut params = XenPmuParams::new(mfn, vcpu);
         let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
         if r.is_err() {
@@ -404,17 +537,22 @@ impl Vpmu {
     /// Unregisters `vcpu`'s page: `XENPMU_finish` with `vcpu` and version 0.1. The page is
     /// forgotten even when Xen fails the call (as Linux does).
     ///
+    /// Like [`init_vcpu`](Self::init_vcpu), `vcpu` may be any vCPU of the domain
+    /// (`XENPMU_finish` takes it from its parameters).
+    ///
     /// After `Ok` the caller may free the page. After an error from Xen the page may
     /// still be mapped by Xen, which could write it at a later PMI: the caller should
     /// leak it rather than reuse it. [`PmuError::NotInitialized`] (no page) makes no
     /// hypercall.
     pub fn finish_vcpu(&self, vcpu: u32) -> Result<(), PmuError> {
-        let slot = self.slot(vcpu)?;
         let config = self.config()?;
+        let slot = self.slot(vcpu)?;
         let old = slot.page.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if old.is_null() {
             return Err(PmuError::NotInitialized);
         }
+        // Xen frees its context with the page: a refused one is gone too.
+        slot.set_flush_rejected(false);
         let mut params = XenPmuParams::new(0, vcpu);
         self.note(op(config.hypercalls, XenPmuOp::FINISH, Some(&mut params)))
             .map(drop)
@@ -444,13 +582,18 @@ impl Vpmu {
         Ok(XenPmuFeature::from_bits_retain(params.val))
     }
 
-    /// The guest wrote `value` to its APIC LVTPC: stores the value in the page's
+    /// The calling vCPU wrote `value` to its APIC LVTPC: stores the value in its page's
     /// `lapic_lvtpc` and, outside a PMI, makes `XENPMU_lvtpc_set` so that Xen applies it.
     /// Inside a PMI ([`on_pmi`](Self::on_pmi) running, or `PMU_CACHED` set) the flush
     /// that ends the PMI applies it, so no hypercall is made.
-    pub fn lvtpc_set(&self, vcpu: u32, value: u32) -> Result<(), PmuError> {
-        let slot = self.slot(vcpu)?;
+    ///
+    /// Xen's `XENPMU_lvtpc_set` acts on the vCPU that calls it, so this takes no vCPU:
+    /// it is the one [`VpmuConfig::vcpu_id`] names. After a [`PmuError::FlushRejected`]
+    /// (Xen keeps `PMU_CACHED` set) the value is stored and applied by the flush that
+    /// [`recover`](Self::recover) makes.
+    pub fn lvtpc_set(&self, value: u32) -> Result<(), PmuError> {
         let config = self.config()?;
+        let (_, slot) = self.own_slot()?;
         // With the vPMU known to be off there is never a page: say why.
         let missing = if self.is_disabled() {
             PmuError::Disabled
@@ -459,18 +602,32 @@ impl Vpmu {
         };
         let page = slot.page().ok_or(missing)?;
         page.set_lapic_lvtpc(value);
-        if slot.in_pmi.load(Ordering::Acquire) || page.cached() {
+        if slot.state() & IN_PMI != 0 || page.cached() {
             return Ok(());
         }
         self.note(op(config.hypercalls, XenPmuOp::LVTPC_SET, None))
             .map(drop)
     }
 
-    /// Runs a PMI handler for `vcpu` and then always makes `XENPMU_flush`.
+    /// Runs a PMI handler on the calling vCPU and then always makes `XENPMU_flush`.
     ///
     /// Reads the sample from the page, marks the vCPU "in PMI", runs `handler` (whose PMU
     /// MSR accesses and RDPMCs are served from the cached context while `PMU_CACHED` is
-    /// set), flushes, and clears the mark (restoring an outer PMI's mark when nested).
+    /// set), flushes, and clears the mark.
+    ///
+    /// Xen's `XENPMU_flush` acts on the vCPU that calls it, so this takes no vCPU: it is
+    /// the one [`VpmuConfig::vcpu_id`] names ([`PmiContext::vcpu`]).
+    ///
+    /// # Upcalls
+    ///
+    /// Call it from the kernel's `VIRQ_XENPMU` upcall handler, which runs with the
+    /// vCPU's upcalls masked (`evtchn_upcall_mask`), and keep them masked until it
+    /// returns. The flush hands the page back to Xen; an access served from the page
+    /// must therefore never be split by a flush on the same vCPU. Inside `on_pmi` the
+    /// masked upcalls guarantee that, and outside it no access touches the page. A
+    /// nested call on the same vCPU (upcalls left unmasked, or a handler calling
+    /// `on_pmi`) is refused with [`PmuError::NestedPmi`]: the handler does not run and
+    /// nothing is flushed, so the outer handler keeps its page.
     ///
     /// The flush runs on every normal return and also when `handler` unwinds (host
     /// builds with `panic = "unwind"`). A `no_std` kernel normally builds with
@@ -478,15 +635,16 @@ impl Vpmu {
     /// nothing left to flush for then.
     ///
     /// Returns the handler's result, or the flush's error (Linux likewise reports a
-    /// failed flush as "not handled"); the handler's result is then dropped.
-    pub fn on_pmi<R>(
-        &self,
-        vcpu: u32,
-        handler: impl FnOnce(&PmiContext) -> R,
-    ) -> Result<R, PmuError> {
-        let slot = self.slot(vcpu)?;
+    /// failed flush as "not handled"); the handler's result is then dropped. When Xen
+    /// refuses the context at the flush the error is [`PmuError::FlushRejected`], and the
+    /// vCPU's vPMU stays stopped until [`recover`](Self::recover) succeeds.
+    pub fn on_pmi<R>(&self, handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
         let config = self.config()?;
+        let (vcpu, slot) = self.own_slot()?;
         let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        if slot.state() & FLUSH_REJECTED != 0 {
+            return Err(PmuError::FlushRejected);
+        }
         let regs = page.regs();
         let (sampled_vcpu, pcpu, domain_id) = page.sample_ids();
         let ctx = PmiContext {
@@ -497,10 +655,13 @@ impl Vpmu {
             pcpu,
             domain_id,
         };
+        // Only this vCPU writes its mark, with its upcalls masked: a plain swap suffices.
+        if slot.enter_pmi() {
+            return Err(PmuError::NestedPmi);
+        }
         let guard = PmiGuard {
             slot,
             hypercalls: config.hypercalls,
-            outer: slot.in_pmi.swap(true, Ordering::AcqRel),
             armed: true,
         };
         let value = handler(&ctx);
@@ -508,77 +669,106 @@ impl Vpmu {
         self.note(flushed).map(|()| value)
     }
 
-    /// `rdmsr` of `msr` on `vcpu`: `None` if `msr` is not a PMU MSR of this layout;
-    /// `Some(Native)` if it is but the context is not cached (pass through); otherwise the
-    /// cached value, or `Failed(PmuUnavailable)` for a page that fails validation.
-    pub fn read(&self, vcpu: u32, msr: u32) -> Option<Outcome> {
-        self.access(vcpu, msr, Access::Read)
+    /// Recovers the calling vCPU's vPMU after Xen refused its context
+    /// ([`PmuError::FlushRejected`]): repairs the cached context in the page so that it
+    /// passes Xen's checks ([`verify`]: refused bits cleared, `pebs_enable` and a refused
+    /// `ds_area` zeroed, AMD reserved control bits cleared) and makes `XENPMU_flush`
+    /// again. On success the vPMU runs again and the number of repaired registers is
+    /// returned; `Ok(0)` without a hypercall when nothing was refused.
+    ///
+    /// If Xen refuses again (`FlushRejected`: a check the library does not know, such as
+    /// an AMD CPU whose reserved control bits read non-zero), the remedy is
+    /// [`finish_vcpu`](Self::finish_vcpu) and a new [`init_vcpu`](Self::init_vcpu),
+    /// which give Xen a fresh context.
+    ///
+    /// Like [`on_pmi`](Self::on_pmi) it acts on the calling vCPU, with its upcalls masked
+    /// (for example in the upcall handler, right after `on_pmi` reported the refusal).
+    pub fn recover(&self) -> Result<u32, PmuError> {
+        let config = self.config()?;
+        let (_, slot) = self.own_slot()?;
+        if slot.state() & FLUSH_REJECTED == 0 {
+            return Ok(0);
+        }
+        let page = slot.page().ok_or(PmuError::NotInitialized)?;
+        let repaired = emulate::sanitize(page, &config.layout);
+        self.note(flush(config.hypercalls, slot)).map(|()| repaired)
     }
 
-    /// `wrmsr` of `value` to `msr` on `vcpu`: as [`read`](Self::read), storing into the
-    /// cached context. A write of `IA32_PERF_GLOBAL_OVF_CTRL` also clears those bits of
-    /// the cached `global_status`.
-    pub fn write(&self, vcpu: u32, msr: u32, value: u64) -> Option<Outcome> {
-        self.access(vcpu, msr, Access::Write(value))
+    /// `rdmsr` of `msr` on the calling vCPU: `None` if `msr` is not a PMU MSR of this
+    /// layout; `Some(Native)` if it is but the vCPU is not inside [`on_pmi`](Self::on_pmi)
+    /// with its context cached (pass through); otherwise the cached value, or
+    /// `Failed(PmuUnavailable)` for a page that fails validation.
+    pub fn read(&self, msr: u32) -> Option<Outcome> {
+        self.access(msr, Access::Read)
     }
 
-    /// `rdmsr` of an MSR the caller already classified (with this backend's
-    /// [`layout`](Self::layout)) as `class`: the policy's one-probe dispatch.
-    pub fn read_classified(&self, vcpu: u32, class: PmuMsr) -> Outcome {
-        self.access_classified(vcpu, class, Access::Read)
+    /// `wrmsr` of `value` to `msr` on the calling vCPU: as [`read`](Self::read), storing
+    /// into the cached context. A write of `IA32_PERF_GLOBAL_OVF_CTRL` also clears those
+    /// bits of the cached `global_status`.
+    pub fn write(&self, msr: u32, value: u64) -> Option<Outcome> {
+        self.access(msr, Access::Write(value))
     }
 
-    /// `wrmsr` of an MSR the caller already classified as `class`.
-    pub fn write_classified(&self, vcpu: u32, class: PmuMsr, value: u64) -> Outcome {
-        self.access_classified(vcpu, class, Access::Write(value))
+    /// `rdmsr` on the calling vCPU of an MSR the caller already classified (with this
+    /// backend's [`layout`](Self::layout)) as `class`: the policy's one-probe dispatch.
+    pub fn read_classified(&self, class: PmuMsr) -> Outcome {
+        self.access_classified(class, Access::Read)
     }
 
-    fn access(&self, vcpu: u32, msr: u32, access: Access) -> Option<Outcome> {
+    /// `wrmsr` on the calling vCPU of an MSR the caller already classified as `class`.
+    pub fn write_classified(&self, class: PmuMsr, value: u64) -> Outcome {
+        self.access_classified(class, Access::Write(value))
+    }
+
+    fn access(&self, msr: u32, access: Access) -> Option<Outcome> {
         let layout = self.config.get()?.layout;
         let class = classify(&layout, msr)?;
-        Some(self.access_classified(vcpu, class, access))
+        Some(self.access_classified(class, access))
     }
 
-    fn access_classified(&self, vcpu: u32, class: PmuMsr, access: Access) -> Outcome {
+    fn access_classified(&self, class: PmuMsr, access: Access) -> Outcome {
         let Some(config) = self.config.get() else {
             return Outcome::Native;
         };
-        match self.cached_page(vcpu) {
-            Some(page) => emulate::access(page, &config.layout, class, access),
-            None => Outcome::Native,
+        match own_context(config) {
+            Context::Cached(page) => emulate::access(page, &config.layout, class, access),
+            Context::Hardware => Outcome::Native,
+            Context::Rejected => Outcome::Failed(MsrError::PmuUnavailable),
         }
     }
 
-    /// `vcpu`'s page if it has `PMU_CACHED` set.
-    fn cached_page(&self, vcpu: u32) -> Option<SharedPage> {
-        self.slot(vcpu).ok()?.page().filter(|p| p.cached())
-    }
-
-    /// RDPMC of `counter` on `vcpu`, with the configured native reader. See
+    /// RDPMC of `counter` on the calling vCPU, with the configured native reader. See
     /// [`rdpmc_with`](Self::rdpmc_with).
-    pub fn rdpmc(&self, vcpu: u32, counter: u32) -> Outcome {
+    pub fn rdpmc(&self, counter: u32) -> Outcome {
         match self.config.get() {
-            Some(config) => self.rdpmc_with(vcpu, counter, config.native),
+            Some(config) => self.rdpmc_with(counter, config.native),
             None => Outcome::Failed(MsrError::InvalidCounter),
         }
     }
 
-    /// RDPMC of `counter` on `vcpu`.
+    /// RDPMC of `counter` on the calling vCPU.
     ///
     /// - A counter index that names no counter of the layout (Intel: bit 30 plus a fixed
     ///   index below the fixed count, or a general index below the general count, and no
     ///   other bits; AMD: below the counter count) is `Failed(InvalidCounter)`.
-    /// - While `PMU_CACHED` is set: the cached counter (Intel `fixed_counters[i]` or
-    ///   `arch_counters[i].counter`; AMD `counters[i]`).
+    /// - Inside [`on_pmi`](Self::on_pmi) with `PMU_CACHED` set: the cached counter (Intel
+    ///   `fixed_counters[i]` or `arch_counters[i].counter`; AMD `counters[i]`).
+    /// - While Xen refuses the vCPU's context ([`PmuError::FlushRejected`]):
+    ///   `Failed(PmuUnavailable)`.
     /// - Otherwise: `native.read_safe` of the counter MSR (Intel `0x309 + i` or `0xc1 + i`;
     ///   AMD `counters_base + i * step`), its error surfaced as `Failed`.
-    pub fn rdpmc_with(&self, vcpu: u32, counter: u32, native: &dyn NativeMsr) -> Outcome {
-        let layout = self.layout();
+    pub fn rdpmc_with(&self, counter: u32, native: &dyn NativeMsr) -> Outcome {
+        let Some(config) = self.config.get() else {
+            return Outcome::Failed(MsrError::InvalidCounter);
+        };
+        let layout = config.layout;
         let Some(pmc) = decode_pmc(&layout, counter) else {
             return Outcome::Failed(MsrError::InvalidCounter);
         };
-        if let Some(page) = self.cached_page(vcpu) {
-            return emulate::rdpmc(page, &layout, pmc);
+        match own_context(config) {
+            Context::Cached(page) => return emulate::rdpmc(page, &layout, pmc),
+            Context::Rejected => return Outcome::Failed(MsrError::PmuUnavailable),
+            Context::Hardware => {}
         }
         match pmc.msr(&layout) {
             Some(msr) => match native.read_safe(msr) {
@@ -590,20 +780,49 @@ impl Vpmu {
     }
 }
 
-/// Ends a PMI: flushes and restores the "in PMI" mark, on the normal path via
+/// Where the calling vCPU's PMU state is for an access right now.
+///
+/// The page only while the vCPU is inside [`Vpmu::on_pmi`] (so no flush can come before
+/// the access that follows, see there) and Xen has cached the context (`PMU_CACHED`);
+/// nowhere while Xen refuses the context. One load of the slot's state decides.
+fn own_context(config: &VpmuConfig) -> Context {
+    let vcpu = (config.vcpu_id)();
+    let Some(slot) = usize::try_from(vcpu).ok().and_then(|i| config.slots.get(i)) else {
+        return Context::Hardware;
+    };
+    match slot.state() {
+        0 => Context::Hardware,
+        IN_PMI => match slot.page().filter(|p| p.cached()) {
+            Some(page) => Context::Cached(page),
+            None => Context::Hardware,
+        },
+        _ => Context::Rejected,
+    }
+}
+
+/// Where a vCPU's PMU state is for an access.
+enum Context {
+    /// In the page: inside `on_pmi`, with `PMU_CACHED`.
+    Cached(SharedPage),
+    /// In the hardware (Xen's trap-and-emulate path): pass through.
+    Hardware,
+    /// Nowhere usable: Xen refused the context at the last flush.
+    Rejected,
+}
+
+/// Ends a PMI: flushes and clears the "in PMI" mark, on the normal path via
 /// [`finish`](Self::finish) and on unwinding via `Drop`.
 struct PmiGuard<'a> {
-    slot: &'a Slot,
+    slot: &'a VcpuSlot,
     hypercalls: HypercallPage,
-    outer: bool,
     armed: bool,
 }
 
 impl PmiGuard<'_> {
     fn flush(&mut self) -> Result<(), PmuError> {
         self.armed = false;
-        let r = op(self.hypercalls, XenPmuOp::FLUSH, None).map(drop);
-        self.slot.in_pmi.store(self.outer, Ordering::Release);
+        let r = flush(self.hypercalls, self.slot);
+        self.slot.leave_pmi();
         r
     }
 
@@ -628,7 +847,7 @@ impl Drop for PmiGuard<'_> {
 static VPMU: Vpmu = Vpmu::new();
 
 /// Reads MSRs with a raw, never-patched RDMSR (`xenmsr_asm::native::rdmsr_safe`): the
-/// native reader [`install`] uses.
+/// native reader `xenmsr::init` configures the global backend with.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RawMsr;
 
@@ -646,29 +865,15 @@ pub fn raw_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-/// Configures the global backend with the raw `cpuid` instruction and [`RawMsr`] (first
-/// call wins) and returns it.
+/// Configures the global backend (first call wins) and returns it. `xenmsr::init` does
+/// this on Xen PV, from its [`Platform::XenPv`](crate::Platform::XenPv) fields.
 ///
-/// On Xen PV the raw `cpuid` may show the host's leaves where Xen's filtered view (the
-/// forced-emulation form) differs; a kernel that has the filtered form should use
-/// [`install_with`]. A layout claiming more counters than Xen's banks hold is caught by
+/// `config.layout` should come from Xen's view of CPUID (in a PV guest, the
+/// forced-emulation form, [`xen_cpuid`](crate::xen_cpuid)), since Xen sizes the shared
+/// page by that view. A layout claiming more counters than Xen's banks hold is caught by
 /// the page validation (the accesses fail with `PmuUnavailable`), never read past.
-pub fn install(hypercalls: HypercallPage) -> &'static Vpmu {
-    install_with(hypercalls, &RawMsr, raw_cpuid)
-}
-
-/// Configures the global backend (first call wins) and returns it.
-///
-/// `cpuid(leaf, subleaf)` should be Xen's view of CPUID (in a PV guest, the
-/// forced-emulation form), since Xen sizes the shared page by that view.
-pub fn install_with(
-    hypercalls: HypercallPage,
-    native: &'static dyn NativeMsr,
-    cpuid: impl Fn(u32, u32) -> [u32; 4],
-) -> &'static Vpmu {
-    if VPMU.config.get().is_none() {
-        VPMU.configure(hypercalls, PmuLayout::from_cpuid(cpuid), native);
-    }
+pub fn install(config: VpmuConfig) -> &'static Vpmu {
+    VPMU.configure(config);
     &VPMU
 }
 
@@ -678,7 +883,8 @@ pub fn global() -> &'static Vpmu {
 }
 
 /// [`Vpmu::init_vcpu`] on the global backend: registers `page` (machine frame `mfn`) as
-/// `vcpu`'s shared PMU page with Xen (`XENPMU_init`, version 0.1).
+/// `vcpu`'s shared PMU page with Xen (`XENPMU_init`, version 0.1). `vcpu` may be any
+/// vCPU of the domain.
 ///
 /// # Examples
 ///
@@ -706,20 +912,21 @@ pub unsafe fn init(vcpu: u32, page: NonNull<u8>, mfn: u64) -> Result<(), PmuErro
     unsafe { VPMU.init_vcpu(vcpu, page, mfn) }
 }
 
-/// [`Vpmu::finish_vcpu`] on the global backend.
+/// [`Vpmu::finish_vcpu`] on the global backend (`vcpu` may be any vCPU of the domain).
 pub fn finish(vcpu: u32) -> Result<(), PmuError> {
     VPMU.finish_vcpu(vcpu)
 }
 
-/// [`Vpmu::on_pmi`] on the global backend.
+/// [`Vpmu::on_pmi`] on the global backend, for the calling vCPU. Call it from the
+/// `VIRQ_XENPMU` upcall handler with upcalls masked (see [`Vpmu::on_pmi`]).
 ///
 /// # Examples
 ///
 /// The `VIRQ_XENPMU` handler of a vCPU:
 ///
 /// ```no_run
-/// fn pmu_interrupt(vcpu: u32) {
-///     let sampled = xenmsr::pmu::on_pmi(vcpu, |ctx| {
+/// fn pmu_interrupt() {
+///     let sampled = xenmsr::pmu::on_pmi(|ctx| {
 ///         // PMU MSR accesses in here read and write the context Xen cached in the page.
 ///         (ctx.regs.ip, ctx.user_mode())
 ///     });
@@ -727,11 +934,16 @@ pub fn finish(vcpu: u32) -> Result<(), PmuError> {
 ///     let _ = sampled;
 /// }
 /// ```
-pub fn on_pmi<R>(vcpu: u32, handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
-    VPMU.on_pmi(vcpu, handler)
+pub fn on_pmi<R>(handler: impl FnOnce(&PmiContext) -> R) -> Result<R, PmuError> {
+    VPMU.on_pmi(handler)
 }
 
-/// [`Vpmu::lvtpc_set`] on the global backend.
-pub fn lvtpc_set(vcpu: u32, value: u32) -> Result<(), PmuError> {
-    VPMU.lvtpc_set(vcpu, value)
+/// [`Vpmu::recover`] on the global backend, for the calling vCPU.
+pub fn recover() -> Result<u32, PmuError> {
+    VPMU.recover()
+}
+
+/// [`Vpmu::lvtpc_set`] on the global backend, for the calling vCPU.
+pub fn lvtpc_set(value: u32) -> Result<(), PmuError> {
+    VPMU.lvtpc_set(value)
 }

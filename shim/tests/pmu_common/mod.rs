@@ -2,10 +2,13 @@
 //! scripted "Xen" on the mock hypercall page, and a fake native MSR reader.
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-use xenmsr::pmu::{IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, Vpmu};
+use xenmsr::pmu::{
+    DEFAULT_VCPUS, IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, VcpuSlot, Vpmu, VpmuConfig,
+};
 use xenmsr_asm::MsrError;
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, XenPmuParams};
 use xenmsr_hypercall::{HypercallPage, mock, nr};
@@ -275,11 +278,51 @@ impl NativeMsr for FakeNative {
 pub const SKYLAKE: PmuLayout = PmuLayout::Intel(IntelLayout {
     arch_counters: 4,
     fixed_counters: 3,
+    version: 4,
+    fixed_counter_width: 48,
 });
 
-/// A configured backend over the mock page.
+thread_local! {
+    /// The vCPU this test thread plays (the backends' `vcpu_id` hook answers it).
+    static VCPU: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The `vcpu_id` hook of the test backends: this thread's vCPU.
+pub fn current_vcpu() -> u32 {
+    VCPU.with(Cell::get)
+}
+
+/// Makes this thread run as `vcpu` (what `on_pmi`, `lvtpc_set`, the MSR accesses and
+/// RDPMC act on).
+pub fn set_vcpu(vcpu: u32) {
+    VCPU.with(|v| v.set(vcpu));
+}
+
+/// `n` fresh slots that live for the rest of the test process.
+pub fn leak_slots(n: usize) -> &'static [VcpuSlot] {
+    Box::leak((0..n).map(|_| VcpuSlot::new()).collect())
+}
+
+/// A configured backend over the mock page, with [`DEFAULT_VCPUS`] slots of its own and
+/// this thread's vCPU as the calling one.
 pub fn vpmu(hc: HypercallPage, layout: PmuLayout, native: &'static FakeNative) -> Vpmu {
-    Vpmu::with(hc, layout, native)
+    vpmu_with_slots(hc, layout, native, leak_slots(DEFAULT_VCPUS))
+}
+
+/// [`vpmu`] with the given slot storage.
+pub fn vpmu_with_slots(
+    hc: HypercallPage,
+    layout: PmuLayout,
+    native: &'static FakeNative,
+    slots: &'static [VcpuSlot],
+) -> Vpmu {
+    Vpmu::with(VpmuConfig {
+        hypercalls: hc,
+        layout,
+        native,
+        vcpu_id: current_vcpu,
+        slots,
+    })
 }
 
 /// Registers `page` for `vcpu` (with "Xen" answering 0), then forgets the INIT call.
@@ -288,4 +331,24 @@ pub fn registered(v: &Vpmu, vcpu: u32, page: &GuardedPage) {
     // test that uses this helper.
     unsafe { v.init_vcpu(vcpu, page.ptr(), 0x1234) }.expect("init");
     let _ = mock::take_calls();
+}
+
+/// Installs a "Xen" whose FLUSH refuses a context with a non-zero `pebs_enable`, as Xen
+/// 4.17's `core2_vpmu_verify` does: it answers `-EIO` and leaves `PMU_CACHED` set (Xen
+/// sets it again). An accepted flush clears `PMU_CACHED`. Counts the flushes in `flushes`.
+pub fn xen_refusing_pebs(addr: usize, flushes: std::rc::Rc<Cell<u32>>) {
+    mock::on(XENPMU_OP, move |args| match args[0] as u32 {
+        nr::XENPMU_FLUSH => {
+            flushes.set(flushes.get() + 1);
+            if r64(addr, intel::PEBS_ENABLE) != 0 {
+                set_flags(addr, flags(addr) | PmuFlags::CACHED);
+                xenmsr_hypercall::Errno::EIO.to_ret()
+            } else {
+                set_flags(addr, flags(addr) - PmuFlags::CACHED);
+                0
+            }
+        }
+        nr::XENPMU_INIT | nr::XENPMU_FINISH | nr::XENPMU_LVTPC_SET => 0,
+        _ => -22,
+    });
 }

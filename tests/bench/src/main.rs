@@ -6,6 +6,8 @@
 //! xenmsr-bench run NAME N        set the scenario up, then run its operation N times
 //! xenmsr-bench sites             the patch-site records of this image: op, length, count
 //! xenmsr-bench sizes             the symbols whose sizes give bytes per call site
+//! xenmsr-bench scaling [MS]      2 threads against 1 through the stubs (thread CPU time;
+//!                                see `scaling`), MS ms per thread per measurement
 //! ```
 //!
 //! `run` does all its setup (mock page, policy, backend registration, synthetic tables)
@@ -18,6 +20,7 @@
 //! Every operation reads its inputs through [`black_box`] (the MSR index too, so that the
 //! routing is never folded at compile time) and passes its result to [`black_box`].
 
+mod scaling;
 mod scenarios;
 mod sizes;
 
@@ -66,7 +69,7 @@ fn run_loop<F: FnMut(u64)>(start: u64, end: u64, op: &mut F) {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: xenmsr-bench list | run NAME N | sites | sizes");
+    eprintln!("usage: xenmsr-bench list | run NAME N | sites | sizes | scaling [MS]");
     ExitCode::from(2)
 }
 
@@ -107,6 +110,17 @@ fn main() -> ExitCode {
             sizes::print_symbols();
             ExitCode::SUCCESS
         }
+        ["scaling"] => {
+            scaling::run(scaling::DEFAULT_MILLIS);
+            ExitCode::SUCCESS
+        }
+        ["scaling", n] => match n.parse::<u64>() {
+            Ok(n) if n > 0 => {
+                scaling::run(n);
+                ExitCode::SUCCESS
+            }
+            _ => usage(),
+        },
         _ => usage(),
     }
 }

@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-use xenmsr::pmu::{IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, Vpmu};
+use xenmsr::pmu::{DEFAULT_SLOTS, IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, Vpmu, VpmuConfig};
 use xenmsr::policy::XenPvPolicy;
 use xenmsr::routes::{MSR_APIC_BASE, MSR_LSTAR, fix_apic_base};
 use xenmsr::{rdmsr, rdmsr_safe, wrmsr, wrmsr_safe};
@@ -80,11 +80,11 @@ scenarios! {
     "classify/tsc" => classify_tsc: "`policy.class(0x10)`: pass-through (one non-inlined call)",
     "routes/lookup_hit" => lookup_hit: "`routes::lookup(LSTAR)` alone: a row (one non-inlined call)",
     "routes/lookup_miss" => lookup_miss: "`routes::lookup(0x10)` alone: no row (one non-inlined call)",
-    "pmu_read/work" => pmu_read_work: "`vpmu.read(vcpu, PMC0)` alone, context not cached: `Native` (one non-inlined call)",
+    "pmu_read/work" => pmu_read_work: "`vpmu.read(PMC0)` alone, context not cached: `Native` (one non-inlined call)",
     "pmu_read/policy" => pmu_read_policy: "`policy.decide_read(PMC0)` with the vPMU, not cached: `Native` (one non-inlined call)",
-    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(vcpu, PMC0)` alone, context cached: the value (one non-inlined call)",
-    "pmu_cached_read/policy" => pmu_cached_read_policy: "`policy.decide_read(PMC0)`, context cached: the value (one non-inlined call)",
-    "pmu_cached_read/stub" => pmu_cached_read_stub: "`rdmsr_safe(PMC0)` through the stub, context cached",
+    "pmu_cached_read/work" => pmu_cached_read_work: "`vpmu.read(PMC0)` alone, inside a PMI, context cached: the value (one non-inlined call)",
+    "pmu_cached_read/policy" => pmu_cached_read_policy: "`policy.decide_read(PMC0)` inside a PMI, context cached: the value (one non-inlined call)",
+    "pmu_cached_read/stub" => pmu_cached_read_stub: "`rdmsr_safe(PMC0)` through the stub inside a PMI, context cached",
     "trivial_write/direct" => trivial_write_direct: "`backend.write(msr, v)` on a trivial `&dyn MsrBackend`",
     "trivial_write/handler" => trivial_write_handler: "`xenmsr_handle_write(msr, lo, hi)` (the stub's C-ABI handler) called from Rust",
     "trivial_write/stub" => trivial_write_stub: "`wrmsr_safe(msr, v)` -> stub -> trivial backend",
@@ -126,11 +126,13 @@ static POLICY: OnceLock<&'static Policy> = OnceLock::new();
 /// Builds the policy over the mock page (with `pmu`), registers it as the stubs' backend
 /// and for the pvops table, and clears the mock's record.
 fn install_policy(pmu: Option<&'static Vpmu>) -> &'static Policy {
+    let index = Box::leak(Box::new(xenmsr::dispatch::ClassIndex::new()));
     let policy: &'static Policy = Box::leak(Box::new(XenPvPolicy::new(
         mock::page(),
         vcpu0,
         FakeNative,
         pmu,
+        index,
     )));
     assert!(set_backend(policy), "a backend was already registered");
     assert!(POLICY.set(policy).is_ok(), "the policy was already set");
@@ -170,8 +172,16 @@ fn install_vpmu(cached: bool) -> &'static Vpmu {
     let layout = PmuLayout::Intel(IntelLayout {
         arch_counters: ARCH as u8,
         fixed_counters: FIXED as u8,
+        version: 4,
+        fixed_counter_width: 48,
     });
-    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(mock::page(), layout, &FakeNative)));
+    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
+        hypercalls: mock::page(),
+        layout,
+        native: &FakeNative,
+        vcpu_id: vcpu0,
+        slots: &DEFAULT_SLOTS,
+    })));
     let page_layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).expect("a valid layout");
     // SAFETY: a non-zero-sized layout; the allocation is leaked (it stays the vCPU's page
     // for the rest of the process).
@@ -241,6 +251,19 @@ fn measure_fs_calls(n: u64, op: impl FnMut(u64)) {
 
 fn expect_no_calls() {
     assert!(mock::take_calls().is_empty(), "unexpected hypercalls");
+}
+
+/// Runs `body` inside a PMI handler on `vpmu`, as a kernel's `VIRQ_XENPMU` handler does
+/// (the cached context is used only there), then checks and takes the flush that ends
+/// it. The flush is outside every measured region.
+fn inside_pmi(vpmu: &Vpmu, body: impl FnOnce()) {
+    vpmu.on_pmi(|_| body()).expect("on_pmi on the mock page");
+    let calls = mock::take_calls();
+    assert_eq!(calls.len(), 1, "one flush: {calls:?}");
+    assert_eq!(
+        (calls[0].nr, calls[0].args[0]),
+        (nr::XENPMU_OP, u64::from(nr::XENPMU_FLUSH))
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -473,7 +496,7 @@ fn step_work_apic(c: &Ctx, msr: u32, _value: u64) -> Outcome {
 #[inline(never)]
 fn step_work_pmu(c: &Ctx, msr: u32, _value: u64) -> Outcome {
     match c.vpmu {
-        Some(vpmu) => vpmu.read((c.vcpu)(), msr).unwrap_or(Outcome::Native),
+        Some(vpmu) => vpmu.read(msr).unwrap_or(Outcome::Native),
         None => Outcome::Native,
     }
 }
@@ -525,14 +548,20 @@ fn step_scenario(n: u64, spec: StepSpec) {
         let outcome = black_box(step)(black_box(&ctx), black_box(msr), v);
         black_box(outcome);
     };
-    assert_eq!(step(&ctx, msr, 7), spec.expected, "warm-up outcome");
-    if spec.fs_calls {
-        expect_fs_calls(1, 7);
-        measure_fs_calls(n, op);
-    } else {
-        expect_no_calls();
-        measure(n, op);
-        expect_no_calls();
+    let run = || {
+        assert_eq!(step(&ctx, msr, 7), spec.expected, "warm-up outcome");
+        if spec.fs_calls {
+            expect_fs_calls(1, 7);
+            measure_fs_calls(n, op);
+        } else {
+            expect_no_calls();
+            measure(n, op);
+            expect_no_calls();
+        }
+    };
+    match (vpmu, spec.vpmu) {
+        (Some(vpmu), Some(true)) => inside_pmi(vpmu, run),
+        _ => run(),
     }
 }
 
@@ -669,10 +698,12 @@ fn lookup_miss(n: u64) {
 fn pmu_cached_read_stub(n: u64) {
     let vpmu = install_vpmu(true);
     install_policy(Some(vpmu));
-    read_scenario(n, PMC0_CACHED, |_| {
-        // SAFETY: the backend serves PMC0 from the cached context in a heap page: no MSR
-        // is read.
-        unsafe { rdmsr_safe(black_box(MSR_PMC0)) }.unwrap_or(0)
+    inside_pmi(vpmu, || {
+        read_scenario(n, PMC0_CACHED, |_| {
+            // SAFETY: inside the PMI the backend serves PMC0 from the cached context in a
+            // heap page: no MSR is read.
+            unsafe { rdmsr_safe(black_box(MSR_PMC0)) }.unwrap_or(0)
+        })
     });
 }
 

@@ -213,14 +213,17 @@ struct Case {
 const PLAIN: CpuFeatures = CpuFeatures {
     wrmsrns: false,
     msr_imm: false,
+    fsgsbase: false,
 };
 const WRMSRNS: CpuFeatures = CpuFeatures {
     wrmsrns: true,
     msr_imm: false,
+    fsgsbase: false,
 };
 const MSR_IMM: CpuFeatures = CpuFeatures {
     wrmsrns: true,
     msr_imm: true,
+    fsgsbase: false,
 };
 
 macro_rules! cases {
@@ -271,6 +274,7 @@ fn host_features() -> CpuFeatures {
     CpuFeatures {
         wrmsrns: leaf.eax & (1 << 19) != 0,
         msr_imm: leaf.ecx & (1 << 5) != 0,
+        fsgsbase: false,
     }
 }
 

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+use xenmsr::patch::ConstRoute;
 use xenmsr::patch::Variant;
 use xenmsr::routes::{
     MSR_APIC_BASE, MSR_CSTAR, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR,
@@ -59,6 +60,7 @@ fn config() -> Config {
             vcpu_id,
             // The host is no PV guest: Xen's forced-emulation prefix would #UD here.
             cpuid: xenmsr::pmu::raw_cpuid,
+            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn: record_warning,
@@ -66,6 +68,7 @@ fn config() -> Config {
         // The host's text is read-only: map it writable around each store, as a kernel
         // with read-only text would.
         write_text: xenmsr_host_tests::write_text_mprotect,
+        fsgsbase: xenmsr::FsGsBase::Off,
     }
 }
 
@@ -94,12 +97,22 @@ fn set_segment_base(which: u64, value: u64) -> MockCall {
 }
 
 #[test]
-fn init_rewrites_only_the_constant_segment_base_sites_and_refuses_a_second_init() {
+fn init_routes_the_constant_index_sites_and_refuses_a_second_init() {
     let report = init();
     let sites = patch_sites().count();
     assert!(sites > 0, "this binary has sites");
-    // On Xen PV every site keeps its emitted `call`, except the constant-index writes of a
-    // segment base, which now call the stub that makes the hypercall directly.
+    // On Xen PV a constant-index site's route is decided at patch time: a segment-base
+    // write calls the stub that makes the hypercall directly, a pass-through MSR gets the
+    // native instruction, an ignored write NOPs, and only what the policy must see keeps
+    // its call. Every other site keeps its emitted `call`.
+    let routing = xenmsr::patch::routing();
+    assert!(routing.layout.is_some() && routing.direct_segbase && !routing.fsgsbase);
+    let routed: Vec<_> = patch_sites()
+        .filter(|s| {
+            let op = s.op.expect("valid records");
+            routing.route(op, s.imm) != ConstRoute::Stub(op.stub())
+        })
+        .collect();
     let segment_base_writes: Vec<_> = patch_sites()
         .filter(|s| {
             s.op == Some(PatchOp::WriteImm)
@@ -110,17 +123,25 @@ fn init_rewrites_only_the_constant_segment_base_sites_and_refuses_a_second_init(
         !segment_base_writes.is_empty(),
         "this binary has such a site"
     );
+    assert!(routed.len() >= segment_base_writes.len());
     assert_eq!(report.variant, Variant::XenPv);
-    assert_eq!(
-        report.patched.rewritten,
-        segment_base_writes.len(),
-        "{report:?}"
-    );
-    assert_eq!(
-        report.patched.unchanged,
-        sites - segment_base_writes.len(),
-        "{report:?}"
-    );
+    assert_eq!(report.patched.rewritten, routed.len(), "{report:?}");
+    assert_eq!(report.patched.unchanged, sites - routed.len(), "{report:?}");
+    for site in &routed {
+        let wanted = xenmsr::patch::wanted_bytes(site, Variant::XenPv).unwrap();
+        // SAFETY: the site lies in this binary's text, mapped readable.
+        let code =
+            unsafe { core::slice::from_raw_parts(site.addr as *const u8, usize::from(site.len)) };
+        assert_eq!(code, wanted.as_slice(), "{site:?}");
+        if site.op == Some(PatchOp::ReadImm) && site.imm == 0xc000_0080 {
+            // EFER passes through: `rdmsr; shl $32,%rdx; or %rdx,%rax` inline.
+            assert_eq!(
+                &code[..2],
+                &[0x0f, 0x32],
+                "EFER read is the native instruction"
+            );
+        }
+    }
     for site in &segment_base_writes {
         let stub = match site.imm {
             MSR_FS_BASE => Stub::SegbaseFs,

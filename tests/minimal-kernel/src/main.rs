@@ -12,7 +12,7 @@ mod kernel {
     use xenmsr::hypercall::HypercallPage;
     use xenmsr::hypercall::abi::{ShutdownReason, StartInfo};
     use xenmsr::pv::PvConsole;
-    use xenmsr::{Config, Msr, Platform, UncheckedPolicy};
+    use xenmsr::{Config, Msr};
 
     xenmsr::xen_elf_notes!(guest_os: "xenmsr-minimal", guest_version: "0.1", dom0: true);
     xenmsr::pv_entry!(main);
@@ -23,20 +23,9 @@ mod kernel {
         let mut out = unsafe { PvConsole::from_start_info(xen, start_info, 0) };
         // #GP and #UD first: the library's fixup turns MSR faults into errors.
         xenmsr::pv::install_trap_table().expect("set_trap_table");
-        let config = Config {
-            platform: Platform::XenPv {
-                hypercalls: xen,
-                vcpu_id: || 0,
-                cpuid: xenmsr::xen_cpuid,
-            },
-            unchecked: UncheckedPolicy::WarnOnce,
-            warn: |_| {},
-            log: |_| {},
-            write_text: xenmsr::patch::write_text_directly,
-        };
         // SAFETY: once, on the only vCPU, with events masked as Xen starts us; the text
         // is writable; this is a Xen PV guest.
-        let report = unsafe { xenmsr::init(config) }.expect("xenmsr::init");
+        let report = unsafe { xenmsr::init(Config::xen_pv(xen)) }.expect("xenmsr::init");
         let _ = writeln!(
             out,
             "minimal: init patched {} call sites",

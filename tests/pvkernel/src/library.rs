@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use xenmsr::{Config, InitError, InitReport, Platform, UncheckedAccess, UncheckedPolicy};
+use xenmsr::{Config, FsGsBase, InitError, InitReport, Platform, UncheckedAccess, UncheckedPolicy};
 
 /// How many times the warn hook ran.
 static WARNINGS: AtomicU32 = AtomicU32::new(0);
@@ -68,12 +68,20 @@ pub fn config() -> Config {
             hypercalls: crate::tracepage::page(),
             vcpu_id,
             cpuid: xenmsr::xen_cpuid,
+            // One vCPU: the library's default storage (64 slots) is plenty.
+            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
         },
         unchecked: UncheckedPolicy::WarnOnce,
         warn,
         log,
         // The PV kernel's image is one RWX segment, so patching writes the text directly.
         write_text: xenmsr::patch::write_text_directly,
+        // `fsgsbase=1` on the command line: the FSGSBASE runs.
+        fsgsbase: if crate::suites::fsgsbase_requested() {
+            FsGsBase::Use
+        } else {
+            FsGsBase::Off
+        },
     }
 }
 

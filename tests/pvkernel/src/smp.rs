@@ -176,6 +176,9 @@ fn secondary_context(vcpu: u32, cr3: u64) -> VcpuGuestContext {
     ctx.kernel_ss = u64::from(nr::FLAT_KERNEL_SS);
     ctx.kernel_sp = top;
     ctx.ctrlreg[3] = cr3;
+    // A vCPU started after `xenmsr::init` enabled FSGSBASE needs it from its first
+    // instruction (Xen filters ctrlreg[4] as it does a `mov` to CR4).
+    ctx.ctrlreg[4] = xenmsr::fsgsbase::secondary_cr4();
     let (event, failsafe) = crate::traps::callback_entries();
     ctx.event_callback_eip = event;
     ctx.failsafe_callback_eip = failsafe;
@@ -324,6 +327,18 @@ fn park() {
     DONE.fetch_add(1, Ordering::AcqRel);
     wait_until(|| !PARKED_HOLD.load(Ordering::Acquire));
     serialise();
+    // If vCPU 0's `xenmsr::init` (run while this vCPU was parked) switched the sites to
+    // FSGSBASE, this vCPU needs CR4.FSGSBASE too before it runs one (upcalls are still
+    // masked here, so no site runs first).
+    if xenmsr::fsgsbase::enabled() {
+        // SAFETY: a PV guest kernel may write CR4 (Xen emulates it); only FSGSBASE is
+        // added, and this kernel keeps nothing behind the user FS/GS bases.
+        let on = unsafe { xenmsr::fsgsbase::enable_on_this_vcpu() };
+        if !on {
+            crate::println!("PANIC: Xen dropped CR4.FSGSBASE on a secondary vCPU");
+            crate::exit::crash();
+        }
+    }
     drop(mask);
     DONE.fetch_add(1, Ordering::AcqRel);
 }

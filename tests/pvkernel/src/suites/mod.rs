@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod fsgsbase;
 pub mod percpu;
 pub mod pmu;
 pub mod raw;
@@ -75,6 +76,8 @@ pub struct Model {
     /// The one-shot timer period while the suites run, in µs (`tick_us=`, default 200;
     /// 0: no upcalls).
     pub tick_us: u64,
+    /// `fsgsbase=1`: the library is initialised with `FsGsBase::Use`.
+    pub fsgsbase: bool,
     /// The `xen=` argument as given, for messages.
     pub xen_arg: Option<&'static str>,
     /// The Xen release `xen=` names, if known: checked against the running hypervisor by
@@ -108,6 +111,7 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
             .arg("tick_us")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_TICK_US),
+        fsgsbase: info.arg("fsgsbase") == Some("1"),
         xen_arg,
         xen: xen_arg.and_then(XenRelease::parse),
     }
@@ -116,6 +120,11 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
 /// The default one-shot timer period: short enough that upcalls land inside stubs
 /// thousands of times per run under TCG, long enough that the suites still progress.
 const DEFAULT_TICK_US: u64 = 200;
+
+/// Whether the command line asks for FSGSBASE (`fsgsbase=1`).
+pub fn fsgsbase_requested() -> bool {
+    MODEL.get().is_some_and(|m| m.fsgsbase)
+}
 
 /// Whether this run's vPMU is active (false before the model is known).
 pub fn vpmu_active() -> bool {
@@ -181,6 +190,9 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     smp::run_on_all(|_| {
         testing::run(pmu::TESTS);
         testing::run(percpu::TESTS);
+        if fsgsbase_requested() {
+            testing::run(fsgsbase::TESTS);
+        }
     });
     smp::run_on_all(|_| events::stop_ticking());
     testing::run(percpu::REPORT);

@@ -109,3 +109,39 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     let r = core::arch::x86_64::__cpuid_count(leaf, 0);
     (r.eax, r.ebx, r.ecx, r.edx)
 }
+
+/// `rdfsbase` (`gs`: `rdgsbase`): `Err(exinfo)` if it faulted (#UD without CR4.FSGSBASE).
+pub fn rdsegbase(gs: bool) -> Result<u64, u64> {
+    let (value, ok, info): (u64, u64, u64);
+    if gs {
+        // SAFETY: a faulting instruction is recovered by the kernel table; the read has
+        // no side effect.
+        unsafe {
+            asm!(
+                "2: rdgsbase {val}",
+                "mov {ok}, 1",
+                "3:",
+                kx_entry!(),
+                val = out(reg) value,
+                ok = inout(reg) 0u64 => ok,
+                inout("rax") 0u64 => info,
+                options(nostack, nomem),
+            )
+        };
+    } else {
+        // SAFETY: as above.
+        unsafe {
+            asm!(
+                "2: rdfsbase {val}",
+                "mov {ok}, 1",
+                "3:",
+                kx_entry!(),
+                val = out(reg) value,
+                ok = inout(reg) 0u64 => ok,
+                inout("rax") 0u64 => info,
+                options(nostack, nomem),
+            )
+        };
+    }
+    if ok == 1 { Ok(value) } else { Err(info) }
+}

@@ -61,29 +61,58 @@ fn init_succeeds() -> TestResult {
         Err(e) => fail!("xenmsr::init: {e}"),
     };
     check_eq!(report.variant, Variant::XenPv, "patch variant");
-    // On Xen PV every site keeps the `call` it was emitted with, except constant-index
-    // writes of a segment base, which now call the stub that makes the hypercall itself;
-    // every record of the image's patch-site section was visited.
+    // On Xen PV a constant-index site's route is decided at patch time (pass-through MSRs
+    // inline, segment bases to their stubs or FSGSBASE instructions, ignored writes as
+    // NOPs); every other site keeps the `call` it was emitted with. Every record of the
+    // image's patch-site section was visited, and holds what its route says.
     let sites = xenmsr_asm::patch::records().len();
     check!(
         sites > 0,
         "the image has no patch sites (linker script lost them?)"
     );
-    let segment_base_writes = xenmsr_asm::patch::patch_sites()
-        .filter(|s| {
-            s.op == Some(xenmsr_asm::patch::PatchOp::WriteImm)
-                && [MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE].contains(&s.imm)
-        })
-        .count();
+    let routing = xenmsr::patch::routing();
+    let mut routed = 0;
+    for site in xenmsr_asm::patch::patch_sites() {
+        let Some(op) = site.op else {
+            fail!("a corrupt record at {:#x}", site.addr);
+        };
+        if routing.route(op, site.imm) != xenmsr::patch::ConstRoute::Stub(op.stub()) {
+            routed += 1;
+        }
+        let Ok(wanted) = xenmsr::patch::wanted_bytes(&site, Variant::XenPv) else {
+            fail!("no bytes for {site:?}");
+        };
+        // SAFETY: reading the site's own bytes in this image's text.
+        let code =
+            unsafe { core::slice::from_raw_parts(site.addr as *const u8, usize::from(site.len)) };
+        check!(code == wanted.as_slice(), "{site:?} holds {code:02x?}");
+    }
     check_eq!(
         report.patched.rewritten,
-        segment_base_writes,
-        "sites rewritten (the constant segment-base writes)"
+        routed,
+        "sites rewritten (the routed constant-index ones)"
     );
     check_eq!(
         report.patched.unchanged,
-        sites - segment_base_writes,
+        sites - routed,
         "sites already right vs records"
+    );
+    let fsgsbase_expected = match (crate::suites::fsgsbase_requested(), super::model().vendor) {
+        (false, _) => xenmsr::FsGsBaseStatus::NotRequested,
+        // qemu64 (AMD family 0xf) has no FSGSBASE: the fallback.
+        (true, _) if super::model().cpu == Some("qemu64") => xenmsr::FsGsBaseStatus::NotSupported,
+        (true, _) => xenmsr::FsGsBaseStatus::Enabled,
+    };
+    check_eq!(report.fsgsbase, fsgsbase_expected, "FSGSBASE");
+    check!(
+        report.read_filter.is_ok(),
+        "read filter: {:?}",
+        report.read_filter
+    );
+    crate::println!(
+        "  init: {routed} constant-index sites routed; FSGSBASE {:?}; {:?} MSRs in the read filter",
+        report.fsgsbase,
+        report.read_filter
     );
     Ok(())
 }
@@ -95,6 +124,12 @@ fn second_init_is_refused() -> TestResult {
         "second init"
     );
     Ok(())
+}
+
+/// Whether the library writes `msr` with WRFSBASE/WRGSBASE (no hypercall): FS_BASE and
+/// GS_BASE once `init` enabled FSGSBASE (`fsgsbase=1` on a model that has it).
+fn by_instruction(msr: u32) -> bool {
+    xenmsr::fsgsbase::enabled() && (msr == MSR_FS_BASE || msr == MSR_GS_BASE)
 }
 
 /// Runs `f` and returns what it returned and the hypercalls it made.
@@ -113,12 +148,14 @@ fn segment_base_writes_are_hypercalls() -> TestResult {
         // SAFETY: the kernel keeps no state in FS or GS.
         let (r, before, after) = traced(|| unsafe { wrmsr_safe(msr, value) });
         check_eq!(r, Ok(()), "wrmsr_safe of a segment base");
+        // One hypercall, or none with FSGSBASE (KERNEL_GS_BASE is always one).
+        let expected = u64::from(!by_instruction(msr));
         check_eq!(
             after.count_since(&before, nr::SET_SEGMENT_BASE),
-            1u64,
+            expected,
             "set_segment_base calls"
         );
-        check_eq!(after.total_since(&before), 1u64, "hypercalls made");
+        check_eq!(after.total_since(&before), expected, "hypercalls made");
         check_eq!(
             raw::rdmsr(msr),
             Ok(value),
@@ -132,27 +169,34 @@ fn segment_base_writes_are_hypercalls() -> TestResult {
 
 fn segment_base_noncanonical_is_hypercall_error() -> TestResult {
     let (gp, ud) = (traps::count(13), traps::count(6));
-    // SAFETY: Xen refuses the value.
+    // SAFETY: Xen (or the stub, with FSGSBASE) refuses the value.
     let (r, before, after) = traced(|| unsafe { wrmsr_safe(MSR_FS_BASE, 0x8000_0000_0000_0000) });
-    // The failure really took the rewind path: the policy failed, the stub set CF and
-    // trapped at its `ud2` (one #UD), the fixup rewound to the call site and applied the
-    // site's write-safe entry. No #GP: no WRMSR ever ran.
+    // The failure really took the rewind path: the policy (or the stub's segment-base
+    // path) failed, the stub set CF and trapped at its `ud2` (one #UD), the fixup rewound
+    // to the call site and applied the site's write-safe entry. No #GP: no WRMSR or
+    // WRFSBASE ever ran.
     check_eq!(
         traps::count(6) - ud,
         1,
         "#UD taken (the stub's rewind trap)"
     );
     check_eq!(traps::count(13) - gp, 0, "#GP taken");
-    check_eq!(
-        r,
-        Err(MsrError::Hypercall(Errno::EINVAL)),
-        "non-canonical FS_BASE"
-    );
-    check_eq!(
-        after.count_since(&before, nr::SET_SEGMENT_BASE),
-        1u64,
-        "set_segment_base calls"
-    );
+    if by_instruction(MSR_FS_BASE) {
+        // WRFSBASE would #GP: the stub refuses the value before it, with that error.
+        check_eq!(r, Err(GP_FAULT), "non-canonical FS_BASE (FSGSBASE)");
+        check_eq!(after.total_since(&before), 0u64, "hypercalls made");
+    } else {
+        check_eq!(
+            r,
+            Err(MsrError::Hypercall(Errno::EINVAL)),
+            "non-canonical FS_BASE"
+        );
+        check_eq!(
+            after.count_since(&before, nr::SET_SEGMENT_BASE),
+            1u64,
+            "set_segment_base calls"
+        );
+    }
     Ok(())
 }
 
@@ -439,8 +483,8 @@ fn side_by_side() -> TestResult {
     check_eq!(r, Ok(()), "Xen-patched FS_BASE write");
     check_eq!(
         after.count_since(&before, nr::SET_SEGMENT_BASE),
-        1u64,
-        "set_segment_base by the Xen site"
+        u64::from(!by_instruction(MSR_FS_BASE)),
+        "set_segment_base by the Xen site (none with FSGSBASE)"
     );
     check_eq!(raw::rdmsr(MSR_FS_BASE), Ok(b), "FS_BASE after the Xen site");
     // A fault: one #GP at each, and the same error.
@@ -638,6 +682,10 @@ fn stress_random_operations() -> TestResult {
         let hypercalls = after.total_since(&before);
         let segbase_write = matches!(variant, 1 | 2 | 5)
             && matches!(msr, MSR_FS_BASE | MSR_GS_BASE | MSR_KERNEL_GS_BASE);
+        // With FSGSBASE the FS and GS base writes are instructions, not hypercalls; a
+        // non-canonical one is refused by the stub as the #GP WRFSBASE would raise.
+        let refused_instruction = segbase_write && by_instruction(msr);
+        let segbase_write = segbase_write && !by_instruction(msr);
         t.hypercalls += hypercalls;
         // Every Xen-routed operation makes exactly one hypercall; nothing else makes any.
         check_eq!(
@@ -654,7 +702,10 @@ fn stress_random_operations() -> TestResult {
                 t.ok += 1;
             }
             Some(Err(MsrError::Fault { vector: 13 })) => {
-                check!(dgp == 1, "op {i}: Fault(13) after {dgp} #GP (msr {msr:#x})");
+                check!(
+                    dgp == 1 || (refused_instruction && dgp == 0 && dud == 1),
+                    "op {i}: Fault(13) after {dgp} #GP / {dud} #UD (msr {msr:#x})"
+                );
                 t.gp_faults += 1;
                 t.rewinds += dud;
             }

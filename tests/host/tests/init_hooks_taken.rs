@@ -1,0 +1,49 @@
+//! `init` refuses, changing nothing, when the stub backend or the warn hook it would
+//! register is already taken (the first registration wins, so `init` could not install
+//! its own). One test per binary: the registrations are per process.
+
+use xenmsr::{Config, InitError, Platform, UncheckedPolicy};
+use xenmsr_asm::backend::{MsrBackend, Outcome, set_backend};
+use xenmsr_hypercall::mock;
+
+#[derive(Debug)]
+struct Other;
+
+impl MsrBackend for Other {
+    fn read(&self, _: u32) -> Outcome {
+        Outcome::Native
+    }
+    fn write(&self, _: u32, _: u64) -> Outcome {
+        Outcome::Native
+    }
+    fn rdpmc(&self, _: u32) -> Outcome {
+        Outcome::Native
+    }
+}
+
+static OTHER: Other = Other;
+
+#[test]
+fn init_refuses_when_another_backend_was_registered_first() {
+    let _session = mock::session();
+    assert!(set_backend(&OTHER));
+    let config = Config {
+        platform: Platform::XenPv {
+            hypercalls: mock::page(),
+            vcpu_id: || 0,
+            cpuid: xenmsr::pmu::raw_cpuid,
+            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
+        },
+        unchecked: UncheckedPolicy::WarnOnce,
+        warn: |_| {},
+        log: |_| {},
+        write_text: xenmsr_host_tests::write_text_mprotect,
+        fsgsbase: xenmsr::FsGsBase::Off,
+    };
+    // SAFETY: refused before any site is written.
+    let r = unsafe { xenmsr::init(config) };
+    assert_eq!(r.map(drop), Err(InitError::HooksTaken));
+    assert!(!xenmsr_asm::fixup::warn_hook_registered());
+    assert!(!xenmsr_asm::stubs::segbase_stubs_ready());
+    assert_eq!(xenmsr::pmu::global().layout(), xenmsr::pmu::PmuLayout::None);
+}
