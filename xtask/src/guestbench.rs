@@ -34,53 +34,75 @@ struct Model {
     vpmu: bool,
     /// Xen's `xpti=false`: a control run that shows what XPTI does to the hypercall.
     no_xpti: bool,
+    /// `fsgsbase=1`: the library opted in to FSGSBASE (the FS base through
+    /// WRFSBASE/RDFSBASE where the model has it).
+    fsgsbase: bool,
 }
 
 /// The models, in table order.
-const MODELS: [Model; 4] = [
+const MODELS: [Model; 6] = [
     Model {
         cpu: "qemu64",
         vpmu: false,
         no_xpti: false,
+        fsgsbase: false,
     },
     Model {
         cpu: "Skylake-Client",
         vpmu: false,
         no_xpti: false,
+        fsgsbase: false,
     },
     Model {
         cpu: "EPYC",
         vpmu: true,
         no_xpti: false,
+        fsgsbase: false,
     },
     // Control: Skylake-Client is the one model where Xen enables XPTI for dom0.
     Model {
         cpu: "Skylake-Client",
         vpmu: false,
         no_xpti: true,
+        fsgsbase: false,
+    },
+    // The two models whose domain policy has FSGSBASE, with the library opted in.
+    Model {
+        cpu: "Skylake-Client",
+        vpmu: false,
+        no_xpti: false,
+        fsgsbase: true,
+    },
+    Model {
+        cpu: "EPYC",
+        vpmu: true,
+        no_xpti: false,
+        fsgsbase: true,
     },
 ];
 
 impl Model {
     fn label(&self) -> String {
         format!(
-            "{}{}{}",
+            "{}{}{}{}",
             self.cpu,
             if self.vpmu { " + vpmu=1" } else { "" },
             if self.no_xpti {
                 " + xpti=false (control)"
             } else {
                 ""
-            }
+            },
+            if self.fsgsbase { " + FSGSBASE" } else { "" }
         )
     }
 
     fn run_name(&self) -> String {
         format!(
-            "bench/{}{}{}",
+            "bench/{}{}{}{}",
             self.cpu,
             if self.vpmu { "+vpmu" } else { "" },
-            if self.no_xpti { "+noxpti" } else { "" }
+            if self.no_xpti { "+noxpti" } else { "" },
+            if self.fsgsbase { "+fsgsbase" } else { "" }
         )
     }
 
@@ -96,7 +118,12 @@ impl Model {
     }
 
     fn kernel_args(&self) -> String {
-        format!("suite=bench cpu={} vpmu={}", self.cpu, u8::from(self.vpmu))
+        format!(
+            "suite=bench cpu={} vpmu={} fsgsbase={}",
+            self.cpu,
+            u8::from(self.vpmu),
+            u8::from(self.fsgsbase)
+        )
     }
 }
 
@@ -112,7 +139,7 @@ const PATHS: &[(&str, &str)] = &[
     ),
     (
         "fs/shim",
-        "`xenmsr::wrmsr_safe(FS_BASE, v)`: site → stub → policy → `set_segment_base`",
+        "`xenmsr::wrmsr_safe(FS_BASE, v)`: the write stub's segment-base path → `set_segment_base` (with FSGSBASE: `wrfsbase`), no Rust",
     ),
     (
         "fs/shim_unchecked",
@@ -123,8 +150,24 @@ const PATHS: &[(&str, &str)] = &[
         "bare `set_segment_base(FS, v)` through the same (tracing) hypercall page",
     ),
     (
+        "fs/shim_const",
+        "`xenmsr::wrmsr_ns_const_safe::<FS_BASE>(v)`: the constant-index site, patched to the direct segment-base stub (with FSGSBASE: `wrfsbase` inline)",
+    ),
+    (
         "read/stub",
-        "`xenmsr::rdmsr_safe(0x10)`: stub → policy (pass-through) → the stub's `rdmsr`, trapped",
+        "`xenmsr::rdmsr_safe(0x10)`: the read stub's filter says pass-through → the stub's `rdmsr`, trapped (no Rust)",
+    ),
+    (
+        "fsread/trapped_rdmsr",
+        "raw `rdmsr` of FS_BASE, trapped and emulated by Xen",
+    ),
+    (
+        "fsread/shim",
+        "`xenmsr::rdmsr_safe(FS_BASE)`: the read stub (with FSGSBASE its filter sends FS_BASE to `rdfsbase`; without, the trapped `rdmsr`)",
+    ),
+    (
+        "fsread/shim_const",
+        "`xenmsr::rdmsr_const_safe::<FS_BASE>()`: the constant-index site (`rdfsbase` inline with FSGSBASE; the native `rdmsr` inline, trapped, without)",
     ),
     (
         "read/trapped_rdmsr",
@@ -179,12 +222,26 @@ impl Target {
     }
 }
 
+/// Which runs a ratio is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applies {
+    Always,
+    /// Runs without FSGSBASE (not requested, or the model lacks it).
+    WithoutFsgsbase,
+    /// Runs with the library's FSGSBASE in use.
+    WithFsgsbase,
+}
+
 /// One ratio between two paths of the same group.
 struct RatioDef {
     num: &'static str,
     den: &'static str,
     what: &'static str,
     target: Option<Target>,
+    applies: Applies,
+    /// Both paths minus the measuring loop's own cost (`loop/empty`, same run): for
+    /// paths of a few instructions, where the loop's indirect call would dominate.
+    net_of_loop: bool,
 }
 
 /// The shim's FS_BASE write against the bare hypercall.
@@ -196,66 +253,118 @@ const BARE_VS_TRAP: usize = 3;
 /// A policy failure through the rewind path against a native fault fixed up.
 const FAIL_REWIND_VS_NATIVE: usize = 7;
 
-const RATIOS: [RatioDef; 10] = [
+const RATIOS: [RatioDef; 14] = [
     RatioDef {
         num: "fs/shim",
         den: "fs/bare_hypercall",
-        what: "shim FS_BASE write ÷ bare hypercall",
-        target: Some(Target::AtMost(1.10)),
+        what: "generic FS_BASE write ÷ bare hypercall",
+        target: Some(Target::AtMost(1.05)),
+        applies: Applies::WithoutFsgsbase,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fs/shim_unchecked",
         den: "fs/bare_hypercall",
         what: "unchecked shim write ÷ bare hypercall",
         target: None,
+        applies: Applies::WithoutFsgsbase,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fs/shim",
         den: "fs/trapped_wrmsr",
         what: "shim FS_BASE write ÷ trapped `wrmsr`",
         target: None,
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fs/bare_hypercall",
         den: "fs/trapped_wrmsr",
         what: "bare hypercall ÷ trapped `wrmsr`",
         target: None,
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "read/stub",
         den: "read/trapped_rdmsr",
         what: "pass-through read via the stub ÷ raw trapped `rdmsr`",
-        target: None,
+        target: Some(Target::AtMost(1.02)),
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "pmu/trapped_rdmsr",
         den: "pmu/cached_stub",
         what: "trapping PMU read ÷ cached PMU read (how many times cheaper)",
         target: Some(Target::AtLeast(10.0)),
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "pmu/stub_uncached",
         den: "pmu/trapped_rdmsr",
         what: "uncached PMU read via the stub ÷ raw trapped `rdmsr`",
         target: None,
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fail/rewind",
         den: "fail/native_gp",
         what: "policy failure via the rewind path ÷ native #GP fixed up",
         target: None,
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fail/stub_gp_rewind",
         den: "fail/native_gp",
         what: "stub's native #GP rewound ÷ native #GP fixed up",
         target: None,
+        applies: Applies::Always,
+        net_of_loop: false,
     },
     RatioDef {
         num: "fs/shim_const",
         den: "fs/bare_hypercall",
-        what: "constant-index shim FS_BASE write (patched to the direct segment-base stub) ÷ bare hypercall",
+        what: "constant-index FS_BASE write (patched to the direct segment-base stub) ÷ bare hypercall",
         target: Some(Target::AtMost(1.10)),
+        applies: Applies::WithoutFsgsbase,
+        net_of_loop: false,
+    },
+    RatioDef {
+        num: "fs/shim_const",
+        den: "fs/bare_hypercall",
+        what: "FS_BASE write via FSGSBASE (`wrfsbase` inline at the constant-index site) ÷ bare hypercall, net of the measuring loop",
+        target: Some(Target::AtMost(0.05)),
+        applies: Applies::WithFsgsbase,
+        net_of_loop: true,
+    },
+    RatioDef {
+        num: "fsread/shim_const",
+        den: "fsread/trapped_rdmsr",
+        what: "FS_BASE read via `rdfsbase` (constant-index site) ÷ trapped `rdmsr`",
+        target: Some(Target::AtMost(0.05)),
+        applies: Applies::WithFsgsbase,
+        net_of_loop: false,
+    },
+    RatioDef {
+        num: "fsread/shim",
+        den: "fsread/trapped_rdmsr",
+        what: "FS_BASE read via the generic site (the read stub's filter → `rdfsbase`) ÷ trapped `rdmsr`",
+        target: None,
+        applies: Applies::WithFsgsbase,
+        net_of_loop: false,
+    },
+    RatioDef {
+        num: "fs/shim",
+        den: "fs/bare_hypercall",
+        what: "generic FS_BASE write via FSGSBASE (the write stub's `wrfsbase`) ÷ bare hypercall, net of the measuring loop",
+        target: None,
+        applies: Applies::WithFsgsbase,
+        net_of_loop: true,
     },
 ];
 
@@ -411,8 +520,19 @@ fn path_stats(name: &str, batches: &[BatchLine]) -> XtaskResult<PathStats> {
 }
 
 /// Per-batch ratios of two paths (batches matched by index; both ran in each batch).
-fn ratio_spread(num: &[BatchLine], den: &[BatchLine]) -> XtaskResult<Spread> {
+/// With `loop_cost`, each batch's cost of the measuring loop alone (`loop/empty`, same
+/// batch index) is taken off both first.
+fn ratio_spread(
+    num: &[BatchLine],
+    den: &[BatchLine],
+    loop_cost: Option<&[BatchLine]>,
+) -> XtaskResult<Spread> {
     let by_batch: BTreeMap<u64, &BatchLine> = den.iter().map(|b| (b.batch, b)).collect();
+    let loops: BTreeMap<u64, &BatchLine> = loop_cost
+        .unwrap_or_default()
+        .iter()
+        .map(|b| (b.batch, b))
+        .collect();
     let mut ratios = Vec::with_capacity(num.len());
     for n in num {
         let d = by_batch
@@ -421,7 +541,22 @@ fn ratio_spread(num: &[BatchLine], den: &[BatchLine]) -> XtaskResult<Spread> {
         if d.cycles == 0 {
             return Err(format!("batch {} took 0 cycles", n.batch).into());
         }
-        ratios.push(cycles_per_op(n) / cycles_per_op(d));
+        let l = match loop_cost {
+            Some(_) => loops
+                .get(&n.batch)
+                .map(|l| cycles_per_op(l))
+                .ok_or_else(|| format!("batch {} has no loop/empty partner", n.batch))?,
+            None => 0.0,
+        };
+        let den = cycles_per_op(d) - l;
+        if den <= 0.0 {
+            return Err(format!(
+                "batch {}: the denominator is within the loop's cost",
+                n.batch
+            )
+            .into());
+        }
+        ratios.push((cycles_per_op(n) - l).max(0.0) / den);
     }
     if ratios.len() != den.len() {
         return Err("the two paths of a ratio ran different batches".into());
@@ -450,6 +585,8 @@ struct ModelResult {
     ratios: Vec<Option<Spread>>,
     /// Shim minus bare hypercall, cycles per operation, per batch.
     shim_delta: Option<Spread>,
+    /// The library used FSGSBASE in this run.
+    fsgsbase: bool,
     pmu_not_applicable: Option<String>,
     notes: Vec<String>,
 }
@@ -496,13 +633,25 @@ fn analyse(model: &Model, report: &RunReport) -> XtaskResult<ModelResult> {
         .iter()
         .map(|(name, batches)| path_stats(name, batches))
         .collect::<XtaskResult<Vec<_>>>()?;
+    let fsgsbase = parsed.notes.iter().any(|n| n.contains("fsgsbase=1")) && model.cpu != "qemu64";
+    let empty_loop = parsed.path("loop/empty");
     let ratios = RATIOS
         .iter()
-        .map(|r| match (parsed.path(r.num), parsed.path(r.den)) {
-            (Some(n), Some(d)) => ratio_spread(n, d)
-                .map(Some)
-                .map_err(|e| format!("{}: {} / {}: {e}", report.name, r.num, r.den)),
-            _ => Ok(None),
+        .map(|r| {
+            let applies = match r.applies {
+                Applies::Always => true,
+                Applies::WithoutFsgsbase => !fsgsbase,
+                Applies::WithFsgsbase => fsgsbase,
+            };
+            match (applies, parsed.path(r.num), parsed.path(r.den)) {
+                (true, Some(n), Some(d)) => {
+                    let loop_cost = if r.net_of_loop { empty_loop } else { None };
+                    ratio_spread(n, d, loop_cost)
+                        .map(Some)
+                        .map_err(|e| format!("{}: {} / {}: {e}", report.name, r.num, r.den))
+                }
+                _ => Ok(None),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     let shim_delta = match (parsed.path("fs/shim"), parsed.path("fs/bare_hypercall")) {
@@ -546,6 +695,7 @@ fn analyse(model: &Model, report: &RunReport) -> XtaskResult<ModelResult> {
         paths,
         ratios,
         shim_delta,
+        fsgsbase,
         pmu_not_applicable: parsed.pmu_not_applicable().map(str::to_string),
         notes: parsed.notes,
     })
@@ -829,7 +979,7 @@ fn write_targets(md: &mut String, results: &[ModelResult]) -> XtaskResult<()> {
     write!(
         md,
         "| exactly one hypercall per Xen-routed operation (`fs/shim*`, `fs/bare_hypercall`, \
-         `fail/rewind`) |"
+         `fail/rewind`; with FSGSBASE none but the bare one) |"
     )?;
     for r in results {
         let routed: Vec<&PathStats> = r
@@ -841,9 +991,14 @@ fn write_targets(md: &mut String, results: &[ModelResult]) -> XtaskResult<()> {
                     || p.name == "fail/rewind"
             })
             .collect();
-        let exact = routed
-            .iter()
-            .all(|p| p.hypercalls_per_op == 1.0 && p.set_segment_base_per_op == 1.0);
+        let exact = routed.iter().all(|p| {
+            let expected = if r.fsgsbase && p.name != "fs/bare_hypercall" {
+                0.0
+            } else {
+                1.0
+            };
+            p.hypercalls_per_op == expected && p.set_segment_base_per_op == expected
+        });
         write!(
             md,
             " {}: {} |",
@@ -889,15 +1044,14 @@ fn write_targets(md: &mut String, results: &[ModelResult]) -> XtaskResult<()> {
             "- **The constant-index path** (`fs/shim_const` ÷ `fs/bare_hypercall`: {}). A \
              constant-index site (`wrmsr_ns_const_safe::<FS_BASE>(v)`) knows its MSR when it \
              is patched, so on Xen PV `init` points it at a stub that makes the \
-             `set_segment_base` hypercall itself: it saves the five argument registers and \
-             `rax`, calls the same hypercall page entry, and has the same error path (CF, \
-             rewind, the caller's own entry), with no Rust, no backend call and no dispatch: \
-             about 20 instructions between the site and the hypercall page. That is the path a \
-             context switch writing FS/GS bases takes. Under TCG on this 2-core host the \
-             median of this ratio moves by about ±0.05 from run to run (compare the min–max \
-             ranges in the targets table), so a median within that distance of 1.10 can land \
-             on either side. The generic `wrmsr_safe(msr, v)` (`fs/shim`) routes at run time \
-             and pays for it, as measured above.",
+             `set_segment_base` hypercall itself: it saves `rax`, `rdi` and `rsi` (what the \
+             hypercall entry clobbers), calls the hypercall page entry directly, and has the \
+             same error path (CF, rewind, the caller's own entry), with no Rust: 12 \
+             instructions between the site and the hypercall page. The generic \
+             `wrmsr_safe(msr, v)` (`fs/shim`) takes the write stub's own segment-base path (a \
+             range check on `ecx` and the same call, about 24 instructions), also without \
+             Rust. Under TCG on this 2-core host a median moves by about ±0.05 from run to \
+             run (compare the min–max ranges in the targets table).",
             constant.join(", ")
         )?;
     }
@@ -1172,11 +1326,35 @@ mod tests {
         let s = ratio_spread(
             p.path("fs/shim").expect("shim"),
             p.path("fs/bare_hypercall").expect("bare"),
+            None,
         )
         .expect("ratio");
         assert!((s.min - 1.1).abs() < 1e-9);
         assert!((s.max - 1.3).abs() < 1e-9);
         assert!((s.median - 1.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn net_of_loop_ratios_take_the_loop_off_both_sides() {
+        let log = "bench fs/shim batch=0 ops=10 cycles=300 cycles_per_op=30.0 hypercalls=0 set_segment_base=0 gp=0 ud=0\n\
+            bench fs/bare_hypercall batch=0 ops=10 cycles=2100 cycles_per_op=210.0 hypercalls=10 set_segment_base=10 gp=0 ud=0\n\
+            bench loop/empty batch=0 ops=10 cycles=100 cycles_per_op=10.0 hypercalls=0 set_segment_base=0 gp=0 ud=0\n";
+        let p = Parsed::parse(log.lines()).expect("parses");
+        let s = ratio_spread(
+            p.path("fs/shim").expect("shim"),
+            p.path("fs/bare_hypercall").expect("bare"),
+            p.path("loop/empty"),
+        )
+        .expect("ratio");
+        // (30 - 10) / (210 - 10)
+        assert!((s.median - 0.1).abs() < 1e-9, "{}", s.median);
+        // A loop/empty run that lacks the batch is an error, not a silent 0.
+        let missing = ratio_spread(
+            p.path("fs/shim").expect("shim"),
+            p.path("fs/bare_hypercall").expect("bare"),
+            Some(&[]),
+        );
+        assert!(missing.is_err());
     }
 
     #[test]

@@ -57,9 +57,10 @@ const VECTOR_UD: u8 = 6;
 /// per group; the run's verdict is the usual `Test result:` line.
 pub fn run() {
     crate::println!(
-        "bench-note batches={BATCHES} ops_per_batch={OPS} unit=tsc_cycles cpu={} vpmu={}",
+        "bench-note batches={BATCHES} ops_per_batch={OPS} unit=tsc_cycles cpu={} vpmu={} fsgsbase={}",
         model().cpu.unwrap_or("?"),
-        if model().vpmu_active { "active" } else { "off" }
+        if model().vpmu_active { "active" } else { "off" },
+        u8::from(model().fsgsbase)
     );
     if let Err(e) = crate::library::init() {
         testing::record(
@@ -72,8 +73,12 @@ pub fn run() {
     testing::record("bench::overhead", measure(&[LOOP], &[]));
     testing::record("bench::fs_base_write", fs_base_write());
     testing::record("bench::passthrough_read", measure(&READ, READ_RATIOS));
+    testing::record("bench::fs_base_read", measure(&FS_READ, FS_READ_RATIOS));
     testing::record("bench::pmu_read", pmu_read());
-    testing::record("bench::failure_paths", measure(&FAIL, FAIL_RATIOS));
+    testing::record(
+        "bench::failure_paths",
+        measure(&fsgsbase_adjusted(FAIL), FAIL_RATIOS),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -81,6 +86,7 @@ pub fn run() {
 // ---------------------------------------------------------------------------------------
 
 /// One measured path.
+#[derive(Clone, Copy)]
 struct Path {
     /// `group/path`.
     name: &'static str,
@@ -169,8 +175,23 @@ const FS_RATIOS: &[(&str, &str)] = &[
     ("fs/bare_hypercall", "fs/trapped_wrmsr"),
 ];
 
+/// With FSGSBASE the library writes the FS base with WRFSBASE: no hypercall.
+fn fsgsbase_adjusted<const N: usize>(mut paths: [Path; N]) -> [Path; N] {
+    if xenmsr::fsgsbase::enabled() {
+        for p in &mut paths {
+            if matches!(
+                p.name,
+                "fs/shim" | "fs/shim_const" | "fs/shim_unchecked" | "fail/rewind"
+            ) {
+                p.hypercalls = 0;
+            }
+        }
+    }
+    paths
+}
+
 fn fs_base_write() -> TestResult {
-    let r = measure(&FS, FS_RATIOS);
+    let r = measure(&fsgsbase_adjusted(FS), FS_RATIOS);
     // SAFETY: FS is unused by the kernel; back to its boot value.
     let _ = unsafe { raw::wrmsr(MSR_FS_BASE, 0) };
     r
@@ -193,10 +214,41 @@ const READ: [Path; 2] = [
 
 const READ_RATIOS: &[(&str, &str)] = &[("read/stub", "read/trapped_rdmsr")];
 
+/// Reads of the FS base: trapped by Xen, or (with FSGSBASE) RDFSBASE at the
+/// constant-index site and through the read stub's filter at the generic one.
+const FS_READ: [Path; 3] = [
+    path(
+        "fsread/trapped_rdmsr",
+        |_| raw::rdmsr(black_box(MSR_FS_BASE)).is_ok(),
+        0,
+    ),
+    path(
+        "fsread/shim",
+        // SAFETY: reading FS_BASE has no side effect.
+        |_| unsafe { xenmsr::rdmsr_safe(black_box(MSR_FS_BASE)) }.is_ok(),
+        0,
+    ),
+    path(
+        "fsread/shim_const",
+        // SAFETY: as above.
+        |_| unsafe { xenmsr::rdmsr_const_safe::<MSR_FS_BASE>() }.is_ok(),
+        0,
+    ),
+];
+
+const FS_READ_RATIOS: &[(&str, &str)] = &[
+    ("fsread/shim_const", "fsread/trapped_rdmsr"),
+    ("fsread/shim", "fsread/trapped_rdmsr"),
+];
+
 fn fail_rewind(_: u64) -> bool {
-    // SAFETY: Xen refuses the value (-EINVAL); nothing changes.
+    // SAFETY: Xen (with FSGSBASE: the stub) refuses the value; nothing changes.
     let r = unsafe { xenmsr::wrmsr_safe(MSR_FS_BASE, black_box(NON_CANONICAL)) };
-    r == Err(MsrError::Hypercall(Errno::EINVAL))
+    if xenmsr::fsgsbase::enabled() {
+        r == Err(MsrError::Fault { vector: VECTOR_GP })
+    } else {
+        r == Err(MsrError::Hypercall(Errno::EINVAL))
+    }
 }
 
 fn fail_native_gp(_: u64) -> bool {
