@@ -41,10 +41,10 @@ pub const REWIND_ERROR: Data = Data::rewind(1, true);
 
 const NEG_NATIVE: i64 = -(STATUS_NATIVE as i64);
 
-/// Data word of the rewind entry on the write stub's WRFSBASE/WRGSBASE: two words above
-/// the return address (the value, then the caller's rax, which the rewind restores); the
-/// error is the fault itself.
-pub const REWIND_RESTORE_RAX: Data = Data::rewind_restoring_rax(2);
+/// Data word of the rewind entry on the write stub's WRFSBASE/WRGSBASE: one word above
+/// the return address (the caller's rax, which the rewind restores); the error is the
+/// fault itself.
+pub const REWIND_RESTORE_RAX: Data = Data::rewind_restoring_rax(1);
 
 /// `MsrError::Fault { vector: 13 }` as a code: what the write stub reports for a
 /// non-canonical FS or GS base it refuses before WRFSBASE would #GP.
@@ -54,6 +54,7 @@ const FAULT_GP_CODE: u64 = crate::MsrError::Fault {
 .to_code();
 
 const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 // The read stub: the read filter's fast path, then the policy.
@@ -79,6 +80,7 @@ global_asm!(
     segbase_entry = sym xenmsr_segbase_entry,
     fsgsbase = sym crate::fastpath::xenmsr_fsgsbase_enabled,
     fs_base = const MSR_FS_BASE,
+    gs_base = const MSR_GS_BASE,
     kernel_gs_base = const MSR_KERNEL_GS_BASE,
     fault_gp = const FAULT_GP_CODE,
     class_hypercall = const crate::error::CLASS_HYPERCALL,

@@ -17,6 +17,7 @@ mod kernel;
 mod provision;
 mod qemu;
 mod smpbench;
+mod stubpaths;
 mod xl;
 
 use std::path::{Path, PathBuf};

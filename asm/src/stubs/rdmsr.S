@@ -51,10 +51,12 @@ xenmsr_stub_rdmsr:
 	jne .Lxenmsr_rdmsr_gs
 .Lxenmsr_rdmsr_fs:
 	rdfsbase %rax
-	jmp .Lxenmsr_rdmsr_split
+	mov %rax, %rdx
+	shr $32, %rdx
+	mov %eax, %eax
+	ret
 .Lxenmsr_rdmsr_gs:
 	rdgsbase %rax
-.Lxenmsr_rdmsr_split:
 	mov %rax, %rdx
 	shr $32, %rdx
 	mov %eax, %eax

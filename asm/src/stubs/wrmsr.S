@@ -10,20 +10,24 @@
  *
  * Entered only by the 5-byte `call` of a site that has its own extable entry.
  *
- * Segment bases, no Rust. FS_BASE, GS_BASE and KERNEL_GS_BASE (0xc0000100-102) once
- * `init` has stored the hypercall page's set_segment_base entry (`xenmsr_segbase_entry`):
- *  - with FSGSBASE enabled (`xenmsr_fsgsbase_enabled`), FS_BASE and GS_BASE are written
- *    with WRFSBASE/WRGSBASE. A non-canonical value, which would #GP there, is refused
- *    before the instruction with the error a #GP gives (Fault 13) through the ud2 below,
- *    so the caller sees what a faulting WRFSBASE at its own site gives. A #UD (were
- *    CR4.FSGSBASE off on this CPU) is reported at the caller's site too: its REWIND entry
- *    skips the two words above the return address and restores rax from the second.
+ * Segment bases, no Rust. FS_BASE, GS_BASE and KERNEL_GS_BASE (0xc0000100-102):
+ *  - with FSGSBASE enabled (`xenmsr_fsgsbase_enabled`, set by `init` after CR4.FSGSBASE),
+ *    FS_BASE and GS_BASE are written with WRFSBASE/WRGSBASE. A non-canonical value, which
+ *    would #GP there, is refused before the instruction with the error a #GP gives
+ *    (Fault 13) through the ud2 below, so the caller sees what a faulting WRFSBASE at its
+ *    own site gives on hardware (QEMU's TCG does not raise that #GP; the check makes the
+ *    result the same everywhere). Canonical means 48-bit: a PV guest has 4-level paging.
+ *    A #UD (were CR4.FSGSBASE off on this CPU) is reported at the caller's site too: the
+ *    instruction's REWIND entry skips the one word above the return address, the caller's
+ *    rax, and restores rax from it.
  *  - otherwise, and always for KERNEL_GS_BASE (a PV kernel cannot reach the user GS base
- *    with an instruction), HYPERVISOR_set_segment_base(which, edx:eax) through the page
- *    entry, called directly. which = 0 (FS), 2 (GS_KERNEL), 1 (GS_USER) for the MSR's low
- *    byte 0, 1, 2: (0x18 >> 2*cl) & 3. The entry clobbers rax and the argument registers
+ *    with an instruction), once `init` has stored the hypercall page's set_segment_base
+ *    entry (`xenmsr_segbase_entry`): HYPERVISOR_set_segment_base(which, edx:eax) through
+ *    that entry, called directly. which = 0 (FS), 2 (GS_KERNEL), 1 (GS_USER) for the MSR's
+ *    low byte 0, 1, 2: (4 >> cl) & 3. The entry clobbers rax and the argument registers
  *    the hypercall uses (rdi, rsi: a debug Xen overwrites them), which are saved. A failure
  *    is MsrError::Hypercall(errno) through the ud2.
+ *  - before that, the policy path below.
  *
  * Everything else: the policy path. 9 pushes keep the stack aligned for the call of
  * `xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome` (C ABI: edi, esi, edx;
@@ -45,14 +49,10 @@ xenmsr_stub_wrmsr:
 	.cfi_startproc
 	cmp ${fs_base}, %ecx
 	jb .Lxenmsr_wrmsr_policy
-	cmp ${kernel_gs_base}, %ecx
-	ja .Lxenmsr_wrmsr_policy
-	cmpq $0, {segbase_entry}(%rip)
-	je .Lxenmsr_wrmsr_policy
+	cmp ${gs_base}, %ecx
+	ja .Lxenmsr_wrmsr_kernel_gs
 	cmpb $0, {fsgsbase}(%rip)
-	je .Lxenmsr_wrmsr_hypercall
-	cmp ${kernel_gs_base}, %ecx
-	je .Lxenmsr_wrmsr_hypercall
+	je .Lxenmsr_wrmsr_hypercall_if_ready
 	.cfi_remember_state
 	push %rax
 	.cfi_adjust_cfa_offset 8
@@ -60,30 +60,34 @@ xenmsr_stub_wrmsr:
 	push %rax
 	.cfi_adjust_cfa_offset 8
 	mov %edx, 4(%rsp)
-	mov (%rsp), %rax
-	shl $16, %rax
-	sar $16, %rax
-	cmp %rax, (%rsp)
+	/* Canonical (48-bit) exactly when bits 63..47, edx's bits 31..15, are all equal. */
+	movswl %dx, %eax
+	cmp %eax, %edx
 	jne .Lxenmsr_wrmsr_noncanonical
+	pop %rax
+	.cfi_adjust_cfa_offset -8
 	cmp ${fs_base}, %ecx
 	jne .Lxenmsr_wrmsr_wrgs
 .Lxenmsr_wrmsr_wrfs:
 	wrfsbase %rax
-	jmp .Lxenmsr_wrmsr_fsgs_done
-.Lxenmsr_wrmsr_wrgs:
-	wrgsbase %rax
-.Lxenmsr_wrmsr_fsgs_done:
-	add $8, %rsp
-	.cfi_adjust_cfa_offset -8
 	.cfi_remember_state
 	pop %rax
 	.cfi_adjust_cfa_offset -8
 	.cfi_restore %rax
 	ret
 	.cfi_restore_state
+.Lxenmsr_wrmsr_wrgs:
+	wrgsbase %rax
+	pop %rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore %rax
+	ret
+	.cfi_restore_state
+	.cfi_remember_state
 .Lxenmsr_wrmsr_noncanonical:
 	/* Entered with the value, the caller's rax and the return address on the stack. */
-	.cfi_adjust_cfa_offset 8
+	.cfi_adjust_cfa_offset 16
+	.cfi_rel_offset %rax, 8
 	add $8, %rsp
 	.cfi_adjust_cfa_offset -8
 	movabs ${fault_gp}, %rax
@@ -91,7 +95,12 @@ xenmsr_stub_wrmsr:
 	.cfi_restore %rax
 	jmp .Lxenmsr_wrmsr_trap
 	.cfi_restore_state
-.Lxenmsr_wrmsr_hypercall:
+.Lxenmsr_wrmsr_kernel_gs:
+	cmp ${kernel_gs_base}, %ecx
+	jne .Lxenmsr_wrmsr_policy
+.Lxenmsr_wrmsr_hypercall_if_ready:
+	cmpq $0, {segbase_entry}(%rip)
+	je .Lxenmsr_wrmsr_policy
 	push %rax
 	.cfi_adjust_cfa_offset 8
 	.cfi_rel_offset %rax, 0
@@ -105,8 +114,8 @@ xenmsr_stub_wrmsr:
 	shl $32, %rsi
 	mov %eax, %eax
 	or %rax, %rsi
-	mov $0x18, %edi
-	shr %cl, %edi
+	/* which: (4 >> cl) & 3 maps the MSR's low byte 0, 1, 2 to 0 (FS), 2 (GS_KERNEL), 1 (GS_USER). */
+	mov $4, %edi
 	shr %cl, %edi
 	and $3, %edi
 	call *{segbase_entry}(%rip)

@@ -17,6 +17,7 @@ use xenmsr::routes::{MSR_APIC_BASE, MSR_LSTAR, fix_apic_base};
 use xenmsr::{rdmsr, rdmsr_safe, wrmsr, wrmsr_safe};
 use xenmsr_asm::backend::{set_backend, xenmsr_handle_read, xenmsr_handle_write};
 use xenmsr_asm::extable::{self, Data, ExtableEntry, Kind};
+use xenmsr_asm::stubs::{set_segbase_hypercall_page, xenmsr_stub_segbase_fs};
 use xenmsr_asm::{MsrBackend, MsrError, Outcome};
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, SegmentBase};
 use xenmsr_hypercall::mock::{self, MockCall};
@@ -60,8 +61,10 @@ macro_rules! scenarios {
 scenarios! {
     "loop" => run_loop_only: "the measuring loop alone (subtracted from every other count)",
     "hc/direct" => hc_direct: "direct `page.set_segment_base(FS, v)` on the mock page",
-    "fs_write/stub" => fs_write_stub: "`wrmsr_safe(FS_BASE, v)`: site -> stub -> XenPvPolicy -> mock hypercall",
+    "fs_write/stub" => fs_write_stub: "`wrmsr_safe(FS_BASE, v)`, run-time index: site -> write stub's segment-base path -> mock `set_segment_base` entry (no Rust)",
     "fs_write/stub_unchecked" => fs_write_stub_unchecked: "`wrmsr(FS_BASE, v)`: as above, unchecked site",
+    "fs_write/const_stub" => fs_write_const_stub: "constant-index FS_BASE write site as patched on Xen PV: `call xenmsr_stub_segbase_fs` -> mock `set_segment_base` entry",
+    "fs_write/stub_via_policy" => fs_write_stub_via_policy: "`wrmsr_safe(FS_BASE, v)` before `init` stored the page entry: site -> write stub -> XenPvPolicy -> mock hypercall",
     "fs_write/policy" => fs_write_policy: "`policy.decide_write(FS_BASE, v)` (one non-inlined call)",
     "fs_write/work" => fs_write_work: "the segment-base handler's work alone: the hypercall (one non-inlined call)",
     "fs_write/pvops" => fs_write_pvops: "C-ABI `OPS.write_msr(FS_BASE, v)` -> same policy",
@@ -124,8 +127,17 @@ fn vcpu0() -> u32 {
 static POLICY: OnceLock<&'static Policy> = OnceLock::new();
 
 /// Builds the policy over the mock page (with `pmu`), registers it as the stubs' backend
-/// and for the pvops table, and clears the mock's record.
+/// and for the pvops table, gives the segment-base stub paths the mock page's entry as
+/// `init` does, and clears the mock's record.
 fn install_policy(pmu: Option<&'static Vpmu>) -> &'static Policy {
+    let policy = install_policy_without_segbase_entry(pmu);
+    set_segbase_hypercall_page(mock::page());
+    policy
+}
+
+/// [`install_policy`] without the segment-base entry: every FS_BASE write through the
+/// write stub then enters the Rust policy (the state before `init` finishes).
+fn install_policy_without_segbase_entry(pmu: Option<&'static Vpmu>) -> &'static Policy {
     let index = Box::leak(Box::new(xenmsr::dispatch::ClassIndex::new()));
     let policy: &'static Policy = Box::leak(Box::new(XenPvPolicy::new(
         mock::page(),
@@ -403,6 +415,34 @@ fn fs_write_stub_unchecked(n: u64) {
     fs_scenario(n, |v| {
         // SAFETY: as in `fs_write_stub`.
         unsafe { wrmsr(black_box(MSR_FS_BASE), v) };
+    });
+}
+
+fn fs_write_const_stub(n: u64) {
+    install_policy(None);
+    fs_scenario(n, |v| {
+        // SAFETY: what a patched constant-index FS_BASE site executes: the segment-base
+        // stub takes the value in rax and preserves every register but the flags (see
+        // `segbase.S`); the stack is 16-byte aligned (no `nostack`). Its page entry is the
+        // mock's, so the write is a recorded mock hypercall. The mock answers 0, so the
+        // stub's error exit (a ud2 that needs the site's extable entry) is not taken; were
+        // it taken, the process would die with SIGILL and the run would fail loudly.
+        unsafe {
+            core::arch::asm!(
+                "call {stub}",
+                stub = sym xenmsr_stub_segbase_fs,
+                in("rax") black_box(v),
+            );
+        }
+    });
+}
+
+fn fs_write_stub_via_policy(n: u64) {
+    install_policy_without_segbase_entry(None);
+    fs_scenario(n, |v| {
+        // SAFETY: as in `fs_write_stub`.
+        let r = unsafe { wrmsr_safe(black_box(MSR_FS_BASE), v) };
+        black_box(r).unwrap();
     });
 }
 
