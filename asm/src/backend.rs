@@ -23,13 +23,32 @@ pub enum Outcome {
 }
 
 /// Decides what happens to each MSR/PMC access that reaches a stub.
+///
+/// A backend performs the access it decides (a hypercall for a segment base, a raw read
+/// of the APIC base, a vPMU page access), so calling one is as unsafe as the instruction
+/// it stands for: the methods are `unsafe fn`, and the stubs' handlers are their callers.
 pub trait MsrBackend: Sync {
     /// `rdmsr` of `msr`.
-    fn read(&self, msr: u32) -> Outcome;
+    ///
+    /// # Safety
+    ///
+    /// The caller must be allowed to execute `rdmsr` of `msr` here: the same contract as
+    /// the native instruction (some MSRs have side effects on read).
+    unsafe fn read(&self, msr: u32) -> Outcome;
     /// `wrmsr` of `value` to `msr`.
-    fn write(&self, msr: u32, value: u64) -> Outcome;
+    ///
+    /// # Safety
+    ///
+    /// The same contract as the native `wrmsr`: writing `value` to `msr` must not break
+    /// anything the running code relies on (for example the FS or GS base that per-CPU
+    /// data or thread-local storage sits behind).
+    unsafe fn write(&self, msr: u32, value: u64) -> Outcome;
     /// `rdpmc` of `counter`.
-    fn rdpmc(&self, counter: u32) -> Outcome;
+    ///
+    /// # Safety
+    ///
+    /// The same contract as the native `rdpmc`.
+    unsafe fn rdpmc(&self, counter: u32) -> Outcome;
 }
 
 static BACKEND: Once<&'static dyn MsrBackend> = Once::new();
@@ -98,11 +117,17 @@ impl From<Outcome> for RawOutcome {
 /// ([`Outcome::Native`] when none is registered).
 ///
 /// Called by `xenmsr_stub_rdmsr` and `xenmsr_stub_rdmsr_rax` with a 16-byte-aligned stack.
-/// Safe to call directly from Rust too (benchmarks compare against exactly that).
+/// Callable from Rust too (benchmarks compare against exactly that).
+///
+/// # Safety
+///
+/// As [`MsrBackend::read`]: the caller must be allowed to execute `rdmsr` of `msr`.
 #[unsafe(no_mangle)]
-pub extern "C" fn xenmsr_handle_read(msr: u32) -> RawOutcome {
+pub unsafe extern "C" fn xenmsr_handle_read(msr: u32) -> RawOutcome {
     match backend() {
-        Some(backend) => backend.read(msr).into(),
+        // SAFETY: forwarded to the caller (the read stub, whose caller's site executes
+        // the `rdmsr` this stands for).
+        Some(backend) => unsafe { backend.read(msr) }.into(),
         None => Outcome::Native.into(),
     }
 }
@@ -112,21 +137,33 @@ pub extern "C" fn xenmsr_handle_read(msr: u32) -> RawOutcome {
 ///
 /// The value arrives as two halves so the stub can pass `edx` through as the third
 /// argument register unchanged (one instruction fewer on every write).
+///
+/// # Safety
+///
+/// As [`MsrBackend::write`]: the same contract as a native `wrmsr` of `hi:lo` to `msr`
+/// (a segment-base write, for one, changes what `%fs:`/`%gs:` accesses reach).
 #[unsafe(no_mangle)]
-pub extern "C" fn xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome {
+pub unsafe extern "C" fn xenmsr_handle_write(msr: u32, lo: u32, hi: u32) -> RawOutcome {
     let value = (hi as u64) << 32 | lo as u64;
     match backend() {
-        Some(backend) => backend.write(msr, value).into(),
+        // SAFETY: forwarded to the caller (the write stub, whose caller's site is the
+        // `wrmsr` this stands for).
+        Some(backend) => unsafe { backend.write(msr, value) }.into(),
         None => Outcome::Native.into(),
     }
 }
 
 /// The RDPMC stub's C-ABI entry: asks the registered backend about `rdpmc` of `counter`
 /// ([`Outcome::Native`] when none is registered).
+///
+/// # Safety
+///
+/// As [`MsrBackend::rdpmc`].
 #[unsafe(no_mangle)]
-pub extern "C" fn xenmsr_handle_rdpmc(counter: u32) -> RawOutcome {
+pub unsafe extern "C" fn xenmsr_handle_rdpmc(counter: u32) -> RawOutcome {
     match backend() {
-        Some(backend) => backend.rdpmc(counter).into(),
+        // SAFETY: forwarded to the caller (the RDPMC stub's caller's site).
+        Some(backend) => unsafe { backend.rdpmc(counter) }.into(),
         None => Outcome::Native.into(),
     }
 }

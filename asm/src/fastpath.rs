@@ -73,13 +73,13 @@ pub struct ReadFilter {
     kinds: [AtomicU8; READ_FILTER_SLOTS],
 }
 
-/// Offset of [`ReadFilter::divert`] (for the stub).
+/// Offset of `ReadFilter::divert` (for the stub).
 pub const READ_FILTER_DIVERT: usize = core::mem::offset_of!(ReadFilter, divert);
-/// Offset of [`ReadFilter::mul`].
+/// Offset of `ReadFilter::mul`.
 pub const READ_FILTER_MUL: usize = core::mem::offset_of!(ReadFilter, mul);
-/// Offset of [`ReadFilter::keys`].
+/// Offset of `ReadFilter::keys`.
 pub const READ_FILTER_KEYS: usize = core::mem::offset_of!(ReadFilter, keys);
-/// Offset of [`ReadFilter::kinds`].
+/// Offset of `ReadFilter::kinds`.
 pub const READ_FILTER_KINDS: usize = core::mem::offset_of!(ReadFilter, kinds);
 
 const _: () = {

@@ -8,11 +8,10 @@
 //! A wrapper is safe when nothing the caller can pass makes Xen touch memory the caller
 //! does not own through the arguments, or change state Rust code relies on:
 //!
-//! - [`set_segment_base`](HypercallPage::set_segment_base) changes FS/GS bases, as the
-//!   `wrmsr` it replaces does. Rust code on these targets does not address memory through
-//!   FS or GS (there is no thread-local storage on a bare-metal PV kernel; host tests only
-//!   use the mock). A kernel that keeps per-CPU data behind GS owns that invariant and
-//!   should wrap this call accordingly.
+//! - [`set_segment_base`](HypercallPage::set_segment_base) is `unsafe`: it changes the FS
+//!   or GS base, as the `wrmsr` or `wrfsbase` it replaces does, and with it what every
+//!   `%fs:`/`%gs:` access reaches (thread-local storage, per-CPU data). Only the caller
+//!   knows whether code relies on the old base.
 //! - [`xen_version`](HypercallPage::xen_version) passes no pointer and only queries.
 //! - [`console_write`](HypercallPage::console_write),
 //!   [`sched_shutdown`](HypercallPage::sched_shutdown),
@@ -48,13 +47,28 @@ impl HypercallPage {
     /// use xenmsr_hypercall::abi::SegmentBase;
     /// use xenmsr_hypercall::{Errno, HypercallPage};
     ///
-    /// fn set_tls(page: HypercallPage, base: u64) -> Result<(), Errno> {
-    ///     page.set_segment_base(SegmentBase::FS, base)
+    /// /// Points FS at a new thread's TLS block during a task switch.
+    /// ///
+    /// /// # Safety
+    /// ///
+    /// /// `base` is the incoming task's TLS block, and no code of the outgoing task runs
+    /// /// on this CPU before the switch completes.
+    /// unsafe fn set_tls(page: HypercallPage, base: u64) -> Result<(), Errno> {
+    ///     // SAFETY: forwarded to the caller.
+    ///     unsafe { page.set_segment_base(SegmentBase::FS, base) }
     /// }
     /// ```
-    pub fn set_segment_base(self, which: SegmentBase, base: u64) -> Result<(), Errno> {
-        // SAFETY: no pointer is passed; the call only changes segment state that no Rust
-        // code in this program addresses memory through (see the module docs).
+    ///
+    /// # Safety
+    ///
+    /// Every `%fs:` (or `%gs:`) access after the call reaches memory through the new base.
+    /// The caller must make sure that no code running on this vCPU relies on the old one,
+    /// for example that the kernel's per-CPU pointer or the running task's thread-local
+    /// storage is not behind the base it changes: the same contract as the `wrmsr` of
+    /// the base MSR this call replaces.
+    pub unsafe fn set_segment_base(self, which: SegmentBase, base: u64) -> Result<(), Errno> {
+        // SAFETY: no pointer is passed; what the new base means for memory accesses is the
+        // caller's contract (see above).
         unsafe { self.call(nr::SET_SEGMENT_BASE, [u64::from(which.0), base, 0, 0, 0]) }.map(drop)
     }
 

@@ -49,7 +49,9 @@ fn eight_threads_are_isolated() {
                     } else {
                         Ok(())
                     };
-                    assert_eq!(page.set_segment_base(SegmentBase::FS, base), want);
+                    // SAFETY: the mock page records the call; no segment base changes.
+                    let got = unsafe { page.set_segment_base(SegmentBase::FS, base) };
+                    assert_eq!(got, want);
                     expected.push(MockCall::new(25, [0, base, 0, 0, 0]));
                     if round % 16 == 0 {
                         std::thread::yield_now();

@@ -3,9 +3,11 @@
 //! ([`crate::FsGsBase::Use`]).
 //!
 //! Enabling CR4.FSGSBASE also lets *user space* change its own FS and GS bases at any
-//! time, so a kernel that opts in must save them on every task switch (`rdfsbase` and
-//! `rdgsbase` after `swapgs`-equivalent, or the library's reads) instead of trusting the
-//! values it last wrote. That is the kernel's decision, which is why it is off by default.
+//! time, so a kernel that opts in must save them on every task switch instead of trusting
+//! the values it last wrote: the FS base (`Msr::FS_BASE.read()`, which is `rdfsbase` now)
+//! and the user GS base, which Xen holds while the kernel runs (`Msr::KERNEL_GS_BASE
+//! .read()`, a read Xen emulates). That is the kernel's decision, which is why it is off
+//! by default.
 //!
 //! On Xen PV (Xen ≥ 4.15) a guest kernel enables it with an ordinary `mov` to CR4, which
 //! traps and which Xen filters by the domain's CPUID policy: `init` does it on the boot

@@ -23,12 +23,19 @@
 #[cfg(test)]
 extern crate std;
 
+// The routing machinery: public so that the host tests and benchmarks can drive it
+// directly, hidden from the front page because a kernel never needs it (the typed `Msr`,
+// the access functions and `init` are the API; `docs/architecture.md` explains the
+// routing).
+#[doc(hidden)]
 pub mod dispatch;
 pub mod fsgsbase;
 mod msr;
 pub mod patch;
 pub mod pmu;
+#[doc(hidden)]
 pub mod policy;
+#[doc(hidden)]
 pub mod routes;
 
 use core::fmt;
@@ -44,7 +51,7 @@ pub use xenmsr_hypercall as hypercall;
 /// hour goes into its own code. With [`xen_elf_notes!`] and [`pv_entry!`]:
 ///
 /// - the trap entry for every exception vector, the event upcall and the failsafe
-///   callback ([`pv::install_trap_table`], [`pv::install_callbacks`],
+///   callback (`pv::install_trap_table`, `pv::install_callbacks`,
 ///   [`pv::set_trap_handler`]), which fixes up MSR faults through the library and returns
 ///   with the `iret` hypercall;
 /// - [`pv::PvConsole`], a `core::fmt::Write` console for dom0 (`console_io`) and a domU
@@ -57,6 +64,10 @@ pub mod pv {
 }
 
 pub use msr::Msr;
+pub use xenmsr_asm::MsrError;
+/// A backend's decision for one access (routing internals, for tests and benchmarks).
+#[doc(hidden)]
+pub use xenmsr_asm::Outcome;
 pub use xenmsr_asm::cpuid::xen_cpuid;
 pub use xenmsr_asm::extable::init as init_extable;
 pub use xenmsr_asm::fixup::{TrapFrame, UncheckedAccess, fixup_exception};
@@ -65,7 +76,6 @@ pub use xenmsr_asm::site::{
     rdmsr, rdmsr_const, rdmsr_const_safe, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns,
     wrmsr_ns_const, wrmsr_ns_const_safe, wrmsr_ns_safe, wrmsr_safe,
 };
-pub use xenmsr_asm::{MsrError, Outcome};
 use xenmsr_hypercall::HypercallPage;
 pub use xenmsr_hypercall::xen_elf_notes;
 

@@ -78,8 +78,13 @@ impl<N: NativeMsr> XenPvPolicy<N> {
 
     /// Decides a read. Public so that benchmarks and tests can drive the policy
     /// without a stub in between.
+    ///
+    /// # Safety
+    ///
+    /// As [`MsrBackend::read`]: the caller must be allowed to execute `rdmsr` of `msr`
+    /// (the APIC base is read with the real instruction).
     #[inline]
-    pub fn decide_read(&self, msr: u32) -> Outcome {
+    pub unsafe fn decide_read(&self, msr: u32) -> Outcome {
         match self.class(msr) {
             Class::Native
             | Class::Route {
@@ -89,7 +94,8 @@ impl<N: NativeMsr> XenPvPolicy<N> {
             Class::Route {
                 read: ReadRoute::ApicBaseFixup,
                 ..
-            } => match self.native.read_safe(msr) {
+            // SAFETY: the caller may read `msr` (this function's contract).
+            } => match unsafe { self.native.read_safe(msr) } {
                 Ok(raw) => Outcome::Done(routes::fix_apic_base(raw, (self.vcpu_id)())),
                 Err(error) => Outcome::Failed(error),
             },
@@ -100,9 +106,15 @@ impl<N: NativeMsr> XenPvPolicy<N> {
         }
     }
 
-    /// Decides a write.
+    /// Decides a write, and performs it when the policy handles it (a segment-base
+    /// hypercall, a vPMU write).
+    ///
+    /// # Safety
+    ///
+    /// As [`MsrBackend::write`]: the same contract as the native `wrmsr` of `value` to
+    /// `msr` (a segment-base write changes what `%fs:`/`%gs:` accesses reach).
     #[inline]
-    pub fn decide_write(&self, msr: u32, value: u64) -> Outcome {
+    pub unsafe fn decide_write(&self, msr: u32, value: u64) -> Outcome {
         match self.class(msr) {
             Class::Native
             | Class::Route {
@@ -116,7 +128,8 @@ impl<N: NativeMsr> XenPvPolicy<N> {
             Class::Route {
                 write: WriteRoute::SegmentBase(which),
                 ..
-            } => match self.hypercalls.set_segment_base(which, value) {
+            // SAFETY: the caller upholds the native write's contract for this base.
+            } => match unsafe { self.hypercalls.set_segment_base(which, value) } {
                 Ok(()) => Outcome::Done(0),
                 Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
             },
@@ -129,8 +142,12 @@ impl<N: NativeMsr> XenPvPolicy<N> {
 
     /// Decides an RDPMC. RDPMC always faults for a PV guest (Xen never sets CR4.PCE and
     /// does not emulate it), so without a vPMU backend it is left to fault natively.
+    ///
+    /// # Safety
+    ///
+    /// As [`MsrBackend::rdpmc`].
     #[inline]
-    pub fn decide_rdpmc(&self, counter: u32) -> Outcome {
+    pub unsafe fn decide_rdpmc(&self, counter: u32) -> Outcome {
         match self.pmu {
             Some(pmu) => pmu.rdpmc(counter),
             None => Outcome::Native,
@@ -139,15 +156,18 @@ impl<N: NativeMsr> XenPvPolicy<N> {
 }
 
 impl<N: NativeMsr> MsrBackend for XenPvPolicy<N> {
-    fn read(&self, msr: u32) -> Outcome {
-        self.decide_read(msr)
+    unsafe fn read(&self, msr: u32) -> Outcome {
+        // SAFETY: the same contract, forwarded.
+        unsafe { self.decide_read(msr) }
     }
 
-    fn write(&self, msr: u32, value: u64) -> Outcome {
-        self.decide_write(msr, value)
+    unsafe fn write(&self, msr: u32, value: u64) -> Outcome {
+        // SAFETY: the same contract, forwarded.
+        unsafe { self.decide_write(msr, value) }
     }
 
-    fn rdpmc(&self, counter: u32) -> Outcome {
-        self.decide_rdpmc(counter)
+    unsafe fn rdpmc(&self, counter: u32) -> Outcome {
+        // SAFETY: the same contract, forwarded.
+        unsafe { self.decide_rdpmc(counter) }
     }
 }

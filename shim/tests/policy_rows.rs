@@ -25,9 +25,32 @@ fn current_vcpu() -> u32 {
 struct ScriptedNative;
 
 impl NativeMsr for ScriptedNative {
-    fn read_safe(&self, _msr: u32) -> Result<u64, MsrError> {
+    unsafe fn read_safe(&self, _msr: u32) -> Result<u64, MsrError> {
         NATIVE_READS.with(|n| n.set(n.get() + 1));
         NATIVE.with(Cell::get)
+    }
+}
+
+/// The policy's decisions in these tests, which run it over the mock page and a scripted
+/// native reader: nothing touches a real MSR or segment base.
+trait OverMocks {
+    fn mock_read(&self, msr: u32) -> Outcome;
+    fn mock_write(&self, msr: u32, value: u64) -> Outcome;
+    fn mock_rdpmc(&self, counter: u32) -> Outcome;
+}
+
+impl<N: NativeMsr> OverMocks for XenPvPolicy<N> {
+    fn mock_read(&self, msr: u32) -> Outcome {
+        // SAFETY: see the trait.
+        unsafe { self.decide_read(msr) }
+    }
+    fn mock_write(&self, msr: u32, value: u64) -> Outcome {
+        // SAFETY: see the trait.
+        unsafe { self.decide_write(msr, value) }
+    }
+    fn mock_rdpmc(&self, counter: u32) -> Outcome {
+        // SAFETY: see the trait.
+        unsafe { self.decide_rdpmc(counter) }
     }
 }
 
@@ -70,7 +93,7 @@ fn segment_base_writes_make_one_hypercall_with_the_full_value() {
             0x0000_7fff_ffff_f000,
             0xffff_8000_dead_b000,
         ] {
-            assert_eq!(policy.decide_write(msr, base), Outcome::Done(0), "{msr:#x}");
+            assert_eq!(policy.mock_write(msr, base), Outcome::Done(0), "{msr:#x}");
             mock::assert_calls(&[segbase_call(which, base)]);
         }
     }
@@ -84,7 +107,7 @@ fn segment_base_hypercall_errors_are_typed() {
         mock::script_err(nr::SET_SEGMENT_BASE, errno);
         let non_canonical = 0x8000_0000_0000_0000;
         assert_eq!(
-            policy.decide_write(routes::MSR_FS_BASE, non_canonical),
+            policy.mock_write(routes::MSR_FS_BASE, non_canonical),
             Outcome::Failed(MsrError::Hypercall(errno))
         );
         mock::assert_calls(&[segbase_call(SegmentBase::FS, non_canonical)]);
@@ -100,7 +123,7 @@ fn segment_base_reads_pass_through() {
         routes::MSR_GS_BASE,
         routes::MSR_KERNEL_GS_BASE,
     ] {
-        assert_eq!(policy.decide_read(msr), Outcome::Native);
+        assert_eq!(policy.mock_read(msr), Outcome::Native);
     }
     mock::assert_calls(&[]);
 }
@@ -120,11 +143,11 @@ fn syscall_msr_writes_are_ignored_without_a_hypercall() {
     ];
     for msr in ignored {
         assert_eq!(
-            policy.decide_write(msr, u64::MAX),
+            policy.mock_write(msr, u64::MAX),
             Outcome::Done(0),
             "{msr:#x}"
         );
-        assert_eq!(policy.decide_read(msr), Outcome::Native, "{msr:#x}");
+        assert_eq!(policy.mock_read(msr), Outcome::Native, "{msr:#x}");
     }
     mock::assert_calls(&[]);
 }
@@ -143,7 +166,7 @@ fn apic_base_read_hides_x2apic_and_sets_bsp_only_on_vcpu0() {
             0xfee0_0000 | (1 << 11)
         };
         assert_eq!(
-            policy.decide_read(routes::MSR_APIC_BASE),
+            policy.mock_read(routes::MSR_APIC_BASE),
             Outcome::Done(expected)
         );
     }
@@ -151,7 +174,7 @@ fn apic_base_read_hides_x2apic_and_sets_bsp_only_on_vcpu0() {
     NATIVE.with(|n| n.set(Ok(0xfee0_0800)));
     VCPU.with(|v| v.set(0));
     assert_eq!(
-        policy.decide_read(routes::MSR_APIC_BASE),
+        policy.mock_read(routes::MSR_APIC_BASE),
         Outcome::Done(0xfee0_0900)
     );
     VCPU.with(|v| v.set(0));
@@ -165,7 +188,7 @@ fn apic_base_read_fault_is_an_error_not_a_fabricated_value() {
     NATIVE.with(|n| n.set(Err(MsrError::Fault { vector: 13 })));
     VCPU.with(|v| v.set(0));
     assert_eq!(
-        policy.decide_read(routes::MSR_APIC_BASE),
+        policy.mock_read(routes::MSR_APIC_BASE),
         Outcome::Failed(MsrError::Fault { vector: 13 })
     );
     NATIVE.with(|n| n.set(Ok(0)));
@@ -175,7 +198,7 @@ fn apic_base_read_fault_is_an_error_not_a_fabricated_value() {
 fn apic_base_write_passes_through() {
     let _session = mock::session();
     assert_eq!(
-        policy().decide_write(routes::MSR_APIC_BASE, 0xfee0_0900),
+        policy().mock_write(routes::MSR_APIC_BASE, 0xfee0_0900),
         Outcome::Native
     );
     mock::assert_calls(&[]);
@@ -196,14 +219,14 @@ fn everything_else_is_native_without_a_hypercall() {
         0xc001_1234,
         0x4000_0000,
     ] {
-        assert_eq!(policy.decide_read(msr), Outcome::Native, "{msr:#x}");
-        assert_eq!(policy.decide_write(msr, 7), Outcome::Native, "{msr:#x}");
+        assert_eq!(policy.mock_read(msr), Outcome::Native, "{msr:#x}");
+        assert_eq!(policy.mock_write(msr, 7), Outcome::Native, "{msr:#x}");
     }
     // Without a vPMU backend, PMU MSRs and RDPMC pass through too.
     for msr in [0xc1, 0x186, 0x38f, 0xc001_0000, 0xc001_0201] {
-        assert_eq!(policy.decide_read(msr), Outcome::Native, "{msr:#x}");
+        assert_eq!(policy.mock_read(msr), Outcome::Native, "{msr:#x}");
     }
-    assert_eq!(policy.decide_rdpmc(0), Outcome::Native);
+    assert_eq!(policy.mock_rdpmc(0), Outcome::Native);
     assert_eq!(
         NATIVE_READS.with(Cell::get),
         0,
@@ -222,9 +245,9 @@ fn every_row_behaves_as_its_route_says() {
     VCPU.with(|v| v.set(0));
     for route in ROUTES {
         match route.read {
-            ReadRoute::Native => assert_eq!(policy.decide_read(route.msr), Outcome::Native),
+            ReadRoute::Native => assert_eq!(policy.mock_read(route.msr), Outcome::Native),
             ReadRoute::ApicBaseFixup => assert_eq!(
-                policy.decide_read(route.msr),
+                policy.mock_read(route.msr),
                 Outcome::Done(routes::fix_apic_base(0xfee0_0900, 0))
             ),
         }
@@ -232,15 +255,15 @@ fn every_row_behaves_as_its_route_says() {
         let value = 0x0000_1234_5678_9000;
         match route.write {
             WriteRoute::Native => {
-                assert_eq!(policy.decide_write(route.msr, value), Outcome::Native);
+                assert_eq!(policy.mock_write(route.msr, value), Outcome::Native);
                 mock::assert_calls(&[]);
             }
             WriteRoute::Ignore => {
-                assert_eq!(policy.decide_write(route.msr, value), Outcome::Done(0));
+                assert_eq!(policy.mock_write(route.msr, value), Outcome::Done(0));
                 mock::assert_calls(&[]);
             }
             WriteRoute::SegmentBase(which) => {
-                assert_eq!(policy.decide_write(route.msr, value), Outcome::Done(0));
+                assert_eq!(policy.mock_write(route.msr, value), Outcome::Done(0));
                 mock::assert_calls(&[segbase_call(which, value)]);
             }
         }
@@ -285,8 +308,8 @@ fn oversized_pmu_layout_falls_back_to_the_same_classification() {
     }
     // The 200th general counter is a PMU MSR of this layout, and passes through (no page).
     assert!(matches!(policy.class(0xc1 + 199), Class::Pmu(_)));
-    assert_eq!(policy.decide_read(0xc1 + 199), Outcome::Native);
+    assert_eq!(policy.mock_read(0xc1 + 199), Outcome::Native);
     // The routes still work.
-    assert_eq!(policy.decide_write(routes::MSR_LSTAR, 1), Outcome::Done(0));
+    assert_eq!(policy.mock_write(routes::MSR_LSTAR, 1), Outcome::Done(0));
     mock::assert_calls(&[]);
 }

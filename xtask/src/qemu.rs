@@ -55,6 +55,9 @@ pub enum Echo {
     /// Every line the kernel prints from its banner on (not Xen's, not the firmware's),
     /// without the run-name prefix: the demo's view.
     Guest,
+    /// Every line a kernel of the user's own prints (`run --kernel`): every line after
+    /// Xen's first that is not Xen's.
+    Console,
     /// Everything, Xen's lines too.
     All,
 }
@@ -228,6 +231,7 @@ pub fn run_dom0(
     let deadline = start + run.deadline;
     let mut timed_out = false;
     let mut seen_banner = false;
+    let mut seen_xen = false;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -238,9 +242,11 @@ pub fn run_dom0(
             Ok(line) => {
                 let kind = log.feed(&line);
                 seen_banner |= line.starts_with(BANNER);
+                seen_xen |= kind == LineKind::Xen;
                 match echo {
                     Echo::All => println!("[{}] {line}", run.name),
                     Echo::Guest if seen_banner && kind != LineKind::Xen => println!("{line}"),
+                    Echo::Console if seen_xen && kind != LineKind::Xen => println!("{line}"),
                     Echo::Tests
                         if matches!(
                             kind,

@@ -175,7 +175,12 @@ pub static DEFAULT_SLOTS: [VcpuSlot; DEFAULT_VCPUS] = [const { VcpuSlot::new() }
 /// A kernel implements it over `xenmsr_asm::native::rdmsr_safe`; tests fake it.
 pub trait NativeMsr: Sync {
     /// `rdmsr` of `msr`.
-    fn read_safe(&self, msr: u32) -> Result<u64, MsrError>;
+    ///
+    /// # Safety
+    ///
+    /// The caller must be allowed to execute `rdmsr` of `msr` here (the native
+    /// instruction's contract: some MSRs have side effects on read).
+    unsafe fn read_safe(&self, msr: u32) -> Result<u64, MsrError>;
 }
 
 /// Why a vPMU operation failed.
@@ -771,7 +776,9 @@ impl Vpmu {
             Context::Hardware => {}
         }
         match pmc.msr(&layout) {
-            Some(msr) => match native.read_safe(msr) {
+            // SAFETY: `msr` is one of the layout's counter MSRs (decoded above); reading a
+            // performance counter has no side effect, which is what RDPMC itself does.
+            Some(msr) => match unsafe { native.read_safe(msr) } {
                 Ok(value) => Outcome::Done(value),
                 Err(e) => Outcome::Failed(e),
             },
@@ -852,9 +859,9 @@ static VPMU: Vpmu = Vpmu::new();
 pub struct RawMsr;
 
 impl NativeMsr for RawMsr {
-    fn read_safe(&self, msr: u32) -> Result<u64, MsrError> {
-        // SAFETY: the backend reads only performance-counter MSRs through this (for RDPMC
-        // emulation); reading them has no effect on memory.
+    unsafe fn read_safe(&self, msr: u32) -> Result<u64, MsrError> {
+        // SAFETY: the caller may read `msr` (this method's contract); a fault becomes an
+        // error through the instruction's extable entry.
         unsafe { xenmsr_asm::native::rdmsr_safe(msr) }
     }
 }

@@ -264,7 +264,7 @@ impl FakeNative {
 }
 
 impl NativeMsr for FakeNative {
-    fn read_safe(&self, msr: u32) -> Result<u64, MsrError> {
+    unsafe fn read_safe(&self, msr: u32) -> Result<u64, MsrError> {
         self.reads.lock().unwrap().push(msr);
         if self.fail.contains(&msr) {
             Err(MsrError::Fault { vector: 13 })

@@ -112,7 +112,7 @@ scenarios! {
 pub struct FakeNative;
 
 impl NativeMsr for FakeNative {
-    fn read_safe(&self, _msr: u32) -> Result<u64, MsrError> {
+    unsafe fn read_safe(&self, _msr: u32) -> Result<u64, MsrError> {
         Ok(APIC_RAW)
     }
 }
@@ -157,13 +157,13 @@ fn install_policy_without_segbase_entry(pmu: Option<&'static Vpmu>) -> &'static 
 pub struct Trivial;
 
 impl MsrBackend for Trivial {
-    fn read(&self, msr: u32) -> Outcome {
+    unsafe fn read(&self, msr: u32) -> Outcome {
         Outcome::Done(u64::from(msr))
     }
-    fn write(&self, _msr: u32, _value: u64) -> Outcome {
+    unsafe fn write(&self, _msr: u32, _value: u64) -> Outcome {
         Outcome::Done(0)
     }
-    fn rdpmc(&self, counter: u32) -> Outcome {
+    unsafe fn rdpmc(&self, counter: u32) -> Outcome {
         Outcome::Done(u64::from(counter))
     }
 }
@@ -306,7 +306,9 @@ macro_rules! pv_ops {
     ($ops:ident, $read:ident, $write:ident, $backend:expr) => {
         extern "C" fn $read(msr: u32, err: &mut i32) -> u64 {
             let outcome = match $backend {
-                Some(backend) => MsrBackend::read(backend, msr),
+                // SAFETY: every backend of this binary answers over the mock page or
+                // trivially: no real MSR or segment base is touched.
+                Some(backend) => unsafe { MsrBackend::read(backend, msr) },
                 None => Outcome::Failed(MsrError::PmuUnavailable),
             };
             match outcome {
@@ -336,7 +338,8 @@ macro_rules! pv_ops {
 
         extern "C" fn $write(msr: u32, value: u64) -> i32 {
             let outcome = match $backend {
-                Some(backend) => MsrBackend::write(backend, msr, value),
+                // SAFETY: as for the read.
+                Some(backend) => unsafe { MsrBackend::write(backend, msr, value) },
                 None => Outcome::Failed(MsrError::PmuUnavailable),
             };
             match outcome {
@@ -384,7 +387,9 @@ fn run_loop_only(n: u64) {
 fn hc_direct(n: u64) {
     let page: HypercallPage = mock::page();
     let op = |v: u64| {
-        black_box(black_box(page).set_segment_base(black_box(SegmentBase::FS), v)).unwrap();
+        // SAFETY: the mock page only records the call.
+        let r = unsafe { black_box(page).set_segment_base(black_box(SegmentBase::FS), v) };
+        black_box(r).unwrap();
     };
     mock::reset();
     op(7);
@@ -506,18 +511,22 @@ type Step = fn(&Ctx, u32, u64) -> Outcome;
 
 #[inline(never)]
 fn step_decide_read(c: &Ctx, msr: u32, _value: u64) -> Outcome {
-    c.policy.decide_read(msr)
+    // SAFETY: the policy runs over the mock page and a fake native reader: no real MSR or
+    // segment base is touched.
+    unsafe { c.policy.decide_read(msr) }
 }
 
 #[inline(never)]
 fn step_decide_write(c: &Ctx, msr: u32, value: u64) -> Outcome {
-    c.policy.decide_write(msr, value)
+    // SAFETY: as in `step_decide_read`.
+    unsafe { c.policy.decide_write(msr, value) }
 }
 
 /// The segment-base handler's work: the hypercall.
 #[inline(never)]
 fn step_work_fs(c: &Ctx, _msr: u32, value: u64) -> Outcome {
-    match c.page.set_segment_base(SegmentBase::FS, value) {
+    // SAFETY: the mock page only records the call.
+    match unsafe { c.page.set_segment_base(SegmentBase::FS, value) } {
         Ok(()) => Outcome::Done(0),
         Err(errno) => Outcome::Failed(MsrError::Hypercall(errno)),
     }
@@ -526,7 +535,8 @@ fn step_work_fs(c: &Ctx, _msr: u32, value: u64) -> Outcome {
 /// The APIC-base handler's work: the native read and the fix-up.
 #[inline(never)]
 fn step_work_apic(c: &Ctx, msr: u32, _value: u64) -> Outcome {
-    match NativeMsr::read_safe(&c.native, msr) {
+    // SAFETY: the fake native reader executes no instruction.
+    match unsafe { NativeMsr::read_safe(&c.native, msr) } {
         Ok(raw) => Outcome::Done(fix_apic_base(raw, (c.vcpu)())),
         Err(error) => Outcome::Failed(error),
     }
@@ -757,7 +767,9 @@ fn trivial_write(n: u64, op: impl Fn(u64) -> bool + Copy) {
 
 fn trivial_write_direct(n: u64) {
     let backend = install_trivial();
-    let op = |v: u64| black_box(backend).write(black_box(MSR_ANY), v) == Outcome::Done(0);
+    // SAFETY: the trivial backend writes nothing.
+    let op =
+        |v: u64| unsafe { black_box(backend).write(black_box(MSR_ANY), v) } == Outcome::Done(0);
     assert!(op(1), "warm-up result");
     measure(n, |v| {
         black_box(op(v));
@@ -766,7 +778,8 @@ fn trivial_write_direct(n: u64) {
 
 fn trivial_write_handler(n: u64) {
     trivial_write(n, |v| {
-        let raw = xenmsr_handle_write(black_box(MSR_ANY), v as u32, (v >> 32) as u32);
+        // SAFETY: the registered backend is the trivial one, which writes nothing.
+        let raw = unsafe { xenmsr_handle_write(black_box(MSR_ANY), v as u32, (v >> 32) as u32) };
         black_box(raw).status == xenmsr_asm::backend::STATUS_DONE
     });
 }
@@ -803,7 +816,8 @@ fn trivial_read(n: u64, op: impl Fn() -> u64 + Copy) {
 
 fn trivial_read_direct(n: u64) {
     let backend = install_trivial();
-    let op = || match black_box(backend).read(black_box(MSR_ANY)) {
+    // SAFETY: the trivial backend reads nothing.
+    let op = || match unsafe { black_box(backend).read(black_box(MSR_ANY)) } {
         Outcome::Done(value) => value,
         _ => 0,
     };
@@ -815,7 +829,8 @@ fn trivial_read_direct(n: u64) {
 
 fn trivial_read_handler(n: u64) {
     trivial_read(n, || {
-        let raw = black_box(xenmsr_handle_read(black_box(MSR_ANY)));
+        // SAFETY: the registered backend is the trivial one, which reads nothing.
+        let raw = black_box(unsafe { xenmsr_handle_read(black_box(MSR_ANY)) });
         if raw.status == xenmsr_asm::backend::STATUS_DONE {
             raw.value
         } else {

@@ -132,13 +132,13 @@ fn note(op: Op, msr: u32, value: u64) -> Outcome {
 struct TestBackend;
 
 impl MsrBackend for TestBackend {
-    fn read(&self, msr: u32) -> Outcome {
+    unsafe fn read(&self, msr: u32) -> Outcome {
         note(Op::Read, msr, 0)
     }
-    fn write(&self, msr: u32, value: u64) -> Outcome {
+    unsafe fn write(&self, msr: u32, value: u64) -> Outcome {
         note(Op::Write, msr, value)
     }
-    fn rdpmc(&self, counter: u32) -> Outcome {
+    unsafe fn rdpmc(&self, counter: u32) -> Outcome {
         note(Op::Rdpmc, counter, 0)
     }
 }

@@ -30,3 +30,66 @@ fn msr_semantics_matches_the_routing_table() {
         "docs/msr-semantics.md disagrees with ROUTES; fix the code or rerun with XENMSR_BLESS=1"
     );
 }
+
+/// `docs/integrating.md` walks through the minimal example kernel: the code it shows must
+/// be the kernel CI boots (`tests/minimal-kernel`), byte for byte.
+const GUIDE: &str = include_str!("../../../docs/integrating.md");
+const MINIMAL_KERNEL: &str = include_str!("../../minimal-kernel/src/main.rs");
+const MINIMAL_BUILD: &str = include_str!("../../minimal-kernel/build.rs");
+
+/// The body of every fenced block of `lang` in `markdown`.
+fn fenced_blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
+    let open = format!("```{lang}\n");
+    let mut blocks = Vec::new();
+    let mut rest = markdown;
+    while let Some(start) = rest.find(&open) {
+        let body = &rest[start + open.len()..];
+        let end = body.find("\n```").expect("an open fence is closed");
+        blocks.push(&body[..end]);
+        rest = &body[end + 4..];
+    }
+    blocks
+}
+
+#[test]
+fn the_guide_shows_the_minimal_kernel_verbatim() {
+    let blocks = fenced_blocks(GUIDE, "rust,ignore");
+    assert!(
+        blocks.contains(&MINIMAL_KERNEL.trim_end()),
+        "docs/integrating.md must contain tests/minimal-kernel/src/main.rs verbatim"
+    );
+    assert!(
+        blocks.contains(&MINIMAL_BUILD.trim_end()),
+        "docs/integrating.md must contain tests/minimal-kernel/build.rs verbatim"
+    );
+}
+
+#[test]
+fn the_guide_states_the_kernels_line_count() {
+    let lines = MINIMAL_KERNEL.trim_end().lines().count();
+    let claim = format!("`tests/minimal-kernel`: {lines} lines of Rust, no hand-written assembly");
+    assert!(
+        GUIDE.contains(&claim),
+        "docs/integrating.md must say {claim:?}"
+    );
+    assert!(
+        lines <= 80,
+        "the minimal kernel has grown to {lines} lines (the promise is about 80)"
+    );
+}
+
+#[test]
+fn the_minimal_kernel_has_no_assembly() {
+    for needle in ["asm!", "naked"] {
+        assert!(
+            !MINIMAL_KERNEL.contains(needle),
+            "the minimal kernel must not contain {needle}"
+        );
+    }
+}
+
+#[test]
+fn fenced_blocks_are_found() {
+    let md = "a\n```rust,ignore\nfn x() {}\n```\nb\n```rust,ignore\ny\n```\n";
+    assert_eq!(fenced_blocks(md, "rust,ignore"), ["fn x() {}", "y"]);
+}

@@ -10,13 +10,13 @@ use xenmsr_hypercall::mock;
 struct Other;
 
 impl MsrBackend for Other {
-    fn read(&self, _: u32) -> Outcome {
+    unsafe fn read(&self, _: u32) -> Outcome {
         Outcome::Native
     }
-    fn write(&self, _: u32, _: u64) -> Outcome {
+    unsafe fn write(&self, _: u32, _: u64) -> Outcome {
         Outcome::Native
     }
-    fn rdpmc(&self, _: u32) -> Outcome {
+    unsafe fn rdpmc(&self, _: u32) -> Outcome {
         Outcome::Native
     }
 }

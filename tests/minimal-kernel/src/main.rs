@@ -26,10 +26,12 @@ mod kernel {
         // SAFETY: once, on the only vCPU, with events masked as Xen starts us; the text
         // is writable; this is a Xen PV guest.
         let report = unsafe { xenmsr::init(Config::xen_pv(xen)) }.expect("xenmsr::init");
+        let sites = report.patched;
+        let total = sites.rewritten + sites.unchanged;
         let _ = writeln!(
             out,
-            "minimal: init patched {} call sites",
-            report.patched.rewritten
+            "minimal: init: {total} call sites, {} rewritten",
+            sites.rewritten
         );
 
         let (mut fs_base, tls) = (Msr::FS_BASE, 0x0000_7000_0000_1000);

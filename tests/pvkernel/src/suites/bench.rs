@@ -160,8 +160,11 @@ const FS: [Path; 5] = [
     path(
         "fs/bare_hypercall",
         |i| {
-            BARE.get()
-                .is_some_and(|page| page.set_segment_base(SegmentBase::FS, fs_value(i)).is_ok())
+            BARE.get().is_some_and(|page| {
+                // SAFETY: the test kernel addresses nothing through FS (no TLS; a vCPU's
+                // data is found from its stack pointer).
+                unsafe { page.set_segment_base(SegmentBase::FS, fs_value(i)) }.is_ok()
+            })
         },
         1,
     ),
