@@ -27,8 +27,14 @@ fn layouts() -> Vec<(&'static str, PmuLayout)> {
         ("intel 0+0", intel(0, 0, 1)),
         ("amd k7", PmuLayout::Amd(AmdLayout::K7)),
         ("amd f15h", PmuLayout::Amd(AmdLayout::F15H)),
-        ("amd family 0x17", PmuLayout::Amd(PmuLayout::amd_for_family(0x17))),
-        ("hygon family 0x16", PmuLayout::Amd(PmuLayout::hygon_for_family(0x16))),
+        (
+            "amd family 0x17",
+            PmuLayout::Amd(PmuLayout::amd_for_family(0x17)),
+        ),
+        (
+            "hygon family 0x16",
+            PmuLayout::Amd(PmuLayout::hygon_for_family(0x16)),
+        ),
     ]
 }
 
