@@ -877,6 +877,7 @@ fn write_doc(host: &str) -> XtaskResult<()> {
         doc.push('\n');
     }
     doc.push_str(&in_guest);
+    let doc = crate::guestbench::repo_relative(&doc, &root_dir());
     std::fs::write(&path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("xtask: bench: wrote {}", path.display());
     Ok(())

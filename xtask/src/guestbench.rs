@@ -789,12 +789,30 @@ pub fn write_section(section: &str) -> XtaskResult<()> {
     doc.push_str("\n\n");
     doc.push_str(section.trim_end());
     doc.push('\n');
+    let doc = repo_relative(&doc, &root_dir());
     std::fs::write(&path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!(
         "xtask: bench: wrote the in-guest section of {}",
         path.display()
     );
     Ok(())
+}
+
+/// `text` with the build machine's paths taken out, for a document in the repository:
+/// paths under the workspace `root` become relative to it, and the tools the harness
+/// runs from the system's `bin` directories are named without their directory.
+pub fn repo_relative(text: &str, root: &std::path::Path) -> String {
+    let mut root = root.display().to_string();
+    if !root.ends_with('/') {
+        root.push('/');
+    }
+    let mut out = text.replace(&root, "");
+    for dir in ["/usr/local/bin/", "/usr/bin/", "/bin/"] {
+        out = out
+            .replace(&format!(" {dir}"), " ")
+            .replace(&format!("`{dir}"), "`");
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1355,6 +1373,20 @@ mod tests {
             Some(&[]),
         );
         assert!(missing.is_err());
+    }
+
+    #[test]
+    fn generated_docs_name_no_machine_paths() {
+        let root = std::path::Path::new("/work/main");
+        let text = "Reproduce: `/usr/bin/qemu-system-x86_64 -kernel /work/main/target/xen-4.17 \
+                    -initrd '/work/main/target/k suite=bench'`; log `/work/main/target/l.log`.";
+        let out = repo_relative(text, root);
+        assert_eq!(
+            out,
+            "Reproduce: `qemu-system-x86_64 -kernel target/xen-4.17 -initrd 'target/k \
+             suite=bench'`; log `target/l.log`."
+        );
+        assert!(!out.contains("/work/main") && !out.contains("/usr/bin"));
     }
 
     #[test]

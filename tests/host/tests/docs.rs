@@ -93,3 +93,22 @@ fn fenced_blocks_are_found() {
     let md = "a\n```rust,ignore\nfn x() {}\n```\nb\n```rust,ignore\ny\n```\n";
     assert_eq!(fenced_blocks(md, "rust,ignore"), ["fn x() {}", "y"]);
 }
+
+/// `docs/benchmarks.md` is generated on some machine but read on every other: it must name
+/// paths relative to the repository, never the machine's own.
+#[test]
+fn benchmarks_name_no_machine_paths() {
+    let doc = include_str!("../../../docs/benchmarks.md");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let mut forbidden = vec![root.display().to_string()];
+    forbidden.extend(["/home/", "/root/", "/tmp/", "/usr/bin/", "/work/"].map(String::from));
+    for needle in &forbidden {
+        assert!(
+            !doc.contains(needle.as_str()),
+            "docs/benchmarks.md names the build machine's path {needle:?}"
+        );
+    }
+}
