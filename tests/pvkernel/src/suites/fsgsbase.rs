@@ -214,6 +214,10 @@ fn kernel_gs_base_stays_a_hypercall() -> TestResult {
 fn bases_survive_vcpu_switches() -> TestResult {
     const ROUNDS: u64 = 1000;
     let v = current_vcpu();
+    // Every vCPU runs this test; start the yields together, so that all of them are
+    // runnable at once and Xen really has to switch (a vCPU that got here while the others
+    // were idle would yield to nobody).
+    crate::smp::barrier();
     let before = match hv::page().vcpu_runstate_info(v) {
         Ok(info) => info,
         Err(e) => fail!("VCPUOP_get_runstate_info: {e}"),

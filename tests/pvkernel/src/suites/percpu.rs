@@ -172,6 +172,10 @@ fn segment_bases_stay_on_their_vcpu() -> TestResult {
 fn segment_bases_survive_vcpu_switches() -> TestResult {
     const ROUNDS: usize = 1000;
     let v = current_vcpu();
+    // Every vCPU runs this test; start the yields together, so that all of them are
+    // runnable at once and Xen really has to switch (a vCPU that got here while the others
+    // were idle would yield to nobody).
+    crate::smp::barrier();
     let before = hv::page()
         .vcpu_runstate_info(v)
         .map_err(|e| testing_failure(format_args!("VCPUOP_get_runstate_info: {e}")))?;
