@@ -185,6 +185,16 @@ impl Config {
         self
     }
 
+    /// Where the library reads CPUID on Xen PV (the vPMU's layout, FSGSBASE): the default,
+    /// [`xen_cpuid`], is the domain's view through Xen's forced-emulation prefix, which
+    /// raises `#UD` anywhere but in a PV guest; a test harness passes its own. Ignored
+    /// natively.
+    pub fn with_cpuid(mut self, cpuid: fn(u32, u32) -> [u32; 4]) -> Config {
+        if let Platform::XenPv { cpuid: c, .. } = &mut self.platform {
+            *c = cpuid;
+        }
+        self
+    }
     /// Gives the vPMU the kernel's own per-vCPU slots (Xen PV; ignored natively).
     pub fn with_pmu_slots(mut self, slots: &'static [pmu::VcpuSlot]) -> Config {
         if let Platform::XenPv { pmu_slots, .. } = &mut self.platform {

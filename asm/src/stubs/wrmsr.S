@@ -114,7 +114,9 @@ xenmsr_stub_wrmsr:
 	shl $32, %rsi
 	mov %eax, %eax
 	or %rax, %rsi
-	/* which: (4 >> cl) & 3 maps the MSR's low byte 0, 1, 2 to 0 (FS), 2 (GS_KERNEL), 1 (GS_USER). */
+	/* which: (4 >> cl) & 3 maps the MSR's low byte 0, 1, 2 to 0 (FS), 2 (GS_KERNEL), 1 (GS_USER).
+	 * The call and its error path repeat segbase.S's common tail on purpose: jumping there
+	 * would first have to build the value in rax, two instructions more on every write. */
 	mov $4, %edi
 	shr %cl, %edi
 	and $3, %edi

@@ -551,3 +551,13 @@ pub unsafe fn write_text_mprotect(address: usize, bytes: &[u8]) {
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/integrating.md")]
 pub struct IntegratingGuide;
+
+/// The Xen PV configuration the host tests start from: the mock hypercall page, the host's
+/// own CPUID (the host is no PV guest: Xen's forced-emulation prefix would `#UD` here), and
+/// text patched through [`write_text_mprotect`], since the host's text is read-only as a
+/// careful kernel's would be. Tests add their own hooks with the `with_*` builders.
+pub fn mock_xen_pv_config() -> xenmsr::Config {
+    xenmsr::Config::xen_pv(xenmsr_hypercall::mock::page())
+        .with_cpuid(xenmsr::pmu::raw_cpuid)
+        .with_write_text(write_text_mprotect)
+}

@@ -2,7 +2,7 @@
 //! register is already taken (the first registration wins, so `init` could not install
 //! its own). One test per binary: the registrations are per process.
 
-use xenmsr::{Config, InitError, Platform, UncheckedPolicy};
+use xenmsr::InitError;
 use xenmsr_asm::backend::{MsrBackend, Outcome, set_backend};
 use xenmsr_hypercall::mock;
 
@@ -27,19 +27,7 @@ static OTHER: Other = Other;
 fn init_refuses_when_another_backend_was_registered_first() {
     let _session = mock::session();
     assert!(set_backend(&OTHER));
-    let config = Config {
-        platform: Platform::XenPv {
-            hypercalls: mock::page(),
-            vcpu_id: || 0,
-            cpuid: xenmsr::pmu::raw_cpuid,
-            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
-        },
-        unchecked: UncheckedPolicy::WarnOnce,
-        warn: |_| {},
-        log: |_| {},
-        write_text: xenmsr_host_tests::write_text_mprotect,
-        fsgsbase: xenmsr::FsGsBase::Off,
-    };
+    let config = xenmsr_host_tests::mock_xen_pv_config();
     // SAFETY: refused before any site is written.
     let r = unsafe { xenmsr::init(config) };
     assert_eq!(r.map(drop), Err(InitError::HooksTaken));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use xenmsr::patch::{PatchError, Variant};
 use xenmsr::pmu::PmuLayout;
 use xenmsr::routes::{MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE};
-use xenmsr::{Config, InitError, Platform, UncheckedAccess, UncheckedPolicy};
+use xenmsr::{Config, InitError, UncheckedAccess};
 use xenmsr_asm::patch::{PatchOp, PatchSite, patch_sites};
 use xenmsr_host_tests::install_fault_handlers;
 use xenmsr_hypercall::mock::{self, MockCall};
@@ -27,20 +27,9 @@ fn warn(_: &UncheckedAccess) {
 }
 
 fn config() -> Config {
-    Config {
-        platform: Platform::XenPv {
-            hypercalls: mock::page(),
-            vcpu_id: || 0,
-            // The host is no PV guest: Xen's forced-emulation prefix would #UD here.
-            cpuid: xenmsr::pmu::raw_cpuid,
-            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
-        },
-        unchecked: UncheckedPolicy::WarnOnce,
-        warn,
-        log,
-        write_text: xenmsr_host_tests::write_text_mprotect,
-        fsgsbase: xenmsr::FsGsBase::Off,
-    }
+    xenmsr_host_tests::mock_xen_pv_config()
+        .with_warn(warn)
+        .with_log(log)
 }
 
 /// A constant-index FS-base write: a site `init` points at the segment-base stub.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use xenmsr::patch::{CpuFeatures, Variant};
 use xenmsr::routes::{MSR_FS_BASE, MSR_LSTAR};
-use xenmsr::{Config, MsrError, Platform, UncheckedPolicy};
+use xenmsr::{Config, MsrError};
 use xenmsr_host_tests::install_fault_handlers;
 use xenmsr_hypercall::mock;
 use xenmsr_hypercall::nr;
@@ -56,19 +56,7 @@ unsafe fn slow_write_text(address: usize, bytes: &[u8]) {
 }
 
 fn config() -> Config {
-    Config {
-        platform: Platform::XenPv {
-            hypercalls: mock::page(),
-            vcpu_id: || 0,
-            cpuid: xenmsr::pmu::raw_cpuid,
-            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
-        },
-        unchecked: UncheckedPolicy::WarnOnce,
-        warn: |_| {},
-        log: |_| {},
-        write_text: slow_write_text,
-        fsgsbase: xenmsr::FsGsBase::Off,
-    }
+    xenmsr_host_tests::mock_xen_pv_config().with_write_text(slow_write_text)
 }
 
 /// How long the patcher waits for the workers before it calls the test failed (a worker

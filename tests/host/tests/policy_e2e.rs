@@ -16,7 +16,7 @@ use xenmsr::routes::{
     MSR_APIC_BASE, MSR_CSTAR, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR,
     MSR_SYSCALL_MASK, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
 };
-use xenmsr::{Config, InitError, InitReport, MsrError, Platform, UncheckedAccess, UncheckedPolicy};
+use xenmsr::{Config, InitError, InitReport, MsrError, UncheckedAccess};
 use xenmsr_asm::fixup::AccessOp;
 use xenmsr_asm::patch::{PatchOp, patch_sites};
 use xenmsr_asm::stubs::Stub;
@@ -54,22 +54,10 @@ fn vcpu_id() -> u32 {
 }
 
 fn config() -> Config {
-    Config {
-        platform: Platform::XenPv {
-            hypercalls: mock::page(),
-            vcpu_id,
-            // The host is no PV guest: Xen's forced-emulation prefix would #UD here.
-            cpuid: xenmsr::pmu::raw_cpuid,
-            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
-        },
-        unchecked: UncheckedPolicy::WarnOnce,
-        warn: record_warning,
-        log,
-        // The host's text is read-only: map it writable around each store, as a kernel
-        // with read-only text would.
-        write_text: xenmsr_host_tests::write_text_mprotect,
-        fsgsbase: xenmsr::FsGsBase::Off,
-    }
+    xenmsr_host_tests::mock_xen_pv_config()
+        .with_vcpu_id(vcpu_id)
+        .with_warn(record_warning)
+        .with_log(log)
 }
 
 /// Runs `xenmsr::init` once per process and returns its report.

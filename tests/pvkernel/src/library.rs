@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use xenmsr::{Config, FsGsBase, InitError, InitReport, Platform, UncheckedAccess, UncheckedPolicy};
+use xenmsr::{Config, FsGsBase, InitError, InitReport, UncheckedAccess};
 
 /// How many times the warn hook ran.
 static WARNINGS: AtomicU32 = AtomicU32::new(0);
@@ -63,26 +63,19 @@ fn vcpu_id() -> u32 {
 
 /// The configuration the kernel initialises the library with.
 pub fn config() -> Config {
-    Config {
-        platform: Platform::XenPv {
-            hypercalls: crate::tracepage::page(),
-            vcpu_id,
-            cpuid: xenmsr::xen_cpuid,
-            // One vCPU: the library's default storage (64 slots) is plenty.
-            pmu_slots: &xenmsr::pmu::DEFAULT_SLOTS,
-        },
-        unchecked: UncheckedPolicy::WarnOnce,
-        warn,
-        log,
-        // The PV kernel's image is one RWX segment, so patching writes the text directly.
-        write_text: xenmsr::patch::write_text_directly,
+    // The defaults cover the rest: Xen's CPUID view, the library's vPMU storage (64
+    // vCPUs, more than the kernel's `MAX_VCPUS`), warn once per kind, and writing the text
+    // directly (the image is one RWX segment).
+    Config::xen_pv(crate::tracepage::page())
+        .with_vcpu_id(vcpu_id)
+        .with_warn(warn)
+        .with_log(log)
         // `fsgsbase=1` on the command line: the FSGSBASE runs.
-        fsgsbase: if crate::suites::fsgsbase_requested() {
+        .with_fsgsbase(if crate::suites::fsgsbase_requested() {
             FsGsBase::Use
         } else {
             FsGsBase::Off
-        },
-    }
+        })
 }
 
 /// Initialises the library (patching every site for Xen PV and installing the policy).

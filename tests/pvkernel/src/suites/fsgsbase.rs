@@ -3,8 +3,6 @@
 //! through RDFSBASE/WRFSBASE and friends; on qemu64 it has not, and everything stays the
 //! hypercall and trapped-read paths (the fallback, tested here, not skipped).
 
-use core::arch::asm;
-
 use xenmsr::{
     MsrError, rdmsr_const_safe, rdmsr_safe, wrmsr, wrmsr_ns_const, wrmsr_ns_const_safe, wrmsr_safe,
 };
@@ -57,35 +55,9 @@ fn status_matches_the_model() -> TestResult {
     Ok(())
 }
 
-/// One word per vCPU and base, which `%fs:0`/`%gs:0` load after a write.
-static TARGETS: [[u64; 2]; MAX_VCPUS] = {
-    let mut t = [[0; 2]; MAX_VCPUS];
-    let mut v = 0;
-    while v < MAX_VCPUS {
-        t[v] = [
-            0xf5f5_0000_1111_0000 | v as u64,
-            0x6565_0000_2222_0000 | v as u64,
-        ];
-        v += 1;
-    }
-    t
-};
-
-fn seg_load(gs: bool) -> u64 {
-    let value: u64;
-    if gs {
-        // SAFETY: reads 8 bytes at GS base + 0, which the caller pointed at `TARGETS`.
-        unsafe {
-            asm!("mov {}, qword ptr gs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
-        };
-    } else {
-        // SAFETY: as above, through FS.
-        unsafe {
-            asm!("mov {}, qword ptr fs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
-        };
-    }
-    value
-}
+/// One word per vCPU and base, which `%fs:0`/`%gs:0` load after a write (values apart
+/// from the per-vCPU suite's).
+static TARGETS: [[u64; 2]; MAX_VCPUS] = raw::per_vcpu_words(0x1111_0000);
 
 /// Writes `value` to `msr` (FS or GS base) through write path `path`: 0 generic safe,
 /// 1 generic unchecked, 2 constant-index safe, 3 constant-index unchecked.
@@ -158,7 +130,11 @@ fn fs_and_gs_bases_through_every_path() -> TestResult {
             if expected() {
                 check_eq!(raw::rdsegbase(gs), Ok(target), "RDFSBASE/RDGSBASE");
             }
-            check_eq!(seg_load(gs), TARGETS[v][i], "segment-relative load");
+            check_eq!(
+                raw::load_at_segment_base(gs),
+                TARGETS[v][i],
+                "segment-relative load"
+            );
         }
     }
     // The bases read with the instructions cost no trap: a constant-index read with

@@ -2,7 +2,6 @@
 //! base's BSP bit, segment bases, including across vCPU switches), and the report of
 //! where the timer upcalls landed.
 
-use core::arch::asm;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use xenmsr::{rdmsr_safe, wrmsr_safe};
@@ -89,34 +88,7 @@ fn apic_base_bsp_bit_is_per_vcpu() -> TestResult {
 }
 
 /// One word per vCPU that FS and GS point at, holding a value only that vCPU expects.
-static TARGETS: [[u64; 2]; MAX_VCPUS] = {
-    let mut t = [[0; 2]; MAX_VCPUS];
-    let mut v = 0;
-    while v < MAX_VCPUS {
-        t[v] = [
-            0xf5f5_0000_0000_0000 | v as u64,
-            0x6565_0000_0000_0000 | v as u64,
-        ];
-        v += 1;
-    }
-    t
-};
-
-fn read_seg0(gs: bool) -> u64 {
-    let value: u64;
-    if gs {
-        // SAFETY: reads 8 bytes at GS base + 0, which the caller pointed at `TARGETS`.
-        unsafe {
-            asm!("mov {}, qword ptr gs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
-        };
-    } else {
-        // SAFETY: as above, through FS.
-        unsafe {
-            asm!("mov {}, qword ptr fs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
-        };
-    }
-    value
-}
+static TARGETS: [[u64; 2]; MAX_VCPUS] = raw::per_vcpu_words(0);
 
 fn point_bases_at_target(v: usize) -> TestResult {
     let fs = TARGETS[v].as_ptr() as u64;
@@ -137,7 +109,10 @@ fn check_bases_are_mine(v: usize, when: &str) -> TestResult {
     let r = unsafe { rdmsr_safe(MSR_FS_BASE) };
     check_eq!(r, Ok(fs), "FS_BASE via the library");
     check_eq!(raw::rdmsr(MSR_GS_BASE), Ok(fs + 8), "GS_BASE via rdmsr");
-    let (f, g) = (read_seg0(false), read_seg0(true));
+    let (f, g) = (
+        raw::load_at_segment_base(false),
+        raw::load_at_segment_base(true),
+    );
     check!(
         f == TARGETS[v][0] && g == TARGETS[v][1],
         "{when}: %fs:0 {f:#x} %gs:0 {g:#x}, expected this vCPU's {:#x} {:#x}",

@@ -145,3 +145,37 @@ pub fn rdsegbase(gs: bool) -> Result<u64, u64> {
     }
     if ok == 1 { Ok(value) } else { Err(info) }
 }
+
+/// The 8 bytes at `%fs:0` (or `%gs:0`): a load through the segment base, as code that keeps
+/// per-CPU data or thread-local storage behind it would make.
+pub fn load_at_segment_base(gs: bool) -> u64 {
+    let value: u64;
+    if gs {
+        // SAFETY: reads 8 bytes at GS base + 0, which the caller pointed at a word of its
+        // own (a table made by `per_vcpu_words`).
+        unsafe {
+            asm!("mov {}, qword ptr gs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
+        };
+    } else {
+        // SAFETY: as above, through FS.
+        unsafe {
+            asm!("mov {}, qword ptr fs:[0]", out(reg) value, options(nostack, readonly, preserves_flags))
+        };
+    }
+    value
+}
+
+/// One word per vCPU and base (FS, GS) for the bases to point at: each word holds a value
+/// only that vCPU expects (`tag` keeps the tables of different suites apart).
+pub const fn per_vcpu_words(tag: u64) -> [[u64; 2]; crate::smp::MAX_VCPUS] {
+    let mut t = [[0; 2]; crate::smp::MAX_VCPUS];
+    let mut v = 0;
+    while v < crate::smp::MAX_VCPUS {
+        t[v] = [
+            0xf5f5_0000_0000_0000 | tag | v as u64,
+            0x6565_0000_0000_0000 | tag | v as u64,
+        ];
+        v += 1;
+    }
+    t
+}
