@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use xenmsr::dispatch::ClassIndex;
-use xenmsr::pmu::{DEFAULT_SLOTS, IntelLayout, PAGE_SIZE, PmuLayout, Vpmu, VpmuConfig};
+use xenmsr::pmu::{PAGE_SIZE, Vpmu};
 use xenmsr::policy::XenPvPolicy;
 use xenmsr::routes::{MSR_APIC_BASE, MSR_FS_BASE, MSR_LSTAR, fix_apic_base};
 use xenmsr::{rdmsr_safe, wrmsr_safe};
@@ -42,7 +42,7 @@ use xenmsr_asm::backend::set_backend;
 use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags};
 use xenmsr_hypercall::mock;
 
-use crate::scenarios::{APIC_RAW, FakeNative, MSR_PMC0, PMC0_CACHED};
+use crate::scenarios::{APIC_RAW, FakeNative, MSR_PMC0, PMC0_CACHED, intel_vpmu_over_mock};
 
 /// CPU time each thread spends in one measurement, by default: long enough that the two
 /// threads overlap even when the scheduler starts one of them a time slice late.
@@ -117,19 +117,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let layout = PmuLayout::Intel(IntelLayout {
-        arch_counters: 4,
-        fixed_counters: 3,
-        version: 4,
-        fixed_counter_width: 48,
-    });
-    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
-        hypercalls: mock::page(),
-        layout,
-        native: &FakeNative,
-        vcpu_id: current_vcpu,
-        slots: &DEFAULT_SLOTS,
-    })));
+    let vpmu = intel_vpmu_over_mock(current_vcpu);
     let index = Box::leak(Box::new(ClassIndex::new()));
     let policy = Box::leak(Box::new(XenPvPolicy::new(
         mock::page(),

@@ -152,6 +152,28 @@ fn install_policy_without_segbase_entry(pmu: Option<&'static Vpmu>) -> &'static 
     policy
 }
 
+/// Fixed-function counters of the benchmarks' Intel layout.
+pub const BENCH_FIXED_COUNTERS: u8 = 3;
+
+/// The benchmarks' vPMU: an Intel layout (4 general, [`BENCH_FIXED_COUNTERS`] fixed
+/// counters, version 4) over the mock hypercall page, the fake native reader, the
+/// library's default slots and the kernel's `vcpu_id` hook; leaked for the process.
+pub fn intel_vpmu_over_mock(vcpu_id: fn() -> u32) -> &'static Vpmu {
+    let layout = PmuLayout::Intel(IntelLayout {
+        arch_counters: 4,
+        fixed_counters: BENCH_FIXED_COUNTERS,
+        version: 4,
+        fixed_counter_width: 48,
+    });
+    Box::leak(Box::new(Vpmu::with(VpmuConfig {
+        hypercalls: mock::page(),
+        layout,
+        native: &FakeNative,
+        vcpu_id,
+        slots: &DEFAULT_SLOTS,
+    })))
+}
+
 /// A backend that answers every access at once.
 #[derive(Debug)]
 pub struct Trivial;
@@ -179,21 +201,8 @@ fn install_trivial() -> &'static dyn MsrBackend {
 /// `cached`, the page holds a context as Xen writes it at a PMI (`PMU_CACHED` set, fixed
 /// bank at 64, general bank after it, `IA32_PMC0` = [`PMC0_CACHED`]).
 fn install_vpmu(cached: bool) -> &'static Vpmu {
-    const FIXED: usize = 3;
-    const ARCH: usize = 4;
-    let layout = PmuLayout::Intel(IntelLayout {
-        arch_counters: ARCH as u8,
-        fixed_counters: FIXED as u8,
-        version: 4,
-        fixed_counter_width: 48,
-    });
-    let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {
-        hypercalls: mock::page(),
-        layout,
-        native: &FakeNative,
-        vcpu_id: vcpu0,
-        slots: &DEFAULT_SLOTS,
-    })));
+    const FIXED: usize = BENCH_FIXED_COUNTERS as usize;
+    let vpmu = intel_vpmu_over_mock(vcpu0);
     let page_layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).expect("a valid layout");
     // SAFETY: a non-zero-sized layout; the allocation is leaked (it stays the vCPU's page
     // for the rest of the process).
