@@ -1,5 +1,6 @@
 //! Cross-checks every ABI struct, field and constant of this crate against the Xen public
-//! headers installed by Debian's `libxen-dev` (`/usr/include/xen`), compiled with gcc.
+//! headers installed by Debian's `libxen-dev` (`/usr/include/xen`), compiled with gcc
+//! (or another release's public headers: see `XENMSR_XEN_INCLUDE`).
 //!
 //! For each struct the test emits `sizeof`, and for each field `offsetof` and the field's
 //! `sizeof`, into a small C program; it compiles and runs it and compares every line with
@@ -422,8 +423,16 @@ fn layout_checks() -> Checks {
         kind "type", flags "flags", address "address"
     });
 
-    // xen/io/console.h
-    size!(c, XenconsInterface, "xencons_interface");
+    // xen/io/console.h. Xen 4.19 appended `uint8_t connection` (the backend's "serviced"
+    // flag; its reset value 0 means connected, so a guest that never reads it behaves as
+    // before) and the struct grew from 3088 to 3092 bytes. The crate keeps the layout
+    // every release shares, so against newer headers it must end exactly where
+    // `connection` starts (`XENMSR_XENCONS_SHARED_SIZE` in the C prelude).
+    c.add(
+        "size_of::<XenconsInterface>()",
+        size_of::<XenconsInterface>() as u64,
+        "XENMSR_XENCONS_SHARED_SIZE",
+    );
     field!(c, XenconsInterface, in_, "xencons_interface", "in");
     field!(c, XenconsInterface, out, "xencons_interface", "out");
     field!(c, XenconsInterface, in_cons, "xencons_interface", "in_cons");
@@ -536,7 +545,8 @@ fn constant_checks() -> Checks {
     constant!(c, nr::UVMF_INVLPG, "UVMF_INVLPG");
     constant!(c, nr::UVMF_ALL, "UVMF_ALL");
     constant!(c, LEGACY_MAX_VCPUS, "XEN_LEGACY_MAX_VCPUS");
-    constant!(c, VcpuGuestContext::VGCF_I387_VALID, "VGCF_I387_VALID");
+    // The lower-case spelling: 4.17 has both, 4.22 only this one.
+    constant!(c, VcpuGuestContext::VGCF_I387_VALID, "VGCF_i387_valid");
     constant!(c, VcpuGuestContext::VGCF_IN_KERNEL, "VGCF_in_kernel");
     constant!(
         c,
@@ -700,6 +710,15 @@ fn c_program(checks: &Checks) -> String {
         "};\n",
         "#undef __XEN__\n",
     ));
+    // What every release's console ring shares: up to the `connection` byte that 4.19
+    // appended (the header defines its values next to it), else the whole struct.
+    src.push_str(concat!(
+        "#ifdef XENCONSOLE_CONNECTED\n",
+        "#define XENMSR_XENCONS_SHARED_SIZE offsetof(struct xencons_interface, connection)\n",
+        "#else\n",
+        "#define XENMSR_XENCONS_SHARED_SIZE sizeof(struct xencons_interface)\n",
+        "#endif\n",
+    ));
     src.push_str("int main(void)\n{\n");
     for (i, check) in checks.0.iter().enumerate() {
         writeln!(
@@ -721,7 +740,13 @@ fn run_against_headers(name: &str, checks: &Checks) -> Vec<String> {
     let exe = dir.join(name);
     std::fs::write(&src, c_program(checks)).unwrap();
     // Warnings are errors so a header surprise does not go unnoticed.
-    let out = Command::new("gcc")
+    let mut gcc = Command::new("gcc");
+    if let Some(include) = other_headers() {
+        // Another release's public headers, laid out as `<dir>/xen/*.h`, searched before
+        // the system's.
+        gcc.arg("-I").arg(include);
+    }
+    let out = gcc
         .args(["-std=gnu11", "-O0", "-Wall", "-Werror", "-o"])
         .arg(&exe)
         .arg(&src)
@@ -785,7 +810,24 @@ fn install_headers() {
     });
 }
 
+/// `XENMSR_XEN_INCLUDE`: a directory holding another Xen release's public headers as
+/// `xen/*.h` (`cargo xtask test` points it at Xen 4.22.0's, taken from its source), to
+/// check the same layouts and constants against that release instead of Debian's.
+fn other_headers() -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(std::env::var_os("XENMSR_XEN_INCLUDE")?);
+    assert!(
+        dir.join("xen").join("xen.h").is_file(),
+        "XENMSR_XEN_INCLUDE={} has no xen/xen.h",
+        dir.display()
+    );
+    Some(dir)
+}
+
 fn headers_present() -> bool {
+    if let Some(dir) = other_headers() {
+        println!("checking against the headers in {}", dir.display());
+        return true;
+    }
     if Path::new("/usr/include/xen/xen.h").exists() {
         return true;
     }

@@ -14,38 +14,80 @@ pub const XEN_HYPERVISOR_PKG: &str = "xen-hypervisor-4.17-amd64";
 /// Debian 13 ("trixie")'s hypervisor package, for the dom0 suites under Xen 4.20.
 pub const XEN_420_HYPERVISOR_PKG: &str = "xen-hypervisor-4.20-amd64";
 
-/// A Xen release the PV test kernel boots under as dom0.
+/// A Xen hypervisor the PV test kernel boots under as dom0: a release, and how it was
+/// built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Xen {
     /// Xen 4.17, Debian 12's (the system's apt): the default, and the xl path's.
     V4_17,
     /// Xen 4.20, Debian 13's (a private apt configuration, see [`xen420_binary`]).
     V4_20,
+    /// Xen 4.22.0, the newest release, built here from `shared/xen/` with its defconfig
+    /// (no Debian release packages it; see [`xen422_binary`]).
+    V4_22,
+    /// The same 4.22.0 source built with `CONFIG_DEBUG=y`: assertions on, and every
+    /// hypercall's argument registers poisoned on return, as upstream's CI runs guests.
+    V4_22Debug,
 }
 
+/// Every `--xen` value, for messages.
+pub const XEN_CHOICES: &str = "4.17, 4.20, 4.22 or 4.22-debug";
+
 impl Xen {
-    /// The release `--xen` names (`4.17` or `4.20`).
+    /// The hypervisor `--xen` names (`4.17`, `4.20`, `4.22` or `4.22-debug`).
     pub fn parse(arg: &str) -> XtaskResult<Self> {
         match arg {
             "4.17" => Ok(Self::V4_17),
             "4.20" => Ok(Self::V4_20),
-            other => Err(format!("--xen: unknown Xen release {other} (4.17 or 4.20)").into()),
+            "4.22" => Ok(Self::V4_22),
+            "4.22-debug" => Ok(Self::V4_22Debug),
+            other => Err(format!("--xen: unknown Xen {other} ({XEN_CHOICES})").into()),
         }
     }
 
-    /// `major.minor`: the kernel's `xen=` argument and part of suite names.
+    /// `major.minor` of the release: the kernel's `xen=` argument (the kernel checks it
+    /// against `XENVER_version`).
     pub const fn version(self) -> &'static str {
         match self {
             Self::V4_17 => "4.17",
             Self::V4_20 => "4.20",
+            Self::V4_22 | Self::V4_22Debug => "4.22",
         }
     }
 
-    /// The hypervisor binary QEMU boots, fetched and cached on first use.
+    /// Whether this is a debug build (`CONFIG_DEBUG=y`). Xen's boot banner says which
+    /// (`debug=y` / `debug=n`), and every run checks the banner against this.
+    pub const fn debug(self) -> bool {
+        matches!(self, Self::V4_22Debug)
+    }
+
+    /// The release and build, as suite names and summaries show them (`4.22-debug`).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::V4_17 => "4.17",
+            Self::V4_20 => "4.20",
+            Self::V4_22 => "4.22",
+            Self::V4_22Debug => "4.22-debug",
+        }
+    }
+
+    /// Where the binary comes from, for the summary: "Debian 12 package", ...
+    pub const fn origin(self) -> &'static str {
+        match self {
+            Self::V4_17 => "Debian 12 xen-hypervisor-4.17-amd64, release build",
+            Self::V4_20 => "Debian 13 xen-hypervisor-4.20-amd64, release build",
+            Self::V4_22 => "built from shared/xen 4.22.0, defconfig (release)",
+            Self::V4_22Debug => "built from shared/xen 4.22.0, defconfig + CONFIG_DEBUG=y",
+        }
+    }
+
+    /// The hypervisor binary QEMU boots, fetched or built, and cached, on first use.
     pub fn binary(self) -> XtaskResult<PathBuf> {
         match self {
             Self::V4_17 => xen_binary(),
             Self::V4_20 => xen420_binary(),
+            Self::V4_22 => xen422_binary(XenBuild::Release),
+            Self::V4_22Debug => xen422_binary(XenBuild::Debug),
         }
     }
 }
@@ -200,6 +242,215 @@ fn unpack_hypervisor(deb: &Path, version: &str, out: &Path) -> XtaskResult<()> {
     std::fs::write(&tmp, &data.stdout)?;
     std::fs::rename(&tmp, out)?;
     Ok(())
+}
+
+/// The Xen 4.22.0 hypervisor source as `shared/xen/` carries it (see its README).
+const XEN_422_TARBALL: &str = "xen-4.22.0-hypervisor-src.tar.xz";
+/// Its SHA-256, as `shared/xen/README.md` gives it: a different file is refused.
+const XEN_422_SHA256: &str = "6173163ec16ea9223927a2f8e270c0d9170dd3c80b127eb876ab3d78bf9d7166";
+/// The directory the tarball unpacks to.
+const XEN_422_DIR: &str = "xen-4.22.0";
+
+/// How a hypervisor built from source is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XenBuild {
+    /// `make -C xen defconfig`, unchanged.
+    Release,
+    /// The defconfig with `CONFIG_DEBUG=y` (then `olddefconfig`).
+    Debug,
+}
+
+impl XenBuild {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Debug => "debug",
+        }
+    }
+}
+
+/// Where the Xen 4.22.0 source tarball is: `$XENMSR_XEN_SRC` if set, else
+/// `shared/xen/` beside the checkout (where the workplace and CI put it).
+pub fn xen422_tarball() -> XtaskResult<PathBuf> {
+    let path = match std::env::var_os("XENMSR_XEN_SRC") {
+        Some(p) => PathBuf::from(p),
+        None => crate::root_dir()
+            .parent()
+            .ok_or("the checkout has no parent directory")?
+            .join("shared")
+            .join("xen")
+            .join(XEN_422_TARBALL),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "no Xen 4.22.0 source at {} (the project's shared/xen/{XEN_422_TARBALL}; set              XENMSR_XEN_SRC to its path if it lives elsewhere)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+/// The Xen 4.22.0 hypervisor as QEMU can boot it (`xen/xen`, the multiboot1 ELF), built
+/// once from the source tarball ([`xen422_tarball`], checksum verified) with `defconfig`,
+/// plus `CONFIG_DEBUG=y` for [`XenBuild::Debug`], and cached as `xen-4.22` /
+/// `xen-4.22-debug`. Installs what the build needs (flex, bison, make; gcc and python3
+/// are checked). About 2 minutes on 2 cores.
+pub fn xen422_binary(build: XenBuild) -> XtaskResult<PathBuf> {
+    let out = cache_dir().join(match build {
+        XenBuild::Release => "xen-4.22",
+        XenBuild::Debug => "xen-4.22-debug",
+    });
+    if out.exists() {
+        return Ok(out);
+    }
+    let tarball = xen422_tarball()?;
+    let sum = Command::new("sha256sum").arg(&tarball).output()?;
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    if sum.split_whitespace().next() != Some(XEN_422_SHA256) {
+        return Err(format!(
+            "{}: sha256 {} is not the 4.22.0 source's {XEN_422_SHA256}",
+            tarball.display(),
+            sum.split_whitespace().next().unwrap_or("?")
+        )
+        .into());
+    }
+    for (package, probe) in [
+        ("flex", "/usr/bin/flex"),
+        ("bison", "/usr/bin/bison"),
+        ("make", "/usr/bin/make"),
+        ("gcc", "/usr/bin/gcc"),
+        ("python3", "/usr/bin/python3"),
+        ("xz-utils", "/usr/bin/xz"),
+    ] {
+        apt_install(&[package], Path::new(probe))?;
+    }
+    let work = cache_dir().join(format!("xen-4.22-build-{}", build.name()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    eprintln!(
+        "xtask: building Xen 4.22.0 ({}) from {} in {} (about 2 minutes)",
+        build.name(),
+        tarball.display(),
+        work.display()
+    );
+    let start = std::time::Instant::now();
+    run_checked_timeout(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .current_dir(&work),
+        Duration::from_secs(300),
+    )?;
+    let src = work.join(XEN_422_DIR);
+    // The build's output (a thousand lines) goes to a log, shown in part if it fails.
+    let log_path = cache_dir().join(format!("xen-4.22-build-{}.log", build.name()));
+    let log = std::fs::File::create(&log_path)?;
+    let make = |args: &[&str]| -> XtaskResult<Command> {
+        let mut cmd = Command::new("make");
+        cmd.arg("-C")
+            .arg("xen")
+            .args(args)
+            .current_dir(&src)
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?);
+        // The build is configured by its own .config only: no make flags or jobserver
+        // of an outer make, and no cross-compilation variables.
+        for var in [
+            "MAKEFLAGS",
+            "MFLAGS",
+            "MAKELEVEL",
+            "XEN_TARGET_ARCH",
+            "CROSS_COMPILE",
+        ] {
+            cmd.env_remove(var);
+        }
+        Ok(cmd)
+    };
+    let run_make = |args: &[&str], timeout: u64| -> XtaskResult<()> {
+        run_checked_timeout(&mut make(args)?, Duration::from_secs(timeout)).map_err(|e| {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            for line in tail.iter().rev() {
+                eprintln!("  | {line}");
+            }
+            format!("{e} (whole log: {})", log_path.display()).into()
+        })
+    };
+    run_make(&["defconfig"], 300)?;
+    let config_path = src.join("xen").join(".config");
+    if build == XenBuild::Debug {
+        let config = std::fs::read_to_string(&config_path)?;
+        let mut lines: Vec<String> = config
+            .lines()
+            .filter(|l| !l.starts_with("CONFIG_DEBUG=") && *l != "# CONFIG_DEBUG is not set")
+            .map(str::to_string)
+            .collect();
+        lines.push("CONFIG_DEBUG=y".to_string());
+        std::fs::write(&config_path, lines.join("\n") + "\n")?;
+        run_make(&["olddefconfig"], 300)?;
+    }
+    // The configuration really is the one asked for.
+    let config = std::fs::read_to_string(&config_path)?;
+    let debug_on = config.lines().any(|l| l == "CONFIG_DEBUG=y");
+    if debug_on != (build == XenBuild::Debug) {
+        return Err(format!(
+            "{}: CONFIG_DEBUG is {} after configuring a {} build",
+            config_path.display(),
+            if debug_on { "on" } else { "off" },
+            build.name()
+        )
+        .into());
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, usize::from);
+    run_make(&[&format!("-j{jobs}")], 1800)?;
+    let binary = src.join("xen").join("xen");
+    let tmp = out.with_extension("tmp");
+    std::fs::copy(&binary, &tmp)?;
+    std::fs::rename(&tmp, &out)?;
+    eprintln!(
+        "xtask: built Xen 4.22.0 ({}) in {:.0} s: {}",
+        build.name(),
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    // The object tree is 100+ MiB and only the binary is used.
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(out)
+}
+
+/// Xen 4.22.0's public headers (`xen/include/public/` of the source), unpacked once as
+/// `target/xenmsr-cache/xen-4.22-include/xen/*.h`, the layout the ABI cross-check's
+/// `XENMSR_XEN_INCLUDE` wants.
+pub fn xen422_public_headers() -> XtaskResult<PathBuf> {
+    let out = cache_dir().join("xen-4.22-include");
+    if out.join("xen").join("xen.h").is_file() {
+        return Ok(out);
+    }
+    let tarball = xen422_tarball()?;
+    apt_install(&["xz-utils"], Path::new("/usr/bin/xz"))?;
+    let tmp = cache_dir().join("xen-4.22-include.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    run_checked_timeout(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg(format!("{XEN_422_DIR}/xen/include/public"))
+            .current_dir(&tmp),
+        Duration::from_secs(300),
+    )?;
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    std::fs::rename(
+        tmp.join(XEN_422_DIR)
+            .join("xen")
+            .join("include")
+            .join("public"),
+        out.join("xen"),
+    )?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(out)
 }
 
 /// Debian 13's main suite and its security updates, only their package indices (no

@@ -43,7 +43,8 @@ pub struct Dom0Run {
     /// Hard deadline for the QEMU run.
     pub deadline: Duration,
     /// The Xen release booted (the caller passes its binary to [`run_dom0`]); the kernel
-    /// is told with `xen=<major.minor>` at the end of its command line, and checks it.
+    /// is told with `xen=<major.minor> xenbuild=<release|debug>` at the end of its command
+    /// line, and checks the release (the harness checks the build from Xen's banner).
     pub xen: Xen,
 }
 
@@ -81,9 +82,63 @@ pub struct RunReport {
     pub log_path: PathBuf,
     /// The QEMU command, for reproducing the run by hand.
     pub command: String,
+    /// Xen's boot banner (`Xen version 4.22.0 (...) debug=y ...`), if it printed one.
+    pub xen_banner: Option<String>,
+    /// Whether the banner names the build the run asked for (part of `verdict` too).
+    pub xen_build: Result<(), String>,
+    /// How many log messages Xen's rate limit suppressed (`printk: N messages
+    /// suppressed.`): with a debug build, the per-access guest warnings not printed.
+    pub xen_suppressed: u64,
+    /// What Xen itself reported as wrong while it ran: `Xen WARN`, `Assertion`,
+    /// `Xen BUG` and `FATAL` lines (with the next line, which names the place), each
+    /// marked with whether it came after the kernel's banner (while the guest ran).
+    pub xen_complaints: Vec<XenComplaint>,
+}
+
+/// One line in which Xen reported a problem of its own (see [`RunReport::xen_complaints`]).
+#[derive(Clone, Debug)]
+pub struct XenComplaint {
+    /// The line, as logged.
+    pub line: String,
+    /// Whether the kernel had printed its banner before it: a complaint from before
+    /// (Xen's own boot) is the hypervisor's; one after may have been caused by the guest.
+    pub while_guest_ran: bool,
+}
+
+/// Whether a Xen log line reports a problem of Xen's own: a `WARN_ON` (`Xen WARN at`),
+/// a failed `ASSERT` (debug builds: `Assertion '...' failed at`), a `BUG`, or a panic.
+/// A failed boot-time self-test (`Selftest N failed: ...`) counts too.
+fn is_xen_complaint(line: &str) -> bool {
+    [
+        "Xen WARN at",
+        "Assertion '",
+        "Xen BUG at",
+        "FATAL TRAP",
+        "Panic on CPU",
+    ]
+    .iter()
+    .any(|marker| line.contains(marker))
+        || (line.contains("Selftest") && line.contains("failed"))
 }
 
 impl RunReport {
+    /// What Xen says it is (`4.22.0 debug=y`), from its banner.
+    pub fn xen_identity(&self) -> String {
+        let Some(banner) = &self.xen_banner else {
+            return "no banner".to_string();
+        };
+        let version = banner
+            .split("Xen version ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("?");
+        let debug = banner
+            .split_whitespace()
+            .find(|w| w.starts_with("debug="))
+            .unwrap_or("debug=?");
+        format!("{version} {debug}")
+    }
+
     /// Whether the run passed.
     pub fn passed(&self) -> bool {
         self.verdict.is_ok()
@@ -128,14 +183,29 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Guest-caused log messages of a debug hypervisor, rate-limited. A debug Xen logs each
+/// refused MSR access of a guest (`gdprintk`, compiled only into debug builds) at the
+/// guest warning level; the suites make tens of thousands of those, and printing them all
+/// through the emulated UART made the EPYC row run past 300 s. `error/all` prints guest
+/// errors always and every other guest message rate-limited (Xen's printk limit: a burst
+/// of 10 per 5 s, then a "suppressed" count). Xen's own messages (`loglvl=all`) are not
+/// limited, so its WARNs and assertions all show.
+pub const DEBUG_GUEST_LOGLVL: &str = "guest_loglvl=error/all";
+
 /// The Xen command line of a dom0 run.
-fn xen_cmdline(extra: &[String]) -> String {
+fn xen_cmdline(xen: Xen, extra: &[String]) -> String {
     // No `noreboot`: a dom0 crash must reboot so that `-no-reboot` ends QEMU (in 5 s)
     // instead of halting until the deadline. No `sync_console` either: it would make each
     // run ~5 s slower; the kernel instead yields to Xen before its `isa-debug-exit` write
     // so the serial buffer drains, and a lost line fails the run (the summary must match
     // the test lines), it cannot fake a pass.
-    let mut s = String::from("loglvl=all guest_loglvl=all console=com1 console_timestamps=boot");
+    let guest_loglvl = if xen.debug() {
+        DEBUG_GUEST_LOGLVL
+    } else {
+        // A release build compiles the per-access messages out: nothing to limit.
+        "guest_loglvl=all"
+    };
+    let mut s = format!("loglvl=all {guest_loglvl} console=com1 console_timestamps=boot");
     for a in extra {
         s.push(' ');
         s.push_str(a);
@@ -190,9 +260,14 @@ pub fn run_dom0(
         "-kernel",
         xen_str,
         "-initrd",
-        &format!("{kernel_str} {} xen={}", run.kernel_args, run.xen.version()),
+        &format!(
+            "{kernel_str} {} xen={} xenbuild={}",
+            run.kernel_args,
+            run.xen.version(),
+            if run.xen.debug() { "debug" } else { "release" }
+        ),
         "-append",
-        &xen_cmdline(&run.xen_args),
+        &xen_cmdline(run.xen, &run.xen_args),
     ]
     .iter()
     .map(|a| a.to_string())
@@ -232,6 +307,9 @@ pub fn run_dom0(
     let mut timed_out = false;
     let mut seen_banner = false;
     let mut seen_xen = false;
+    let mut xen_banner = None;
+    let mut xen_complaints = Vec::new();
+    let mut xen_suppressed = 0u64;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -243,6 +321,27 @@ pub fn run_dom0(
                 let kind = log.feed(&line);
                 seen_banner |= line.starts_with(BANNER);
                 seen_xen |= kind == LineKind::Xen;
+                // Xen's lines can follow the firmware's on one serial line ("Booting from
+                // ROM..(XEN) ..."), so look for Xen's prefix anywhere in the line.
+                if kind == LineKind::Xen || line.contains("(XEN)") {
+                    if xen_banner.is_none() && line.contains("Xen version ") {
+                        xen_banner = Some(line.clone());
+                    }
+                    if let Some(n) = line
+                        .split("printk: ")
+                        .nth(1)
+                        .and_then(|rest| rest.strip_suffix(" messages suppressed."))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                    {
+                        xen_suppressed += n;
+                    }
+                    if is_xen_complaint(&line) {
+                        xen_complaints.push(XenComplaint {
+                            line: line.clone(),
+                            while_guest_ran: seen_banner,
+                        });
+                    }
+                }
                 match echo {
                     Echo::All => println!("[{}] {line}", run.name),
                     Echo::Guest if seen_banner && kind != LineKind::Xen => println!("{line}"),
@@ -285,6 +384,39 @@ pub fn run_dom0(
     let _ = out_thread.join();
     let _ = err_thread.join();
 
+    // The hypervisor that ran must be the build the run asked for (Xen's banner says
+    // `debug=y` or `debug=n`): a cached binary of the wrong build would otherwise pass
+    // as the other.
+    let wanted_build = if run.xen.debug() {
+        "debug=y"
+    } else {
+        "debug=n"
+    };
+    let build_check = match &xen_banner {
+        Some(banner) if banner.contains(wanted_build) => Ok(()),
+        Some(banner) => Err(format!(
+            "Xen {} was asked for ({wanted_build}), but its banner says: {banner}",
+            run.xen.label()
+        )),
+        None => Err("Xen printed no version banner".to_string()),
+    };
+    // Xen's own WARN/ASSERT/BUG reports while the guest ran fail the run: they say that
+    // something the guest did reached a path Xen considers broken. Those from Xen's boot,
+    // before the guest's banner, are the hypervisor's and are only reported.
+    let guest_time: Vec<&str> = xen_complaints
+        .iter()
+        .filter(|c| c.while_guest_ran)
+        .map(|c| c.line.as_str())
+        .collect();
+    let complaints_check = if guest_time.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "Xen complained {} times while the guest ran: {}",
+            guest_time.len(),
+            guest_time.join(" | ")
+        ))
+    };
     let verdict = if timed_out || exit_code.is_none() {
         Err(format!(
             "deadline of {} s exceeded; QEMU killed",
@@ -302,6 +434,8 @@ pub fn run_dom0(
             }
             (Err(why), code) => Err(format!("{why} (QEMU exit {code})")),
         }
+        .and(build_check.clone())
+        .and(complaints_check)
     };
     let log_dir = crate::cache_dir().join("logs");
     let _ = std::fs::create_dir_all(&log_dir);
@@ -316,6 +450,10 @@ pub fn run_dom0(
         tail: tail.into(),
         log_path,
         command,
+        xen_banner,
+        xen_build: build_check,
+        xen_suppressed,
+        xen_complaints,
     })
 }
 

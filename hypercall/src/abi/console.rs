@@ -5,6 +5,11 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 /// The console ring page (`struct xencons_interface`, 3088 bytes).
 ///
+/// Xen 4.19 appended a `uint8_t connection` byte (the backend's "serviced" flag, whose
+/// reset value 0 means connected); this struct is the part every release shares, so it
+/// ends where that byte starts. The layout test checks that against both Debian's 4.17
+/// headers and 4.22.0's.
+///
 /// The indices are free-running `u32`s; the position in a ring is the index masked by the
 /// ring's size (a power of two). The producer writes data, issues a write barrier, then
 /// publishes its index, and notifies the console event channel.

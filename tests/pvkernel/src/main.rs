@@ -6,7 +6,8 @@
 //! per test and `Test result: SUCCESS|FAILURE`, and shuts down carrying the verdict.
 //!
 //! Command line (the multiboot module string after the image name, or xl's `cmdline`):
-//! `suite=<dom0|domu|demo|bench> cpu=<qemu64|Skylake-Client|EPYC> vpmu=<0|1> xen=<4.17|4.20>`.
+//! `suite=<dom0|domu|demo|bench|smpbench|sweep> cpu=<qemu64|Skylake-Client|EPYC> vpmu=<0|1>
+//! xen=<4.17|4.20|4.22>`.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(not(target_os = "none"))]

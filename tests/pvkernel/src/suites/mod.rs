@@ -9,6 +9,7 @@ pub mod raw;
 pub mod routing;
 pub mod smpbench;
 pub mod stubs;
+pub mod sweep;
 pub mod xen;
 
 use spin::Once;
@@ -36,6 +37,9 @@ pub enum XenRelease {
     V4_17,
     /// Xen 4.20 (Debian 13's `xen-hypervisor-4.20-amd64`).
     V4_20,
+    /// Xen 4.22 (built from the 4.22.0 source, release or debug: the build changes no
+    /// answer the suites check).
+    V4_22,
 }
 
 impl XenRelease {
@@ -44,6 +48,7 @@ impl XenRelease {
         match arg {
             "4.17" => Some(Self::V4_17),
             "4.20" => Some(Self::V4_20),
+            "4.22" => Some(Self::V4_22),
             _ => None,
         }
     }
@@ -53,6 +58,7 @@ impl XenRelease {
         match self {
             Self::V4_17 => (4, 17),
             Self::V4_20 => (4, 20),
+            Self::V4_22 => (4, 22),
         }
     }
 }
@@ -83,6 +89,9 @@ pub struct Model {
     /// The Xen release `xen=` names, if known: checked against the running hypervisor by
     /// `xen::xen_version_matches_harness`.
     pub xen: Option<XenRelease>,
+    /// `xenbuild=debug|release`: whether the harness booted a debug hypervisor (a guest
+    /// cannot ask Xen; the harness checks Xen's banner). `None` if not given.
+    pub xen_debug: Option<bool>,
 }
 
 static MODEL: Once<Model> = Once::new();
@@ -114,6 +123,11 @@ fn parse_model(info: &'static BootInfo, dom0: bool) -> Model {
         fsgsbase: info.arg("fsgsbase") == Some("1"),
         xen_arg,
         xen: xen_arg.and_then(XenRelease::parse),
+        xen_debug: match info.arg("xenbuild") {
+            Some("debug") => Some(true),
+            Some("release") => Some(false),
+            _ => None,
+        },
     }
 }
 
@@ -134,13 +148,13 @@ pub fn vpmu_active() -> bool {
 /// Runs the suites for `suite` (`dom0` or `domu`), or the benchmarks (`bench`, as dom0).
 pub fn run(suite: &str, info: &'static BootInfo) {
     let dom0 = match suite {
-        "dom0" | "bench" | "smpbench" => true,
+        "dom0" | "bench" | "smpbench" | "sweep" => true,
         "domu" => false,
         other => {
             testing::record(
                 "suites::select",
                 Err(testing::Failure::new(format_args!(
-                    "unknown suite {other:?} (expected dom0, domu, bench, smpbench or demo)"
+                    "unknown suite {other:?} (expected dom0, domu, bench, smpbench, sweep or demo)"
                 ))),
             );
             return;
@@ -159,6 +173,11 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     }
     if suite == "smpbench" {
         return smpbench::run();
+    }
+    if suite == "sweep" {
+        sweep::run();
+        testing::record("sweep::completed", Ok(()));
+        return;
     }
     // vCPU 0 alone: the boot protocol and the trap path, before anything else.
     testing::run(boot::TESTS);
@@ -189,6 +208,7 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     smp::run_on_all(|_| testing::run(routing::TESTS));
     smp::run_on_all(|_| {
         testing::run(pmu::TESTS);
+        testing::run(pmu_diff::TESTS);
         testing::run(percpu::TESTS);
         if fsgsbase_requested() {
             testing::run(fsgsbase::TESTS);

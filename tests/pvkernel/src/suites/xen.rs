@@ -1,5 +1,6 @@
 //! What Xen itself does with bare MSR/PMC instructions and the hypercalls the library
-//! uses, per CPU model and Xen release (4.17 or 4.20, named by `xen=` and checked first):
+//! uses, per CPU model and Xen release (4.17, 4.20 or 4.22, named by `xen=` and checked
+//! first):
 //! the oracle the library's own suites are compared against. If one of these fails, the
 //! environment changed (Xen version, QEMU model), not the library.
 
@@ -27,6 +28,7 @@ pub static TESTS: &[Test] = &[
     test!(p6_evntsel4_7_by_release),
     test!(mmio_conf_base_by_release),
     test!(xenpmu_mode_get),
+    test!(hypercall_argument_registers_by_build),
 ];
 
 const GP: u64 = exinfo(13, 0);
@@ -54,7 +56,7 @@ fn xen_version_matches_harness() -> TestResult {
     let Some(release) = m.xen else {
         fail!(
             "running Xen {}.{}, but xen={:?} on the command line names no release the \
-             suites know (4.17, 4.20)",
+             suites know (4.17, 4.20, 4.22)",
             running.0,
             running.1,
             m.xen_arg
@@ -259,15 +261,15 @@ fn release() -> Result<XenRelease, crate::testing::Failure> {
 }
 
 /// Intel's `P6_EVNTSEL4`..`P6_EVNTSEL7` (0x186 + 4..7), where the two releases differ:
-/// Xen 4.17 hands only `EVNTSEL0`-`3` to its vPMU and #GPs the rest, 4.20 hands it
-/// `EVNTSEL0`-`7`, which with the vPMU off read as 0 and accept writes. The next MSR
+/// Xen 4.17 hands only `EVNTSEL0`-`3` to its vPMU and #GPs the rest, 4.20 and 4.22 hand
+/// it `EVNTSEL0`-`7`, which with the vPMU off read as 0 and accept writes. The next MSR
 /// (0x18e) #GPs in both. On AMD all of them are the other vendor's and #GP in both. The
 /// library passes them through, so its safe accesses see exactly the same.
 fn p6_evntsel4_7_by_release() -> TestResult {
     let release = release()?;
     let m = model();
     let raz_wi = match (m.vendor, release) {
-        (Some(Vendor::Intel), XenRelease::V4_20) => true,
+        (Some(Vendor::Intel), XenRelease::V4_20 | XenRelease::V4_22) => true,
         (Some(Vendor::Intel), XenRelease::V4_17) | (Some(Vendor::Amd), _) => false,
         (None, _) => fail!("unknown vendor"),
     };
@@ -331,7 +333,7 @@ fn host_family() -> u32 {
 
 /// `MMIO_CONF_BASE`, where the two releases differ on AMD: Xen 4.17 serves reads only on
 /// families 0x10-0x16 and #GPs them on the families of these models (qemu64 0xf, EPYC
-/// 0x17); 4.20 serves them on every AMD family, with the host's value for dom0 (QEMU's TCG
+/// 0x17); 4.20 and 4.22 serve them on every AMD family, with the host's value for dom0 (QEMU's TCG
 /// has no such register and reads 0) and 0 for a domU. Writes #GP in both releases, and on
 /// Intel everything #GPs in both. The library passes it through, like the bare access.
 fn mmio_conf_base_by_release() -> TestResult {
@@ -348,7 +350,7 @@ fn mmio_conf_base_by_release() -> TestResult {
             );
             false
         }
-        (Some(Vendor::Amd), XenRelease::V4_20) => true,
+        (Some(Vendor::Amd), XenRelease::V4_20 | XenRelease::V4_22) => true,
         (None, _) => fail!("unknown vendor"),
     };
     let read = raw::rdmsr(MSR_FAM10H_MMIO_CONF_BASE);
@@ -393,4 +395,61 @@ fn mmio_conf_base_by_release() -> TestResult {
 fn set_base(which: SegmentBase, base: u64) -> Result<(), Errno> {
     // SAFETY: see above.
     unsafe { hv::page().set_segment_base(which, base) }
+}
+
+/// What `0xdeadbeefdeadf00d`, a debug hypervisor's poison, looks like.
+const DEBUG_POISON: u64 = 0xdead_beef_dead_f00d;
+
+/// A debug hypervisor overwrites, on the return of each hypercall that is not continued,
+/// the argument registers that hypercall takes; a release one leaves them. The harness
+/// names the build (`xenbuild=`, checked by it against Xen's banner). This proves the
+/// debug rows really run the library's stubs under the poisoning they are there for:
+/// `xen_version` takes two arguments (`rdi`, `rsi`), so under a debug Xen both come back
+/// poisoned and `rdx` (not an argument of it) intact; under a release Xen all three
+/// are intact.
+fn hypercall_argument_registers_by_build() -> TestResult {
+    let Some(debug) = model().xen_debug else {
+        fail!("no known xenbuild= on the command line: the harness names the build");
+    };
+    let entry = hv::page().entry(hv::nr::XEN_VERSION);
+    let marker = 0x5a5a_0000_1234_5678u64;
+    let (rax, rdi, rsi, rdx): (u64, u64, u64, u64);
+    // SAFETY: the entry of Xen's hypercall page for `xen_version`; `XENVER_version` with a
+    // NULL argument reads nothing and returns the version in rax. The page's stub saves
+    // and restores rcx and r11 around its `syscall` and changes only rax, besides what Xen
+    // itself writes back (the argument registers, in a debug build), which are all
+    // declared outputs here. `call` pushes the return address, so no `nostack`.
+    unsafe {
+        core::arch::asm!(
+            "call {entry}",
+            entry = in(reg) entry,
+            inlateout("rdi") u64::from(hv::nr::XENVER_VERSION) => rdi,
+            inlateout("rsi") 0u64 => rsi,
+            inlateout("rdx") marker => rdx,
+            lateout("rax") rax,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    check!(
+        rax >> 16 == 4,
+        "xen_version(XENVER_version) returned {rax:#x}, not a 4.x version"
+    );
+    if debug {
+        check_eq!(rdi, DEBUG_POISON, "rdi after the hypercall (debug Xen)");
+        check_eq!(rsi, DEBUG_POISON, "rsi after the hypercall (debug Xen)");
+    } else {
+        check_eq!(
+            rdi,
+            u64::from(hv::nr::XENVER_VERSION),
+            "rdi after the hypercall (release Xen)"
+        );
+        check_eq!(rsi, 0, "rsi after the hypercall (release Xen)");
+    }
+    check_eq!(
+        rdx,
+        marker,
+        "rdx (no argument of xen_version) after the hypercall"
+    );
+    Ok(())
 }
