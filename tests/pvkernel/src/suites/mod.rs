@@ -5,6 +5,7 @@ pub mod boot;
 pub mod fsgsbase;
 pub mod percpu;
 pub mod pmu;
+pub mod pmu_diff;
 pub mod raw;
 pub mod routing;
 pub mod smpbench;

@@ -124,7 +124,7 @@ fn my_page() -> (NonNull<u8>, u32) {
 
 /// The machine frame of a kernel virtual address: its PFN (VIRT_BASE is 0) looked up in
 /// the p2m list Xen built (`start_info.mfn_list`).
-fn mfn_of(va: usize) -> u64 {
+pub(super) fn mfn_of(va: usize) -> u64 {
     let p2m = crate::boot_info().start_info.mfn_list as *const u64;
     let entry = p2m.wrapping_add(va >> 12);
     // SAFETY: Xen maps the p2m list for the domain's whole life with one entry per PFN of
