@@ -11,13 +11,32 @@
 //! | `Write` | none | warn hook, once per kind | `rip` = fixup |
 //! | `Rewind` | see below | carried or `Fault` | dispatch again |
 //!
+//! (`RAX_CONTRACT`: a failing constant-index read zeroes `rdx` too, because its site
+//! computes the value as `rax | rdx << 32`.)
+//!
 //! A rewind entry (on a stub's native instruction or its trapping `ud2`) says how many words
 //! sit above the stub's return address and whether the first is an error code. The fixup
 //! takes the error (the carried code, or `Fault { vector }` for a fault of the stub's own
 //! native instruction), sets `rip = return address + imm` (imm = `-CALL_LEN`: the caller's
 //! `call`), pops the words and the return address, and dispatches again on the caller's own
-//! entry at that `rip`, which must exist. The caller cannot tell the result from the native
+//! entry at that `rip`, which must exist. A constant-index site's call is prefixed (one
+//! `IMM_SITE_LEN`-byte instruction), so there `rip` lands inside the call: with no entry
+//! at `rip`, the entry [`IMM_SITE_LEN`] bytes before the return address is the caller's if
+//! its fixup is the return address. The caller cannot tell the result from the native
 //! instruction faulting at its call site.
+//!
+//! **FSGSBASE without CR4.FSGSBASE (Xen PV).** Xen keeps CR4 per vCPU, so on a vCPU the
+//! kernel did not enable it on, `rdfsbase`/`wrfsbase`/`rdgsbase`/`wrgsbase` raise `#UD`.
+//! Once the segment-base hypercall page is stored (Xen PV, after `init`), a `#UD` raised by
+//! the CPU (not an error a stub carries) that reaches the entry of a read or write site
+//! whose MSR (`ecx`) is `FS_BASE` or `GS_BASE` is that case, whichever way it came (the
+//! inline instruction of a constant-index site, or a stub's, through its rewind): the fixup
+//! completes the access instead of failing it, with the write through
+//! `set_segment_base(FS | GS_KERNEL, edx:eax)` and the read with a trapped RDMSR (which
+//! Xen emulates), sets the outputs as the instruction would have and resumes after the
+//! site. An error from that path is the access's error. The fallbacks are counted
+//! ([`fsgsbase_fallbacks`]), and the first one is reported to the hook set with
+//! [`set_fsgsbase_fallback_hook`], so the kernel learns that a vCPU missed its CR4 step.
 //!
 //! Rewinding through the stack (rather than carrying the target in a register, as an
 //! "indirect" entry would) keeps every register of the caller intact: the write stub's
@@ -27,9 +46,10 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Once;
+use xenmsr_hypercall::abi::SegmentBase;
 
-use crate::MsrError;
 use crate::extable::{self, Data, ExtableEntry, Kind, flags, reg};
+use crate::{IMM_SITE_LEN, MsrError, VECTOR_UD};
 
 /// The interrupted context, as the kernel's exception entry saved it.
 #[repr(C)]
@@ -229,9 +249,20 @@ pub unsafe fn fixup_exception(frame: &mut TrapFrame, vector: u8) -> bool {
 pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, vector: u8) -> bool {
     let mut work = *frame;
     let mut carried: Option<MsrError> = None;
+    // The error is the exception itself (no stub carried an error code to the site).
+    let mut raised = true;
+    // The return address the last rewind popped.
+    let mut returned_to: Option<usize> = None;
     for _ in 0..=MAX_REWINDS {
-        let Some(entry) = extable::search(table, work.rip as usize) else {
-            return false;
+        let entry = match extable::search(table, work.rip as usize) {
+            Some(entry) => entry,
+            None => match returned_to.and_then(|ret| prefixed_call_site(table, ret)) {
+                Some(entry) => {
+                    work.rip = entry.insn_addr() as u64;
+                    entry
+                }
+                None => return false,
+            },
         };
         let data = entry.data();
         let applied = match data.kind() {
@@ -240,20 +271,32 @@ pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, ve
                 // SAFETY: the entry is a rewind entry at the faulting rip, so (caller's
                 // contract) the stack at rsp holds what the entry describes.
                 match unsafe { rewind(&mut work, data, vector) } {
-                    Some(error) => {
+                    Some((error, ret)) => {
                         carried = Some(error);
+                        raised &= !data.has(flags::CARRIES_ERROR);
+                        returned_to = Some(ret);
                         continue;
                     }
                     None => return false,
                 }
             }
-            Some(kind) => apply(
-                &mut work,
-                entry,
-                kind,
-                data,
-                carried.unwrap_or(MsrError::Fault { vector }),
-            ),
+            Some(kind) => {
+                let error = carried.unwrap_or(MsrError::Fault { vector });
+                // A #UD the CPU raised at an FS/GS base access: complete it (Xen PV).
+                let fallback = if vector == VECTOR_UD && raised {
+                    fsgsbase_fallback(&mut work, entry, kind, data)
+                } else {
+                    None
+                };
+                match fallback {
+                    Some(Ok(())) => {
+                        work.rip = entry.fixup_addr() as u64;
+                        true
+                    }
+                    Some(Err(error)) => apply(&mut work, entry, kind, data, error),
+                    None => apply(&mut work, entry, kind, data, error),
+                }
+            }
         };
         if applied {
             *frame = work;
@@ -263,14 +306,125 @@ pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, ve
     false
 }
 
-/// Applies a rewind entry to `frame`; returns the error it carries, or `None` if the
-/// entry or stack is malformed.
+/// The entry of the constant-index site whose call returned to `ret`. Its call is prefixed
+/// (`IMM_CALL_PREFIX`, then `call`: one [`IMM_SITE_LEN`]-byte instruction ending at the end
+/// of the site), so `ret - CALL_LEN` lies inside it; the site starts `IMM_SITE_LEN` bytes
+/// before `ret`, and its entry's fixup (the end of the site) is `ret`.
+fn prefixed_call_site(table: &[ExtableEntry], ret: usize) -> Option<&ExtableEntry> {
+    let entry = extable::search(table, ret.checked_sub(IMM_SITE_LEN)?)?;
+    let is_site = !matches!(entry.data().kind(), None | Some(Kind::Rewind));
+    (is_site && entry.fixup_addr() == ret).then_some(entry)
+}
+
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+
+/// An FS or GS base access that the fixup completed without FSGSBASE, because the
+/// instruction raised `#UD`: CR4.FSGSBASE is off on the vCPU that ran it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsGsBaseFallback {
+    /// A read (RDFSBASE/RDGSBASE) or a write (WRFSBASE/WRGSBASE).
+    pub op: AccessOp,
+    /// `FS_BASE` or `GS_BASE`.
+    pub msr: u32,
+    /// Address of the site (the start of its patchable region).
+    pub site: usize,
+}
+
+static FSGSBASE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+static FALLBACK_HOOK: Once<fn(&FsGsBaseFallback)> = Once::new();
+
+/// Sets the hook told about the first FS/GS base access the fixup completed without
+/// FSGSBASE (see the module docs). The first call wins and later calls return `false`.
+/// The hook runs inside the exception handler, with the restrictions of the warn hook.
+pub fn set_fsgsbase_fallback_hook(hook: fn(&FsGsBaseFallback)) -> bool {
+    let mut installed = false;
+    FALLBACK_HOOK.call_once(|| {
+        installed = true;
+        hook
+    });
+    installed
+}
+
+/// How many FS/GS base accesses the fixup completed without FSGSBASE (a `#UD` at an
+/// FSGSBASE instruction on a vCPU without CR4.FSGSBASE): 0 when every vCPU that ran a
+/// patched site had the bit.
+pub fn fsgsbase_fallbacks() -> u64 {
+    FSGSBASE_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Completes a read or write of `FS_BASE`/`GS_BASE` whose FSGSBASE instruction raised
+/// `#UD` (the caller checked that the exception is a `#UD` raised by the CPU), on Xen PV:
+/// `None` if this is not such an access (then the entry applies as usual), else the
+/// result of the access through the segment-base hypercall or a trapped RDMSR, with the
+/// outputs set on success.
+fn fsgsbase_fallback(
+    frame: &mut TrapFrame,
+    entry: &ExtableEntry,
+    kind: Kind,
+    data: Data,
+) -> Option<Result<(), MsrError>> {
+    let msr = frame.rcx as u32;
+    if msr != MSR_FS_BASE && msr != MSR_GS_BASE {
+        return None;
+    }
+    let op = match kind {
+        Kind::Read | Kind::ReadSafe => AccessOp::Read,
+        Kind::Write | Kind::WriteSafe => AccessOp::Write,
+        _ => return None,
+    };
+    // Only on Xen PV, where FS/GS base sites run nothing else that can raise #UD (the
+    // routes never give them WRMSRNS or the immediate forms).
+    let page = crate::stubs::segbase_hypercall_page()?;
+    let result = match op {
+        AccessOp::Write => {
+            let value = if data.has(flags::RAX_CONTRACT) {
+                frame.rax
+            } else {
+                (frame.rdx & 0xffff_ffff) << 32 | (frame.rax & 0xffff_ffff)
+            };
+            let which = if msr == MSR_FS_BASE {
+                SegmentBase::FS
+            } else {
+                SegmentBase::GS_KERNEL
+            };
+            // SAFETY: the site's caller vouched for this write (the site's contract); the
+            // hypercall performs exactly the write the faulting instruction would have.
+            unsafe { page.set_segment_base(which, value) }.map_err(MsrError::Hypercall)
+        }
+        _ => {
+            // SAFETY: as above, for the read; on Xen PV the RDMSR traps and Xen emulates
+            // it, and a fault comes back as `Err` through its own entry.
+            unsafe { crate::native::rdmsr_safe(msr) }.map(|value| {
+                frame.rax = if data.has(flags::RAX_CONTRACT) {
+                    value
+                } else {
+                    value & 0xffff_ffff
+                };
+                frame.rdx = value >> 32;
+            })
+        }
+    };
+    if FSGSBASE_FALLBACKS.fetch_add(1, Ordering::Relaxed) == 0
+        && let Some(hook) = FALLBACK_HOOK.get()
+    {
+        hook(&FsGsBaseFallback {
+            op,
+            msr,
+            site: entry.insn_addr(),
+        });
+    }
+    Some(result)
+}
+
+/// Applies a rewind entry to `frame`; returns the error it carries and the return address
+/// it popped, or `None` if the entry or stack is malformed.
 ///
 /// # Safety
 ///
 /// `frame.rsp` must point at the stack the rewind entry describes: `skip` readable words
 /// and then the stub's return address.
-unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<MsrError> {
+unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<(MsrError, usize)> {
     let skip = usize::from(data.reg());
     let sp = frame.rsp as usize;
     let ret_slot = sp.checked_add(8 * skip)?;
@@ -299,7 +453,7 @@ unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<MsrErr
     let ret = unsafe { (ret_slot as *const u64).read_unaligned() };
     frame.rip = ret.wrapping_add_signed(i64::from(data.imm()));
     frame.rsp = new_sp as u64;
-    Some(error)
+    Some((error, ret as usize))
 }
 
 /// Applies a site entry of `kind`. Returns `false` for a malformed entry.
@@ -311,11 +465,11 @@ fn apply(
     error: MsrError,
 ) -> bool {
     let rax_contract = data.has(flags::RAX_CONTRACT);
+    // With RAX_CONTRACT `rdx` is an input (0) the site folds into the value, and a stub
+    // may leave anything there on failure, so both are zeroed in every case.
     let zero_outputs = |frame: &mut TrapFrame| {
         frame.rax = 0;
-        if !rax_contract {
-            frame.rdx = 0;
-        }
+        frame.rdx = 0;
     };
     match kind {
         Kind::ReadSafe | Kind::RdpmcSafe | Kind::WriteSafe => {

@@ -34,7 +34,9 @@ pub use error::{MsrError, VECTOR_GP, VECTOR_UD};
 #[doc(hidden)]
 pub use xenmsr_hypercall as __hypercall;
 
-/// Length in bytes of the `call rel32` (`e8 rel32`) every patchable site starts with.
+/// Length in bytes of the `call rel32` (`e8 rel32`) of every site's Xen variant. The call
+/// ends where the site ends (a register-contract site is the call; a constant-index site
+/// is [`IMM_CALL_PREFIX`] and the call), so its return address is the end of the site.
 ///
 /// This one constant feeds the site emitters (an assembly-time `.if`/`.error` check that
 /// every emitted call has this length), the stubs (the signed immediate of their rewind
@@ -45,17 +47,25 @@ pub const CALL_LEN: usize = 5;
 /// (`call` 5, `rdmsr`/`wrmsr`/`rdpmc` 2, `wrmsrns` 3).
 pub const SITE_LEN: usize = 5;
 
-/// Length in bytes of a constant-index (immediate-form) patchable site: the largest of its
-/// variants, the 9-byte immediate forms (`rdmsr $imm32, %rax`, `wrmsrns %rax, $imm32`);
-/// the Xen variant is the `call` ([`CALL_LEN`] bytes) followed by a 4-byte NOP.
+/// Length in bytes of a constant-index (immediate-form) patchable site: the length of
+/// the 9-byte immediate forms (`rdmsr $imm32, %rax`, `wrmsrns %rax, $imm32`).
+///
+/// Every variant of such a site is **one instruction** of exactly this length (shorter
+/// instructions are padded with redundant CS prefixes), so every variant has the same
+/// instruction boundaries, the site start and end: a vCPU stopped anywhere (an upcall
+/// between two instructions, inside a stub the site called, after Xen emulated a trapped
+/// instruction) resumes at a boundary of whatever variant a live re-patch wrote meanwhile.
+/// The Xen variant is [`IMM_CALL_PREFIX`] and then the `call` ([`CALL_LEN`] bytes), whose
+/// return address is the end of the site.
 pub const IMM_SITE_LEN: usize = 9;
 
-/// The NOP that pads a constant-index site's `call` to [`IMM_SITE_LEN`]
-/// (`nopl 0x0(%rax)`).
-pub const IMM_SITE_PAD: [u8; 4] = [0x0f, 0x1f, 0x40, 0x00];
+/// The redundant CS prefixes before a constant-index site's `call`, which make the call
+/// one [`IMM_SITE_LEN`]-byte instruction (segment prefixes are ignored on a near call in
+/// 64-bit mode; assemblers pad branches the same way for Intel's JCC erratum).
+pub const IMM_CALL_PREFIX: [u8; 4] = [0x2e; 4];
 
 const _: () = assert!(SITE_LEN >= CALL_LEN);
-const _: () = assert!(IMM_SITE_LEN == CALL_LEN + IMM_SITE_PAD.len());
+const _: () = assert!(IMM_SITE_LEN == IMM_CALL_PREFIX.len() + CALL_LEN);
 const _: () = assert!(CALL_LEN <= i16::MAX as usize);
 
 #[cfg(test)]

@@ -17,8 +17,49 @@
 //! register and returns with `HYPERVISOR_iret`, which also restores the event mask the
 //! interrupted code had.
 //!
+//! # The failsafe frame
+//!
+//! Xen calls the failsafe callback when it cannot reload the interrupted context's data
+//! segment registers on the way back to the guest (`load_segments()` in Xen's
+//! `arch/x86/domain.c`, after a switch of vCPUs: a selector whose descriptor is no longer
+//! valid, such as an LDT selector after the LDT went away). Xen has then already loaded
+//! the null selector into each register that failed (the others hold their selectors),
+//! and delivers a frame of eleven words, from the lowest address (the callback's `rsp`):
+//!
+//! ```text
+//! rcx, r11, ds, es, fs, gs, rip, cs, rflags, rsp, ss
+//! ```
+//!
+//! `rcx` and `r11` are the interrupted context's (Xen enters the callback with `sysret`,
+//! which overwrites both); `ds`..`gs` are the four selectors Xen tried to load, zero
+//! extended; `rip`..`ss` is the hardware-like return frame (`cs` carries the saved event
+//! mask in bits 32-39, `rflags.IF` its inverse, as in every bounce frame). There is no
+//! error code. The frame ends 16-byte aligned.
+//!
+//! The kit's failsafe stub (`xenmsr_pv_failsafe`) turns it into the exception layout: it
+//! folds the four selectors into one word (`ds | es << 16 | fs << 32 | gs << 48`, the
+//! [`DataSelectors::pack`] layout) in the error-code slot, puts [`VECTOR_FAILSAFE`] in the
+//! vector slot below it, reloads `rcx` and `r11` from Xen's words and jumps to the common
+//! path with `rsp` at the vector (four words above where Xen left it). The handler thus
+//! gets the interrupted registers in the [`TrapFrame`] (`rcx`/`r11` included), `cs` in
+//! [`Trap::cs`], and the selectors from [`Trap::failsafe_selectors`]; the return is the
+//! same `iret` hypercall with the frame's `rip`, `rsp` and `rflags`, to the interrupted
+//! code. The `iret` does not touch `ds`, `es`, `fs` or `gs`: whatever the handler loaded
+//! into them (for example the null selector, or a valid one with
+//! [`DataSelectors::load`]) is what the interrupted code resumes with. A handler that
+//! does nothing resumes it with Xen's nulls in place of the selectors that failed.
+//!
+//! Stub register contract: on entry every register but `rcx` and `r11` (which the stub
+//! uses as scratch before reloading them from the frame) holds the interrupted value, and
+//! events are masked when the callback was registered with `CALLBACKF_mask_events`
+//! (`install_callbacks` does; a secondary vCPU started with `VCPUOP_initialise` needs
+//! `VGCF_failsafe_disables_events` in its context's flags); the arithmetic flags are
+//! clobbered (the interrupted ones are in the frame's `rflags`); nothing is written below
+//! Xen's frame until the common path, which starts with every register as interrupted.
+//!
 //! The assembly exists only where there is a Xen hypercall page (`target_os = "none"`);
-//! [`Trap`], [`TrapHandler`] and the constants are everywhere.
+//! [`Trap`], [`TrapHandler`], [`DataSelectors`] and the constants are everywhere. The
+//! host tests assemble the same stub and common-path text around a fake stack.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -76,11 +117,122 @@ const _: () = {
 pub struct Trap {
     /// The vector (0-19), [`VECTOR_UPCALL`] or [`VECTOR_FAILSAFE`].
     pub vector: u8,
-    /// The error code (0 for vectors without one).
+    /// The error code (0 for vectors without one). For [`VECTOR_FAILSAFE`] the four data
+    /// selectors Xen failed to reload, packed as [`DataSelectors::pack`] does (read them
+    /// with [`Trap::failsafe_selectors`]).
     pub error_code: u64,
     /// The interrupted `cs`; bits 32-39 hold the event mask Xen saved (restored by the
     /// `iret`).
     pub cs: u64,
+}
+
+impl Trap {
+    /// For a failsafe callback ([`VECTOR_FAILSAFE`]), the data selectors of the
+    /// interrupted context that Xen tried to reload; at least one of them failed, and Xen
+    /// loaded the null selector into the registers that did (compare with
+    /// [`DataSelectors::current`] to see which). `None` for every other vector.
+    pub const fn failsafe_selectors(&self) -> Option<DataSelectors> {
+        if self.vector == VECTOR_FAILSAFE {
+            Some(DataSelectors::unpack(self.error_code))
+        } else {
+            None
+        }
+    }
+}
+
+/// The four data-segment selectors, `ds`, `es`, `fs` and `gs`: what a failsafe callback
+/// reports ([`Trap::failsafe_selectors`]) and what its handler may load before the
+/// interrupted code resumes ([`DataSelectors::load`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataSelectors {
+    /// `ds`.
+    pub ds: u16,
+    /// `es`.
+    pub es: u16,
+    /// `fs`.
+    pub fs: u16,
+    /// `gs`.
+    pub gs: u16,
+}
+
+impl DataSelectors {
+    /// The null selector in all four.
+    pub const NULL: Self = Self {
+        ds: 0,
+        es: 0,
+        fs: 0,
+        gs: 0,
+    };
+
+    /// The word the failsafe entry passes as [`Trap::error_code`]: `ds` in bits 0-15,
+    /// `es` in 16-31, `fs` in 32-47, `gs` in 48-63 (the order of Xen's failsafe frame,
+    /// from the lowest address).
+    pub const fn pack(self) -> u64 {
+        self.ds as u64 | (self.es as u64) << 16 | (self.fs as u64) << 32 | (self.gs as u64) << 48
+    }
+
+    /// The inverse of [`DataSelectors::pack`].
+    pub const fn unpack(word: u64) -> Self {
+        Self {
+            ds: word as u16,
+            es: (word >> 16) as u16,
+            fs: (word >> 32) as u16,
+            gs: (word >> 48) as u16,
+        }
+    }
+
+    /// The selectors loaded in the four registers now.
+    pub fn current() -> Self {
+        let (ds, es, fs, gs): (u32, u32, u32, u32);
+        // SAFETY: reading a segment register has no side effect and is allowed at any
+        // privilege level.
+        unsafe {
+            core::arch::asm!(
+                "mov %ds, {ds:e}",
+                "mov %es, {es:e}",
+                "mov %fs, {fs:e}",
+                "mov %gs, {gs:e}",
+                ds = out(reg) ds,
+                es = out(reg) es,
+                fs = out(reg) fs,
+                gs = out(reg) gs,
+                options(att_syntax, nomem, nostack, preserves_flags)
+            );
+        }
+        Self {
+            ds: ds as u16,
+            es: es as u16,
+            fs: fs as u16,
+            gs: gs as u16,
+        }
+    }
+
+    /// Loads the four selectors into `ds`, `es`, `fs` and `gs` (in that order).
+    ///
+    /// # Safety
+    ///
+    /// Each selector must be null or name a present data segment the current privilege
+    /// level may load (otherwise the load faults, with `#GP` or `#NP`, on the first bad
+    /// one). Loading `fs` or `gs` replaces the FS or GS base (with the descriptor's base;
+    /// for a null selector with zero, except on AMD CPUs before Zen 2, which keep the old
+    /// base), so nothing may rely on either base unless the caller restores it afterwards.
+    pub unsafe fn load(self) {
+        // SAFETY: the caller guarantees the selectors are loadable and that no one relies
+        // on the FS/GS bases the loads replace.
+        unsafe {
+            core::arch::asm!(
+                "mov {ds:e}, %ds",
+                "mov {es:e}, %es",
+                "mov {fs:e}, %fs",
+                "mov {gs:e}, %gs",
+                ds = in(reg) u32::from(self.ds),
+                es = in(reg) u32::from(self.es),
+                fs = in(reg) u32::from(self.fs),
+                gs = in(reg) u32::from(self.gs),
+                options(att_syntax, nostack, preserves_flags)
+            );
+        }
+    }
 }
 
 /// The kernel's handler for every trap: called with the interrupted registers, which it
@@ -139,11 +291,19 @@ fn unhandled(frame: &TrapFrame, trap: &Trap) -> ! {
     use core::fmt::Write;
     let page = xenmsr_hypercall::HypercallPage::xen();
     let mut out = xenmsr_hypercall::pv::PvConsole::Hypervisor(page);
-    let _ = writeln!(
-        out,
-        "xenmsr: unhandled trap {} (error code {:#x}) at rip {:#x}, rsp {:#x}; no trap handler registered",
-        trap.vector, trap.error_code, frame.rip, frame.rsp
-    );
+    if let Some(sel) = trap.failsafe_selectors() {
+        let _ = writeln!(
+            out,
+            "xenmsr: failsafe callback (Xen could not reload some of ds {:#x} es {:#x} fs {:#x} gs {:#x}) at rip {:#x}, rsp {:#x}; no trap handler registered",
+            sel.ds, sel.es, sel.fs, sel.gs, frame.rip, frame.rsp
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "xenmsr: unhandled trap {} (error code {:#x}) at rip {:#x}, rsp {:#x}; no trap handler registered",
+            trap.vector, trap.error_code, frame.rip, frame.rsp
+        );
+    }
     loop {
         let _ = page.sched_shutdown(xenmsr_hypercall::abi::ShutdownReason::CRASH);
     }
@@ -173,105 +333,79 @@ extern "C" fn xenmsr_pv_trap_dispatch(
     dispatch_with_library_fixup(frame, &trap);
 }
 
-#[cfg(target_os = "none")]
-mod entry {
-    use core::arch::global_asm;
+// The entry's assembly text, as macros expanding to string literals, so that the kit's
+// entry (`target_os = "none"`) and the host tests (`entry_tests`, around a fake stack)
+// assemble the very same instructions.
 
-    use xenmsr_hypercall::Errno;
-    use xenmsr_hypercall::abi::{CallbackType, TrapInfo};
+/// One exception stub's body (everything but its label and the final `jmp` to the common
+/// path): pop Xen's `rcx`/`r11`, push a zero error code where the CPU pushes none, push
+/// the vector.
+#[cfg_attr(not(any(test, target_os = "none")), allow(unused_macros))]
+macro_rules! stub_text {
+    ($vec:literal, err) => {
+        concat!(
+            "    pop %rcx\n",
+            "    pop %r11\n",
+            "    push $",
+            stringify!($vec),
+            "\n"
+        )
+    };
+    ($vec:literal, none) => {
+        concat!(
+            "    pop %rcx\n",
+            "    pop %r11\n",
+            "    push $0\n",
+            "    push $",
+            stringify!($vec),
+            "\n"
+        )
+    };
+}
 
-    use super::{TrapFrame, VECTOR_FAILSAFE, VECTOR_UPCALL, VECTORS, xenmsr_pv_trap_dispatch};
-
-    /// One entry stub per vector: pop Xen's rcx/r11, push a zero error code where the CPU
-    /// pushes none, push the vector, go to the common path.
-    macro_rules! stubs {
-        ($($vec:literal $name:ident $ec:ident;)*) => {
-            global_asm!(
-                $(
-                    concat!(
-                        ".pushsection .text.xenmsr_pv_traps, \"ax\", @progbits\n",
-                        ".p2align 4\n",
-                        ".globl ", stringify!($name), "\n",
-                        ".type ", stringify!($name), ",@function\n",
-                        stringify!($name), ":\n",
-                        "    pop %rcx\n",
-                        "    pop %r11\n",
-                        stubs!(@ec $ec),
-                        "    push $", stringify!($vec), "\n",
-                        "    jmp xenmsr_pv_trap_common\n",
-                        ".popsection\n",
-                    ),
-                )*
-                options(att_syntax)
-            );
-            unsafe extern "C" {
-                $(fn $name();)*
-            }
-        };
-        (@ec err) => { "" };
-        (@ec none) => { "    push $0\n" };
-    }
-
-    stubs! {
-        0 xenmsr_pv_trap_0 none;
-        1 xenmsr_pv_trap_1 none;
-        2 xenmsr_pv_trap_2 none;
-        3 xenmsr_pv_trap_3 none;
-        4 xenmsr_pv_trap_4 none;
-        5 xenmsr_pv_trap_5 none;
-        6 xenmsr_pv_trap_6 none;
-        7 xenmsr_pv_trap_7 none;
-        8 xenmsr_pv_trap_8 err;
-        9 xenmsr_pv_trap_9 none;
-        10 xenmsr_pv_trap_10 err;
-        11 xenmsr_pv_trap_11 err;
-        12 xenmsr_pv_trap_12 err;
-        13 xenmsr_pv_trap_13 err;
-        14 xenmsr_pv_trap_14 err;
-        15 xenmsr_pv_trap_15 none;
-        16 xenmsr_pv_trap_16 none;
-        17 xenmsr_pv_trap_17 err;
-        18 xenmsr_pv_trap_18 none;
-        19 xenmsr_pv_trap_19 none;
-        32 xenmsr_pv_upcall none;
-        33 xenmsr_pv_failsafe none;
-    }
-
-    /// The entry stub of each exception vector.
-    static STUBS: [unsafe extern "C" fn(); VECTORS] = [
-        xenmsr_pv_trap_0,
-        xenmsr_pv_trap_1,
-        xenmsr_pv_trap_2,
-        xenmsr_pv_trap_3,
-        xenmsr_pv_trap_4,
-        xenmsr_pv_trap_5,
-        xenmsr_pv_trap_6,
-        xenmsr_pv_trap_7,
-        xenmsr_pv_trap_8,
-        xenmsr_pv_trap_9,
-        xenmsr_pv_trap_10,
-        xenmsr_pv_trap_11,
-        xenmsr_pv_trap_12,
-        xenmsr_pv_trap_13,
-        xenmsr_pv_trap_14,
-        xenmsr_pv_trap_15,
-        xenmsr_pv_trap_16,
-        xenmsr_pv_trap_17,
-        xenmsr_pv_trap_18,
-        xenmsr_pv_trap_19,
-    ];
-
-    const _: () = assert!(VECTOR_UPCALL == 32 && VECTOR_FAILSAFE == 33);
-
-    // The common path. On entry the stack holds, from rsp up: the vector, the error code,
-    // then Xen's frame (rip, cs, rflags, rsp, ss). The TrapFrame goes below, so Xen's
-    // frame starts SIZE + 16 bytes above the new rsp.
-    global_asm!(
+/// The failsafe stub's body (everything but its label and the final `jmp` to the common
+/// path; the module docs give the frame and the register contract). Operand: `vector`
+/// (`const`, [`VECTOR_FAILSAFE`]). On entry, from `rsp` up: rcx, r11, ds, es, fs, gs,
+/// rip, cs, rflags, rsp, ss; on exit, from `rsp` up: the vector, the packed selectors
+/// (in the error-code slot), rip, cs, rflags, rsp, ss, with `rcx` and `r11` reloaded
+/// from Xen's words and every other register untouched.
+#[cfg_attr(not(any(test, target_os = "none")), allow(unused_macros))]
+macro_rules! failsafe_text {
+    () => {
         r#"
-        .pushsection .text.xenmsr_pv_traps, "ax", @progbits
-        .p2align 4
-        .globl xenmsr_pv_trap_common
-    xenmsr_pv_trap_common:
+        movzwl 40(%rsp), %ecx              /* gs */
+        shl $16, %rcx
+        movzwl 32(%rsp), %r11d             /* fs */
+        or %r11, %rcx
+        shl $16, %rcx
+        movzwl 24(%rsp), %r11d             /* es */
+        or %r11, %rcx
+        shl $16, %rcx
+        movzwl 16(%rsp), %r11d             /* ds */
+        or %r11, %rcx                      /* ds | es << 16 | fs << 32 | gs << 48 */
+        mov %rcx, 40(%rsp)                 /* the error-code slot, just below rip */
+        movq ${vector}, 32(%rsp)           /* the vector slot below it */
+        mov 0(%rsp), %rcx                  /* the interrupted rcx and r11 */
+        mov 8(%rsp), %r11
+        lea 32(%rsp), %rsp                 /* rsp at the vector; Xen's four words above */
+"#
+    };
+}
+
+/// The common path up to the `iret` hypercall (everything but its label and the final
+/// `jmp` into the hypercall page). On entry, from `rsp` up: the vector, the error code,
+/// then Xen's frame (rip, cs, rflags, rsp, ss), every register as interrupted. The
+/// TrapFrame goes below, so Xen's frame starts SIZE + 16 bytes above the new rsp. It
+/// calls `{dispatch}(&mut frame, vector, error code, cs)` with the stack 16-byte
+/// aligned, writes rip, rsp and rflags back into Xen's frame, restores every register
+/// from the TrapFrame and pushes the `iret` flags word (0: not `VGCF_in_syscall`); the
+/// hypercall page's `iret` entry then pushes rcx, r11 and rax itself, completing
+/// `struct iret_context` above rip/cs/rflags/rsp/ss. Operands: `size`, `rip`, `rsp`,
+/// `rflags` (`const`: [`TrapFrame::SIZE`] and the offsets), `dispatch` (`sym`).
+#[cfg_attr(not(any(test, target_os = "none")), allow(unused_macros))]
+macro_rules! trap_common_text {
+    () => {
+        r#"
         sub ${size}, %rsp
         mov %rax, 0(%rsp)
         mov %rbx, 8(%rsp)
@@ -327,12 +461,126 @@ mod entry {
         mov 104(%rsp), %r14
         mov 112(%rsp), %r15
         add ${size}+16, %rsp               /* the TrapFrame, the vector, the error code */
-        /* HYPERVISOR_iret with flags 0 (not VGCF_in_syscall): the page entry pushes rcx,
-           r11 and rax itself, completing struct iret_context above rip/cs/rflags/rsp/ss. */
-        push $0
-        jmp xenmsr_hypercall_page + {iret} * 32
-        .popsection
-        "#,
+        push $0                            /* iret flags: not VGCF_in_syscall */
+"#
+    };
+}
+
+#[cfg(target_os = "none")]
+mod entry {
+    use core::arch::global_asm;
+
+    use xenmsr_hypercall::Errno;
+    use xenmsr_hypercall::abi::{CALLBACKF_MASK_EVENTS, CallbackType, TrapInfo};
+
+    use super::{TrapFrame, VECTOR_FAILSAFE, VECTOR_UPCALL, VECTORS, xenmsr_pv_trap_dispatch};
+
+    /// One entry stub per vector (and the event upcall): [`stub_text!`], then the common
+    /// path.
+    macro_rules! stubs {
+        ($($vec:literal $name:ident $ec:ident;)*) => {
+            global_asm!(
+                $(
+                    concat!(
+                        ".pushsection .text.xenmsr_pv_traps, \"ax\", @progbits\n",
+                        ".p2align 4\n",
+                        ".globl ", stringify!($name), "\n",
+                        ".type ", stringify!($name), ",@function\n",
+                        stringify!($name), ":\n",
+                        stub_text!($vec, $ec),
+                        "    jmp xenmsr_pv_trap_common\n",
+                        ".popsection\n",
+                    ),
+                )*
+                options(att_syntax)
+            );
+            unsafe extern "C" {
+                $(fn $name();)*
+            }
+        };
+    }
+
+    stubs! {
+        0 xenmsr_pv_trap_0 none;
+        1 xenmsr_pv_trap_1 none;
+        2 xenmsr_pv_trap_2 none;
+        3 xenmsr_pv_trap_3 none;
+        4 xenmsr_pv_trap_4 none;
+        5 xenmsr_pv_trap_5 none;
+        6 xenmsr_pv_trap_6 none;
+        7 xenmsr_pv_trap_7 none;
+        8 xenmsr_pv_trap_8 err;
+        9 xenmsr_pv_trap_9 none;
+        10 xenmsr_pv_trap_10 err;
+        11 xenmsr_pv_trap_11 err;
+        12 xenmsr_pv_trap_12 err;
+        13 xenmsr_pv_trap_13 err;
+        14 xenmsr_pv_trap_14 err;
+        15 xenmsr_pv_trap_15 none;
+        16 xenmsr_pv_trap_16 none;
+        17 xenmsr_pv_trap_17 err;
+        18 xenmsr_pv_trap_18 none;
+        19 xenmsr_pv_trap_19 none;
+        32 xenmsr_pv_upcall none;
+    }
+
+    // The failsafe callback: Xen's eleven-word frame (the module docs), folded into the
+    // exception layout by `failsafe_text!`, then the common path.
+    global_asm!(
+        concat!(
+            ".pushsection .text.xenmsr_pv_traps, \"ax\", @progbits\n",
+            ".p2align 4\n",
+            ".globl xenmsr_pv_failsafe\n",
+            ".type xenmsr_pv_failsafe,@function\n",
+            "xenmsr_pv_failsafe:\n",
+            failsafe_text!(),
+            "    jmp xenmsr_pv_trap_common\n",
+            ".popsection\n",
+        ),
+        vector = const VECTOR_FAILSAFE,
+        options(att_syntax)
+    );
+    unsafe extern "C" {
+        fn xenmsr_pv_failsafe();
+    }
+
+    /// The entry stub of each exception vector.
+    static STUBS: [unsafe extern "C" fn(); VECTORS] = [
+        xenmsr_pv_trap_0,
+        xenmsr_pv_trap_1,
+        xenmsr_pv_trap_2,
+        xenmsr_pv_trap_3,
+        xenmsr_pv_trap_4,
+        xenmsr_pv_trap_5,
+        xenmsr_pv_trap_6,
+        xenmsr_pv_trap_7,
+        xenmsr_pv_trap_8,
+        xenmsr_pv_trap_9,
+        xenmsr_pv_trap_10,
+        xenmsr_pv_trap_11,
+        xenmsr_pv_trap_12,
+        xenmsr_pv_trap_13,
+        xenmsr_pv_trap_14,
+        xenmsr_pv_trap_15,
+        xenmsr_pv_trap_16,
+        xenmsr_pv_trap_17,
+        xenmsr_pv_trap_18,
+        xenmsr_pv_trap_19,
+    ];
+
+    const _: () = assert!(VECTOR_UPCALL == 32);
+
+    // The common path ([`trap_common_text!`]), then the `iret` hypercall.
+    global_asm!(
+        concat!(
+            ".pushsection .text.xenmsr_pv_traps, \"ax\", @progbits\n",
+            ".p2align 4\n",
+            ".globl xenmsr_pv_trap_common\n",
+            "xenmsr_pv_trap_common:\n",
+            trap_common_text!(),
+            "    jmp xenmsr_hypercall_page + {iret} * 32\n",
+            ".popsection\n",
+        ),
         size = const TrapFrame::SIZE,
         rip = const TrapFrame::OFFSET_RIP,
         rsp = const TrapFrame::OFFSET_RSP,
@@ -366,7 +614,9 @@ mod entry {
     }
 
     /// The entry points of the event callback and the failsafe callback (for a secondary
-    /// vCPU's `VCPUOP_initialise` context).
+    /// vCPU's `VCPUOP_initialise` context; give that context
+    /// `VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS` in its flags too, so that the
+    /// failsafe handler runs with events masked as [`install_callbacks`] arranges).
     pub fn callback_entries() -> (u64, u64) {
         (
             xenmsr_pv_upcall as *const () as usize as u64,
@@ -375,15 +625,19 @@ mod entry {
     }
 
     /// Registers the kit's event-upcall and failsafe entries for the calling vCPU (the
-    /// handler sees upcalls as [`VECTOR_UPCALL`], the failsafe as [`VECTOR_FAILSAFE`]).
+    /// handler sees upcalls as [`VECTOR_UPCALL`], the failsafe as [`VECTOR_FAILSAFE`]),
+    /// both entered with events masked (Xen always masks them for the event callback; the
+    /// failsafe is registered with `CALLBACKF_mask_events`).
     pub fn install_callbacks() -> Result<(), Errno> {
         let (event, failsafe) = callback_entries();
         let page = xenmsr_hypercall::HypercallPage::xen();
         // SAFETY: the upcall stub follows the event callback's bounce-frame contract (rcx,
         // r11 on top, no error code) and returns with the iret hypercall.
         unsafe { page.callback_register(CallbackType::EVENT, event, 0) }?;
-        // SAFETY: as above, for the failsafe stub.
-        unsafe { page.callback_register(CallbackType::FAILSAFE, failsafe, 0) }
+        // SAFETY: the failsafe stub follows the failsafe frame's contract (rcx, r11, ds,
+        // es, fs, gs on top of the return frame: the module docs) and returns with the
+        // iret hypercall.
+        unsafe { page.callback_register(CallbackType::FAILSAFE, failsafe, CALLBACKF_MASK_EVENTS) }
     }
 }
 
@@ -476,4 +730,420 @@ pub unsafe fn keep_start_info(
 /// The `start_info` copy [`keep_start_info`] made, if the kit's entry ran.
 pub fn start_info() -> Option<&'static xenmsr_hypercall::abi::StartInfo> {
     START_INFO.get()
+}
+
+/// The entry's frame handling, run on the host: the failsafe stub, two exception stubs
+/// and the common path, assembled from the same text as the kit's entry, are entered on a
+/// fake stack holding a Xen-shaped frame with every register set; the dispatcher is a
+/// recorder, and the `iret` hypercall is replaced by a routine that captures the
+/// registers and the stack the hypercall page's `iret` entry would get.
+#[cfg(all(test, not(target_os = "none")))]
+mod entry_tests {
+    use core::arch::global_asm;
+    use core::mem::offset_of;
+    use core::sync::atomic::{AtomicPtr, Ordering};
+    use std::sync::Mutex;
+    use std::vec;
+    use std::vec::Vec;
+
+    use super::{DataSelectors, Trap, TrapFrame, VECTOR_FAILSAFE};
+
+    /// What the recorder saw.
+    #[derive(Clone, Copy, Debug)]
+    struct Seen {
+        frame: TrapFrame,
+        trap: Trap,
+        /// `rsp` inside the recorder, at a point where the compiler keeps it as aligned
+        /// as at a call (so 16-byte aligned if the common path called with it aligned).
+        rsp: u64,
+    }
+
+    /// One run: the harness assembly reads and writes it at the offsets below.
+    #[repr(C)]
+    struct Harness {
+        /// The registers the stub starts with, in `TrapFrame` order (`rax`..`r15`).
+        regs_in: [u64; 15],
+        /// `rsp` when the stub starts: the lowest word of Xen's frame.
+        entry_rsp: u64,
+        /// The test's own `rsp`, kept across the run.
+        host_rsp: u64,
+        /// The registers at the `iret` entry, in `TrapFrame` order.
+        regs_out: [u64; 15],
+        /// `rsp` at the `iret` entry.
+        iret_rsp: u64,
+        /// What the recorder saw.
+        seen: Option<Seen>,
+        /// What the recorder changes in the frame (as a fixup or a handler would).
+        edit: fn(&mut TrapFrame),
+    }
+
+    /// The run in progress (the assembly and the recorder find it here).
+    static CURRENT: AtomicPtr<Harness> = AtomicPtr::new(core::ptr::null_mut());
+    /// One run at a time (the test threads share `CURRENT`).
+    static RUNS: Mutex<()> = Mutex::new(());
+
+    /// The dispatcher the test copy of the common path calls.
+    extern "C" fn record(frame: &mut TrapFrame, vector: u64, error_code: u64, cs: u64) {
+        let rsp: u64;
+        // SAFETY: reads rsp; without `nostack` the compiler keeps rsp call-aligned here.
+        unsafe {
+            core::arch::asm!("mov %rsp, {}", out(reg) rsp, options(att_syntax, nomem, preserves_flags));
+        }
+        let h = CURRENT.load(Ordering::Acquire);
+        // SAFETY: `run` stores a pointer to its live, exclusively borrowed harness before
+        // it enters the stub and clears it after the stub has returned; nothing else
+        // accesses the harness meanwhile.
+        let h = unsafe { &mut *h };
+        h.seen = Some(Seen {
+            frame: *frame,
+            trap: Trap {
+                vector: vector as u8,
+                error_code,
+                cs,
+            },
+            rsp,
+        });
+        (h.edit)(frame);
+    }
+
+    // The stubs under test, from the entry's own text, each followed by the common path's
+    // text, which calls `record` and ends in `xenmsr_pv_test_iret` instead of the
+    // hypercall page.
+    global_asm!(
+        concat!(
+            ".pushsection .text.xenmsr_pv_test, \"ax\", @progbits\n",
+            ".p2align 4\n",
+            "xenmsr_pv_test_failsafe:\n",
+            failsafe_text!(),
+            "    jmp xenmsr_pv_test_common\n",
+            ".p2align 4\n",
+            "xenmsr_pv_test_gp:\n",
+            stub_text!(13, err),
+            "    jmp xenmsr_pv_test_common\n",
+            ".p2align 4\n",
+            "xenmsr_pv_test_ud:\n",
+            stub_text!(6, none),
+            "    jmp xenmsr_pv_test_common\n",
+            ".p2align 4\n",
+            "xenmsr_pv_test_common:\n",
+            trap_common_text!(),
+            "    jmp xenmsr_pv_test_iret\n",
+            ".popsection\n",
+        ),
+        vector = const VECTOR_FAILSAFE,
+        size = const TrapFrame::SIZE,
+        rip = const TrapFrame::OFFSET_RIP,
+        rsp = const TrapFrame::OFFSET_RSP,
+        rflags = const TrapFrame::OFFSET_RFLAGS,
+        dispatch = sym record,
+        options(att_syntax)
+    );
+
+    // `xenmsr_pv_test_run(harness: *mut Harness, stub)`, C ABI: saves the callee-saved
+    // registers and rsp in the harness, switches to `entry_rsp`, loads every register
+    // from `regs_in` and jumps to `stub`. `xenmsr_pv_test_iret`, where the common path
+    // would enter the `iret` hypercall: stores every register in `regs_out` and rsp in
+    // `iret_rsp` (one word is pushed below rsp first, on the fake stack), then switches
+    // back to the test's stack and returns from `xenmsr_pv_test_run`.
+    global_asm!(
+        r#"
+        .pushsection .text.xenmsr_pv_test, "ax", @progbits
+        .p2align 4
+    xenmsr_pv_test_run:
+        push %rbx
+        push %rbp
+        push %r12
+        push %r13
+        push %r14
+        push %r15
+        mov %rsp, {host_rsp}(%rdi)
+        mov {entry_rsp}(%rdi), %rsp
+        push %rsi                          /* the stub, for the ret below */
+        mov {regs_in}+0(%rdi), %rax
+        mov {regs_in}+8(%rdi), %rbx
+        mov {regs_in}+16(%rdi), %rcx
+        mov {regs_in}+24(%rdi), %rdx
+        mov {regs_in}+32(%rdi), %rsi
+        mov {regs_in}+48(%rdi), %rbp
+        mov {regs_in}+56(%rdi), %r8
+        mov {regs_in}+64(%rdi), %r9
+        mov {regs_in}+72(%rdi), %r10
+        mov {regs_in}+80(%rdi), %r11
+        mov {regs_in}+88(%rdi), %r12
+        mov {regs_in}+96(%rdi), %r13
+        mov {regs_in}+104(%rdi), %r14
+        mov {regs_in}+112(%rdi), %r15
+        mov {regs_in}+40(%rdi), %rdi
+        ret                                /* to the stub, with rsp = entry_rsp */
+
+        .p2align 4
+    xenmsr_pv_test_iret:
+        push %rdi
+        mov {current}(%rip), %rdi
+        mov %rax, {regs_out}+0(%rdi)
+        mov %rbx, {regs_out}+8(%rdi)
+        mov %rcx, {regs_out}+16(%rdi)
+        mov %rdx, {regs_out}+24(%rdi)
+        mov %rsi, {regs_out}+32(%rdi)
+        mov %rbp, {regs_out}+48(%rdi)
+        mov %r8, {regs_out}+56(%rdi)
+        mov %r9, {regs_out}+64(%rdi)
+        mov %r10, {regs_out}+72(%rdi)
+        mov %r11, {regs_out}+80(%rdi)
+        mov %r12, {regs_out}+88(%rdi)
+        mov %r13, {regs_out}+96(%rdi)
+        mov %r14, {regs_out}+104(%rdi)
+        mov %r15, {regs_out}+112(%rdi)
+        pop %rax
+        mov %rax, {regs_out}+40(%rdi)
+        mov %rsp, {iret_rsp}(%rdi)
+        mov {host_rsp}(%rdi), %rsp
+        pop %r15
+        pop %r14
+        pop %r13
+        pop %r12
+        pop %rbp
+        pop %rbx
+        ret
+        .popsection
+        "#,
+        regs_in = const offset_of!(Harness, regs_in),
+        entry_rsp = const offset_of!(Harness, entry_rsp),
+        host_rsp = const offset_of!(Harness, host_rsp),
+        regs_out = const offset_of!(Harness, regs_out),
+        iret_rsp = const offset_of!(Harness, iret_rsp),
+        current = sym CURRENT,
+        options(att_syntax)
+    );
+
+    unsafe extern "C" {
+        fn xenmsr_pv_test_run(harness: *mut core::ffi::c_void, stub: usize);
+        fn xenmsr_pv_test_failsafe();
+        fn xenmsr_pv_test_gp();
+        fn xenmsr_pv_test_ud();
+    }
+
+    /// The registers the stub starts with: a distinct pattern per register.
+    fn regs_in() -> [u64; 15] {
+        core::array::from_fn(|i| 0x1111_0000_0000_0000 * (i as u64 + 1) + 0xabc0 + i as u64)
+    }
+
+    /// Runs `stub` with Xen's frame `xen` (lowest word first) at `entry_rsp`, which is
+    /// 16-byte aligned plus `misalign`; returns the harness and the fake stack, whose
+    /// index `base` is `entry_rsp`.
+    fn run(
+        stub: unsafe extern "C" fn(),
+        xen: &[u64],
+        misalign: usize,
+        edit: fn(&mut TrapFrame),
+    ) -> (Harness, Vec<u64>, usize) {
+        let _one = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+        // 64 KiB of stack for the common path and the recorder, then Xen's frame.
+        let mut stack = vec![0u64; 8192 + 64];
+        let top = stack.as_ptr() as usize + 8192 * 8;
+        let aligned = top & !15;
+        let entry = aligned - xen.len() * 8 + misalign;
+        let base = (entry - stack.as_ptr() as usize) / 8;
+        stack[base..base + xen.len()].copy_from_slice(xen);
+        let mut h = Harness {
+            regs_in: regs_in(),
+            entry_rsp: stack.as_ptr() as u64 + base as u64 * 8,
+            host_rsp: 0,
+            regs_out: [0; 15],
+            iret_rsp: 0,
+            seen: None,
+            edit,
+        };
+        CURRENT.store(&raw mut h, Ordering::Release);
+        // SAFETY: `entry_rsp` is inside `stack` with 64 KiB free below it for the stub,
+        // the common path and the recorder; the stub ends in `xenmsr_pv_test_iret`, which
+        // restores this thread's stack and callee-saved registers and returns here.
+        unsafe { xenmsr_pv_test_run((&raw mut h).cast(), stub as usize) };
+        CURRENT.store(core::ptr::null_mut(), Ordering::Release);
+        (h, stack, base)
+    }
+
+    /// The frame's fields in `TrapFrame` order (`rax`..`r15`).
+    fn gprs(f: &TrapFrame) -> [u64; 15] {
+        [
+            f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.r8, f.r9, f.r10, f.r11, f.r12,
+            f.r13, f.r14, f.r15,
+        ]
+    }
+
+    /// What a handler might change: the return point, the stack, the flags, a register
+    /// and the two Xen saves in its frame.
+    fn edit(f: &mut TrapFrame) {
+        // Wrapping: with a wrong frame these fields hold anything, and the recorder (an
+        // `extern "C"` function) must not panic.
+        f.rip = f.rip.wrapping_add(0x100);
+        f.rsp = f.rsp.wrapping_sub(0x40);
+        f.rflags ^= 0x1; // CF
+        f.rax = 0x5a5a_5a5a;
+        f.rcx = 0xc0c0_c0c0;
+        f.r11 = 0x1111_1111;
+    }
+
+    const RIP: u64 = 0x0000_0000_0040_1234;
+    const CS: u64 = 0x1_0000_e030; // FLAT_KERNEL_CS with RPL 0, event mask 1 in bits 32-39
+    const RFLAGS: u64 = 0x0000_0000_0000_0246;
+    const RSP: u64 = 0x0000_7fff_dead_bee0;
+    const SS: u64 = 0xe02b;
+
+    /// Checks a run of a stub whose Xen frame has `rcx`, `r11` at its bottom and the
+    /// return frame at word `rip_word`: the recorder saw `vector`, `error_code`, the
+    /// interrupted registers with Xen's `rcx`/`r11`, rip/rsp/rflags; and the `iret` got
+    /// the edited registers and the flags word, then the edited return frame, just below
+    /// where Xen's return frame was.
+    fn check(
+        run: &(Harness, Vec<u64>, usize),
+        xen: &[u64],
+        rip_word: usize,
+        vector: u8,
+        error_code: u64,
+    ) {
+        let (h, stack, base) = run;
+        let seen = h.seen.expect("the recorder ran");
+        assert_eq!(
+            (
+                seen.frame.rip,
+                seen.trap.cs,
+                seen.frame.rflags,
+                seen.frame.rsp
+            ),
+            (RIP, CS, RFLAGS, RSP),
+            "rip, cs, rflags, rsp"
+        );
+        let mut expected = regs_in();
+        expected[2] = xen[0]; // rcx: Xen's word
+        expected[10] = xen[1]; // r11: Xen's word
+        assert_eq!(gprs(&seen.frame), expected, "the interrupted registers");
+        assert_eq!(seen.trap.vector, vector, "vector");
+        assert_eq!(seen.trap.error_code, error_code, "error code");
+        assert_eq!(
+            seen.rsp % 16,
+            0,
+            "the recorder was called with rsp misaligned"
+        );
+        let mut edited = seen.frame;
+        edit(&mut edited);
+        assert_eq!(
+            h.regs_out,
+            gprs(&edited),
+            "the registers the iret entry gets"
+        );
+        let rip_slot = h.entry_rsp + rip_word as u64 * 8;
+        assert_eq!(h.iret_rsp, rip_slot - 8, "rsp at the iret entry");
+        let at = base + rip_word - 1;
+        assert_eq!(
+            stack[at..at + 6],
+            [0, RIP + 0x100, CS, RFLAGS ^ 1, RSP - 0x40, SS],
+            "the iret words: flags, rip, cs, rflags, rsp, ss"
+        );
+    }
+
+    #[test]
+    fn failsafe_frame_reaches_the_handler_and_the_iret() {
+        let sel = DataSelectors {
+            ds: 0x0007,
+            es: 0x000f,
+            fs: 0x0017,
+            gs: 0x001f,
+        };
+        // Xen's failsafe frame, lowest word first (load_segments in arch/x86/domain.c).
+        let xen = [
+            0xcccc_0000_0000_0001, // rcx
+            0x1111_0000_0000_0002, // r11
+            u64::from(sel.ds),
+            u64::from(sel.es),
+            u64::from(sel.fs),
+            u64::from(sel.gs),
+            RIP,
+            CS,
+            RFLAGS,
+            RSP,
+            SS,
+        ];
+        for misalign in [0, 8] {
+            let r = run(xenmsr_pv_test_failsafe, &xen, misalign, edit);
+            check(&r, &xen, 6, VECTOR_FAILSAFE, sel.pack());
+            let trap = r.0.seen.expect("the recorder ran").trap;
+            assert_eq!(trap.failsafe_selectors(), Some(sel));
+        }
+    }
+
+    #[test]
+    fn failsafe_selectors_keep_only_sixteen_bits() {
+        // Xen writes each selector as a whole word; only its low 16 bits are a selector.
+        let xen = [
+            1,
+            2,
+            0xffff_0000_0000_e02b,
+            0x10,
+            0x0,
+            0xffff,
+            RIP,
+            CS,
+            RFLAGS,
+            RSP,
+            SS,
+        ];
+        let r = run(xenmsr_pv_test_failsafe, &xen, 0, |_| {});
+        let trap = r.0.seen.expect("the recorder ran").trap;
+        assert_eq!(
+            trap.failsafe_selectors(),
+            Some(DataSelectors {
+                ds: 0xe02b,
+                es: 0x10,
+                fs: 0,
+                gs: 0xffff
+            })
+        );
+    }
+
+    #[test]
+    fn exception_frames_with_and_without_an_error_code() {
+        let gp = [0xcc, 0x11, 0x5a, RIP, CS, RFLAGS, RSP, SS];
+        for misalign in [0, 8] {
+            let r = run(xenmsr_pv_test_gp, &gp, misalign, edit);
+            check(&r, &gp, 3, 13, 0x5a);
+            assert_eq!(
+                r.0.seen
+                    .expect("the recorder ran")
+                    .trap
+                    .failsafe_selectors(),
+                None
+            );
+        }
+        let ud = [0xcc, 0x11, RIP, CS, RFLAGS, RSP, SS];
+        for misalign in [0, 8] {
+            check(&run(xenmsr_pv_test_ud, &ud, misalign, edit), &ud, 2, 6, 0);
+        }
+    }
+
+    #[test]
+    fn selectors_pack_in_frame_order() {
+        let sel = DataSelectors {
+            ds: 0x1234,
+            es: 0x5678,
+            fs: 0x9abc,
+            gs: 0xdef0,
+        };
+        assert_eq!(sel.pack(), 0xdef0_9abc_5678_1234);
+        assert_eq!(DataSelectors::unpack(sel.pack()), sel);
+        assert_eq!(DataSelectors::NULL.pack(), 0);
+        let other = Trap {
+            vector: 13,
+            error_code: sel.pack(),
+            cs: CS,
+        };
+        assert_eq!(other.failsafe_selectors(), None);
+    }
+
+    #[test]
+    fn current_reads_the_null_data_selectors_of_a_linux_process() {
+        // A 64-bit Linux process runs with null ds and es.
+        let now = DataSelectors::current();
+        assert_eq!((now.ds, now.es), (0, 0));
+    }
 }

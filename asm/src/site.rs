@@ -7,8 +7,10 @@
 //!   (`rdmsr`, `wrmsr`, ...) the call is the whole region ([`SITE_LEN`] bytes: the largest
 //!   native variant is 5 bytes). For the constant-index emitters (`rdmsr_const`,
 //!   `wrmsr_ns_const`, ...) the region is [`IMM_SITE_LEN`] bytes, the length of the
-//!   immediate forms, and the call is followed by a 4-byte NOP ([`IMM_SITE_PAD`]); the
-//!   assembler checks both lengths;
+//!   immediate forms, and the call is preceded by four CS prefixes ([`IMM_CALL_PREFIX`]),
+//!   so that it is one instruction as long as the region; the assembler checks both
+//!   lengths. Every variant of a site is one instruction of the region's length, so all of
+//!   them share the instruction boundaries (start and end) a stopped vCPU can resume at;
 //! - its own extable entry (a typed kind) covering the region's first byte, with the fixup
 //!   at the end of the region; the `_safe` kinds name `rsi` as the error register;
 //! - a patch-site record.
@@ -31,13 +33,13 @@ use crate::error::result_of;
 use crate::extable::{Data, Kind, flags};
 use crate::patch::{FLAG_SAFE, PatchOp};
 use crate::stubs;
-pub use crate::{CALL_LEN, IMM_SITE_LEN, IMM_SITE_PAD, SITE_LEN};
+pub use crate::{CALL_LEN, IMM_CALL_PREFIX, IMM_SITE_LEN, SITE_LEN};
 
 // A register-contract site is exactly its call: the region ends where the call ends, so
 // the assembler's length check of the call is also the check of the region. (`.skip`
 // padding would put the end label in another fragment, where the assembler can no longer
-// evaluate the check; the constant-index sites therefore pad with a NOP written as
-// explicit `.byte`s.)
+// evaluate the check; the constant-index sites therefore write their call's CS prefixes
+// as explicit `.byte`s.)
 const _: () = assert!(SITE_LEN == CALL_LEN);
 
 /// The text of one register-contract site. Operands: `stub` (sym), `call_len`, `site_len`,
@@ -317,18 +319,19 @@ read_site!(
     rdpmc_safe(counter), stubs::xenmsr_stub_rdpmc, PatchOp::Rdpmc, Kind::RdpmcSafe, safe
 );
 
-/// The text of one constant-index site: `call {stub}` at `2:` (exactly `call_len` bytes),
-/// the 4-byte NOP `pad0..pad3` as explicit bytes, and the end of the region at `4:`
-/// (exactly `site_len` bytes from `2:`). Operands: as [`site_template`] plus `pad0`..`pad3`.
+/// The text of one constant-index site: the four CS prefixes `pfx0..pfx3` as explicit
+/// bytes at `2:`, `call {stub}` at `3:` (exactly `call_len` bytes), and the end of the
+/// region at `4:` (exactly `site_len` bytes from `2:`): one instruction, whose return
+/// address is the end of the region. Operands: as [`site_template`] plus `pfx0`..`pfx3`.
 macro_rules! imm_site_template {
     () => {
         concat!(
             "2:\n",
-            "call {stub}\n",
+            ".byte {pfx0}, {pfx1}, {pfx2}, {pfx3}\n",
             "3:\n",
-            ".byte {pad0}, {pad1}, {pad2}, {pad3}\n",
+            "call {stub}\n",
             "4:\n",
-            ".if (3b - 2b) != {call_len}\n",
+            ".if (4b - 3b) != {call_len}\n",
             ".error \"xenmsr: a site's call is not CALL_LEN bytes\"\n",
             ".endif\n",
             ".if (4b - 2b) != {site_len}\n",
@@ -360,10 +363,10 @@ macro_rules! imm_site_asm {
             stub = sym $stub,
             call_len = const CALL_LEN,
             site_len = const IMM_SITE_LEN,
-            pad0 = const IMM_SITE_PAD[0],
-            pad1 = const IMM_SITE_PAD[1],
-            pad2 = const IMM_SITE_PAD[2],
-            pad3 = const IMM_SITE_PAD[3],
+            pfx0 = const IMM_CALL_PREFIX[0],
+            pfx1 = const IMM_CALL_PREFIX[1],
+            pfx2 = const IMM_CALL_PREFIX[2],
+            pfx3 = const IMM_CALL_PREFIX[3],
             data = const Data::site($kind, $flags).bits(),
             op = const $op as u8,
             pflags = const pflags($kind),
@@ -380,30 +383,34 @@ macro_rules! imm_site_asm {
 /// warns once per kind of failure (through the warn hook) and gives 0.
 ///
 /// The site's contract: `ecx` = `MSR` (loaded by the compiler, so every variant and the
-/// warn hook see the index), out `rax` = the whole value, `rdx` clobbered. The site is
-/// [`IMM_SITE_LEN`] bytes: `call xenmsr_stub_rdmsr_rax` and a 4-byte NOP until patched;
-/// its extable entry carries `RAX_CONTRACT` (a failure zeroes `rax`), and its patch-site
-/// record has op `ReadImm` with `imm` = `MSR`.
+/// warn hook see the index) and `rdx` = 0 in; out, the value is `rax | rdx << 32`, which
+/// the code after the site computes: the immediate form and `rdfsbase` leave the whole
+/// value in `rax` and `rdx` at 0, the stub the whole value in `rax` and its high half in
+/// `rdx`, and the legacy RDMSR `edx:eax`. (The fold cannot be part of the site: every
+/// variant must be a single instruction, see [`IMM_SITE_LEN`].) The site is
+/// [`IMM_SITE_LEN`] bytes: `cs cs cs cs call xenmsr_stub_rdmsr_rax` until patched; its
+/// extable entry carries `RAX_CONTRACT` (a failure zeroes `rax` and `rdx`), and its
+/// patch-site record has op `ReadImm` with `imm` = `MSR`.
 ///
 /// # Safety
 ///
 /// As for [`rdmsr`]: reading `MSR` here must not break memory safety.
 #[inline(always)]
 pub unsafe fn rdmsr_const<const MSR: u32>() -> u64 {
-    let value: u64;
+    let (value, high): (u64, u64);
     // SAFETY: the site calls the rax read stub, which preserves every register except rax
-    // and rdx (declared as output and clobber) and flags, keeps rsp balanced, and on
-    // failure ends at the site's own fixup label (`4:`) through the extable; every native
-    // variant the patcher may write writes only rax and rdx and faults at the site start.
-    // The caller vouches for the access.
+    // and rdx (declared as outputs) and flags, keeps rsp balanced, and on failure ends at
+    // the site's own fixup label (`4:`) through the extable; every native variant the
+    // patcher may write writes only rax and rdx and faults at the site start. The caller
+    // vouches for the access.
     unsafe {
         imm_site_asm!(
             MSR, stubs::xenmsr_stub_rdmsr_rax, Kind::Read, flags::RAX_CONTRACT, PatchOp::ReadImm;
             out("rax") value,
-            out("rdx") _,
+            inout("rdx") 0u64 => high,
         );
     }
-    value
+    value | high << 32
 }
 
 /// Reads the constant MSR `MSR`, reporting a fault or failure as `Err`. The site is that
@@ -424,7 +431,7 @@ pub unsafe fn rdmsr_const<const MSR: u32>() -> u64 {
 /// As for [`rdmsr_const`].
 #[inline(always)]
 pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
-    let value: u64;
+    let (value, high): (u64, u64);
     let err: u64;
     // SAFETY: as in `rdmsr_const`; in addition the fixup writes the error code into rsi,
     // which is declared as an in/out operand (0 in, error code out).
@@ -432,11 +439,11 @@ pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
         imm_site_asm!(
             MSR, stubs::xenmsr_stub_rdmsr_rax, Kind::ReadSafe, flags::RAX_CONTRACT, PatchOp::ReadImm;
             out("rax") value,
-            out("rdx") _,
+            inout("rdx") 0u64 => high,
             inout("rsi") 0u64 => err,
         );
     }
-    result_of(err, value)
+    result_of(err, value | high << 32)
 }
 
 /// Writes `value` to the constant MSR `MSR` without serialising where the CPU allows
@@ -447,7 +454,7 @@ pub unsafe fn rdmsr_const_safe<const MSR: u32>() -> Result<u64, MsrError> {
 /// The site's contract: `ecx` = `MSR`, `rax` = the whole value and `edx` = its high half,
 /// so every variant finds its operands (the legacy instructions and the stub take
 /// `edx:eax`, the immediate form takes `rax`); nothing is written. The site is
-/// [`IMM_SITE_LEN`] bytes: `call xenmsr_stub_wrmsr` and a 4-byte NOP until patched; its
+/// [`IMM_SITE_LEN`] bytes: `cs cs cs cs call xenmsr_stub_wrmsr` until patched; its
 /// patch-site record has op `WriteImm` with `imm` = `MSR`.
 ///
 /// # Safety

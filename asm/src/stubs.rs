@@ -24,7 +24,8 @@
 //! tests that copy a site's exact shape) reference them, through `sym` operands.
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use xenmsr_hypercall::HypercallPage;
 use xenmsr_hypercall::abi::SegmentBase;
@@ -129,10 +130,24 @@ static xenmsr_segbase_entry: AtomicUsize = AtomicUsize::new(0);
 /// Makes the segment-base stubs call `set_segment_base` through `page`. Until this has
 /// run, the patcher keeps constant-index segment-base sites on the generic write stub.
 pub fn set_segbase_hypercall_page(page: HypercallPage) {
+    SEGBASE_PAGE.store(page.as_ptr().cast_mut(), Ordering::Release);
     xenmsr_segbase_entry.store(
         page.entry(xenmsr_hypercall::nr::SET_SEGMENT_BASE) as usize,
         Ordering::Release,
     );
+}
+
+/// The page [`set_segbase_hypercall_page`] stored (null until then), for the fixup's
+/// FSGSBASE fallback.
+static SEGBASE_PAGE: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The hypercall page the segment-base stubs call, once stored: on Xen PV after `init`.
+pub(crate) fn segbase_hypercall_page() -> Option<HypercallPage> {
+    let base = NonNull::new(SEGBASE_PAGE.load(Ordering::Acquire))?;
+    // SAFETY: only `set_segbase_hypercall_page` stores here, the base of a `HypercallPage`,
+    // whose entries the segment-base stubs call for the rest of the kernel's life: its
+    // invariant (entries honouring Xen's contract) holds for as long as that page is used.
+    Some(unsafe { HypercallPage::from_raw(base) })
 }
 
 /// Whether the segment-base stubs have a hypercall page to call.

@@ -5,7 +5,7 @@ use std::vec::Vec;
 
 use crate::extable::{self, Data, ExtableEntry, Kind, flags, reg};
 use crate::fixup::{MAX_REWINDS, TrapFrame, fixup_with_table};
-use crate::{CALL_LEN, MsrError};
+use crate::{CALL_LEN, IMM_SITE_LEN, MsrError};
 use xenmsr_hypercall::Errno;
 
 fn lcg(state: &mut u64) -> u64 {
@@ -226,13 +226,15 @@ fn rewind_restoring_rax_puts_the_callers_rax_back() {
 }
 
 #[test]
-fn rax_contract_zeroes_rax_only() {
+fn rax_contract_zeroes_rax_and_the_folded_rdx() {
+    // A constant-index read's value is `rax | rdx << 32` (folded after the site), and a
+    // failing stub may leave anything in rdx: both are zeroed.
     let img = image(Data::site(Kind::ReadSafe, flags::RAX_CONTRACT));
     let stack = [(img.site + CALL_LEN) as u64];
     let mut f = frame(img.native, stack.as_ptr());
     // SAFETY: as above.
     assert!(unsafe { fixup_with_table(&img.table, &mut f, 13) });
-    assert_eq!((f.rax, f.rdx), (0, 0x4444));
+    assert_eq!((f.rax, f.rdx), (0, 0));
 }
 
 #[test]
@@ -329,4 +331,42 @@ fn warned_flag_is_set_once() {
     assert!(!t[0].mark_warned());
     assert!(t[0].data().has(flags::WARNED));
     assert_eq!(t[0].data().kind(), Some(Kind::Read));
+}
+
+#[test]
+fn rewind_finds_a_constant_index_site_through_its_prefixed_call() {
+    // A 9-byte site: CS prefixes, then the call, which returns to the end of the site, so
+    // `ret - CALL_LEN` is inside the instruction and the entry is IMM_SITE_LEN before `ret`.
+    let (site, native, trap) = (0, 0x1000, 0x1020);
+    let build = |fixup: usize| {
+        let (mut t, base) = table(&[
+            (trap, trap, Data::rewind(1, true)),
+            (site, fixup, Data::site(Kind::ReadSafe, flags::RAX_CONTRACT)),
+            (native, native, Data::rewind(0, false)),
+        ]);
+        extable::sort(&mut t);
+        (t, base)
+    };
+    let (t, base) = build(site + IMM_SITE_LEN);
+    let error = MsrError::Hypercall(Errno::EINVAL);
+    let stack = [error.to_code(), (base + site + IMM_SITE_LEN) as u64];
+    let mut f = frame(base + trap, stack.as_ptr());
+    // SAFETY: `stack` holds what the trap's rewind entry describes.
+    assert!(unsafe { fixup_with_table(&t, &mut f, 6) });
+    assert_eq!(
+        f.rip as usize,
+        base + site + IMM_SITE_LEN,
+        "resumes at the fixup"
+    );
+    assert_eq!(f.rsi, error.to_code());
+    assert_eq!((f.rax, f.rdx), (0, 0));
+    // An entry IMM_SITE_LEN before the return address whose fixup is elsewhere is not the
+    // caller's: the fixup declines and leaves the frame alone.
+    let (t, base) = build(site + CALL_LEN);
+    let stack = [error.to_code(), (base + site + IMM_SITE_LEN) as u64];
+    let mut f = frame(base + trap, stack.as_ptr());
+    let before = f;
+    // SAFETY: as above.
+    assert!(!unsafe { fixup_with_table(&t, &mut f, 6) });
+    assert_eq!(f, before);
 }

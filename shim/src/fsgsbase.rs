@@ -16,6 +16,13 @@
 //! it first, or start it with [`secondary_cr4`] in its `VCPUOP_initialise` context's
 //! `ctrlreg[4]` (Xen filters that the same way).
 //!
+//! A vCPU that runs a site without the bit does not lose the access: its FSGSBASE
+//! instruction raises `#UD`, and the fixup (the kernel's `#UD` handler calls
+//! [`crate::fixup_exception`]) completes it through the `set_segment_base` hypercall
+//! (writes) or a trapped RDMSR (reads) with the register contract intact. It is slower,
+//! so it is counted ([`fallbacks`]) and the first one is logged through the kernel's log
+//! hook, naming the site: the kernel then knows a vCPU missed its CR4 step.
+//!
 //! The user GS base (`KERNEL_GS_BASE` seen from the kernel) stays a
 //! `set_segment_base(SEGBASE_GS_USER)` hypercall: a PV kernel cannot `swapgs`, so no
 //! instruction reaches it.
@@ -94,4 +101,21 @@ pub fn enabled() -> bool {
 /// `ctrlreg[4]` for this library's sites: [`CR4_FSGSBASE`] once `init` enabled it, else 0.
 pub fn secondary_cr4() -> u64 {
     if enabled() { CR4_FSGSBASE } else { 0 }
+}
+
+/// How many FS/GS base accesses were completed without FSGSBASE because the vCPU that ran
+/// them raised `#UD` (CR4.FSGSBASE off on it): 0 when every vCPU got the bit.
+pub fn fallbacks() -> u64 {
+    xenmsr_asm::fixup::fsgsbase_fallbacks()
+}
+
+/// The fixup's report of the first access completed without FSGSBASE, to the kernel's log.
+pub(crate) fn report_fallback(fallback: &xenmsr_asm::fixup::FsGsBaseFallback) {
+    crate::log(format_args!(
+        "xenmsr: {:?} of MSR {:#x} at site {:#x} raised #UD: CR4.FSGSBASE is off on this vCPU \
+         (call xenmsr::fsgsbase::enable_on_this_vcpu on every vCPU, or start it with \
+         fsgsbase::secondary_cr4); completed through the hypercall instead, and so will be \
+         every such access (counted by xenmsr::fsgsbase::fallbacks)",
+        fallback.op, fallback.msr, fallback.site
+    ));
 }

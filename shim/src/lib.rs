@@ -386,7 +386,9 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 ///   the boot vCPU with its upcalls (event delivery) and interrupts masked, before any
 ///   other vCPU runs. A 64-bit PV kernel's entry point satisfies this: Xen starts the boot
 ///   vCPU with events masked and the others down. To re-patch later, while other vCPUs
-///   run, use [`repatch`].
+///   run, use [`repatch`]. (Every variant of a site is one instruction as long as the
+///   site, so a site is never left with a vCPU stopped inside an instruction of it; see
+///   [`repatch`].)
 /// - `config.write_text` must be able to store into the kernel's text.
 /// - `config.platform` must describe the machine: [`Platform::XenPv`] only in a 64-bit
 ///   Xen PV guest.
@@ -483,6 +485,9 @@ unsafe fn init_claimed(
     // Sort the extable now (idempotent), not lazily inside the first fault.
     init_extable();
     xenmsr_asm::fixup::set_warn_hook(dispatch_warning);
+    // The kernel hears, once, of an FS/GS base access that had to be completed without
+    // FSGSBASE (a vCPU without CR4.FSGSBASE); a kernel that set its own hook keeps it.
+    let _ = xenmsr_asm::fixup::set_fsgsbase_fallback_hook(fsgsbase::report_fallback);
     let fsgsbase_status = if !wants_fsgsbase {
         FsGsBaseStatus::NotRequested
     } else if !cpu_fsgsbase {
@@ -586,14 +591,25 @@ impl fmt::Display for RepatchError {
 /// called with a closure that rewrites the sites (through `Config::write_text`) and
 /// serialises the calling vCPU. The hook must:
 ///
-/// 1. bring every other vCPU to a parking point *outside* any MSR call site (for example
-///    an IPI or event handler that spins on a flag), with its upcalls and interrupts
-///    masked so that nothing on it can enter a site;
+/// 1. bring every other vCPU to a parking point (for example an IPI or event handler
+///    that spins on a flag) with its upcalls and interrupts masked, so that nothing on it
+///    runs a site while it is written;
 /// 2. run the closure exactly once, on the calling vCPU, while they are parked;
 /// 3. release them, and have each execute a serialising instruction (`cpuid`, e.g.
 ///    [`patch::serialise`], or an `iret`) before it runs kernel code again, so that no
 ///    vCPU executes bytes it fetched before the rewrite (Intel's rule for
 ///    cross-modifying code).
+///
+/// The parking point may be anywhere the IPI or upcall lands, including inside a stub or
+/// the hypercall page that a site called, or between a site and the code around it:
+/// every variant of a site is a single instruction as long as the site, so all variants
+/// have the same instruction boundaries (the start and the end of the site) and the Xen
+/// variant's `call` returns to the end. A vCPU parked with a stub on its stack returns to
+/// the end of the site whatever variant is there now, and its stub completes the access
+/// the old variant started; a vCPU interrupted before or after a site's instruction
+/// resumes at a boundary of the new one (`docs/abi.md` §1; the host tests
+/// `variant_boundaries.rs` and `parked_repatch.rs` check it). `repatch` therefore does
+/// not need the other vCPUs to be outside every site and stub, only stopped.
 ///
 /// On Xen PV, [`Variant::XenPv`] points the constant-index segment-base writes at their
 /// direct stubs as [`init`] does. Returns what was rewritten.
@@ -607,7 +623,7 @@ impl fmt::Display for RepatchError {
 /// static PARKED: AtomicUsize = AtomicUsize::new(0);
 ///
 /// /// What every other vCPU runs when the kernel's "stop" IPI/event arrives (upcalls
-/// /// masked, outside any MSR site).
+/// /// masked; wherever it landed, even inside a stub).
 /// fn park() {
 ///     PARKED.fetch_add(1, Ordering::AcqRel);
 ///     while STOP.load(Ordering::Acquire) {
@@ -629,9 +645,9 @@ impl fmt::Display for RepatchError {
 ///
 /// fn switch_to_native(others: usize, send_stop_ipis: fn()) {
 ///     let features = xenmsr::patch::CpuFeatures::detect();
-///     // SAFETY: `stop_the_world` parks every other vCPU outside the sites with upcalls
-///     // masked, runs the closure once here, and each vCPU serialises before resuming;
-///     // this vCPU has its upcalls masked.
+///     // SAFETY: `stop_the_world` parks every other vCPU with upcalls masked, runs the
+///     // closure once here, and each vCPU serialises before resuming; this vCPU has its
+///     // upcalls masked.
 ///     let report = unsafe {
 ///         xenmsr::repatch(xenmsr::patch::Variant::Native(features), &mut |patch| {
 ///             stop_the_world(others, send_stop_ipis, patch)
@@ -645,7 +661,7 @@ impl fmt::Display for RepatchError {
 /// # Safety
 ///
 /// - `stop_the_world` must do what the list above says; otherwise another vCPU can
-///   execute a half-written site.
+///   execute a half-written site. (Where each vCPU is parked does not matter.)
 /// - The calling vCPU must have its upcalls and interrupts masked for the whole call.
 /// - `variant` must suit the machine (as for [`init`]'s platform).
 pub unsafe fn repatch(

@@ -1,18 +1,30 @@
 //! Alternatives patching: rewriting every recorded call site for the platform.
 //!
 //! Each site is a fixed-size region recorded in the `xenmsr_patch_sites` section. The
-//! region is sized for its largest variant, and every variant puts its faulting
-//! instruction at the region's first byte, so the site's one extable entry serves every
-//! variant:
+//! region is sized for its largest variant, and every variant is **one instruction** as
+//! long as the region (shorter ones padded with redundant CS prefixes), so:
+//!
+//! - every variant faults at the region's first byte, and the site's one extable entry
+//!   serves every variant;
+//! - every variant has the same instruction boundaries, the start and the end of the
+//!   region, and the `call` of the Xen variant returns to the end. A vCPU stopped anywhere
+//!   a live re-patch ([`crate::repatch`]) can find it (interrupted before or after a
+//!   site's instruction, after Xen emulated a trapped one, or anywhere inside a stub or the
+//!   hypercall page a site called) therefore resumes at a boundary of whatever variant is
+//!   there afterwards, never inside an instruction.
 //!
 //! | op | Xen PV | native | native + WRMSRNS | native + MSR_IMM |
 //! |---|---|---|---|---|
-//! | read (5) | `call stub` | `cs cs cs rdmsr` | — | — |
-//! | write (5) | `call stub` | `cs cs cs wrmsr` | — | — |
-//! | write-ns (5) | `call stub` | `cs cs cs wrmsr` | `cs cs wrmsrns` | — |
-//! | rdpmc (5) | `call stub` | `cs cs cs rdpmc` | — | — |
-//! | read-imm (9) | `call stub; nop4` | `rdmsr; shl $32,%rdx; or %rdx,%rax` | — | `rdmsr $imm,%rax` |
-//! | write-imm (9) | `call stub; nop4` | `wrmsr; nop7` | `wrmsrns; nop6` | `wrmsrns %rax,$imm` |
+//! | read (5) | `call stub` | `cs×3 rdmsr` | — | — |
+//! | write (5) | `call stub` | `cs×3 wrmsr` | — | — |
+//! | write-ns (5) | `call stub` | `cs×3 wrmsr` | `cs×2 wrmsrns` | — |
+//! | rdpmc (5) | `call stub` | `cs×3 rdpmc` | — | — |
+//! | read-imm (9) | `cs×4 call stub` | `cs×7 rdmsr` | — | `rdmsr $imm,%rax` |
+//! | write-imm (9) | `cs×4 call stub` | `cs×7 wrmsr` | `cs×6 wrmsrns` | `wrmsrns %rax,$imm` |
+//!
+//! plus, for constant-index sites, `cs×4 rdfsbase %rax` and friends (FSGSBASE) and a
+//! 9-byte NOP (a write Xen ignores). A read-imm site folds `rax | rdx << 32` after the
+//! region (its `rdx` is 0 on entry), which makes the legacy `rdmsr` a complete variant.
 //!
 //! A constant-index site's MSR is known when it is patched, so on Xen PV its route is
 //! decided then ([`XenRouting`], [`ConstRoute`]): a pass-through MSR gets the native
@@ -23,11 +35,13 @@
 //! base, the vPMU's) keep the call to the stub. With [`CpuFeatures::fsgsbase`], native
 //! images get the same inline FS/GS base instructions.
 //!
-//! Redundant CS prefixes pad the short instructions instead of a trailing NOP (Intel's
-//! JCC-erratum guidance prefers CS); the 9-byte sites use NOPs, because seven prefixes
-//! would exceed what decoders handle without penalty. The `call` is always the first five
-//! bytes, so its return address minus [`CALL_LEN`](xenmsr_asm::CALL_LEN) is the
-//! site start: the stubs' rewind rule.
+//! Redundant CS prefixes pad the short instructions (Intel's JCC-erratum guidance prefers
+//! CS; up to seven of them cost a few decode cycles on some cores, next to an MSR access
+//! of a hundred or more). The `call` always ends at the end of the site, so its return
+//! address minus [`CALL_LEN`](xenmsr_asm::CALL_LEN) is the site start (5-byte sites) or
+//! inside the prefixed call (9-byte sites, whose entry the fixup finds
+//! [`IMM_SITE_LEN`](xenmsr_asm::IMM_SITE_LEN) bytes before the return address): the
+//! stubs' rewind rule.
 
 use xenmsr_asm::patch::{PatchSite, SiteOp};
 use xenmsr_asm::stubs::Stub;
@@ -140,13 +154,6 @@ const RDMSR: [u8; 2] = [0x0f, 0x32];
 const WRMSR: [u8; 2] = [0x0f, 0x30];
 const RDPMC: [u8; 2] = [0x0f, 0x33];
 const WRMSRNS: [u8; 3] = [0x0f, 0x01, 0xc6];
-/// `shl $32, %rdx; or %rdx, %rax`: folds `edx:eax` into `rax`.
-const FOLD_EDX_EAX: [u8; 7] = [0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0];
-/// The 4-byte NOP after the `call` in a 9-byte site: the emitters' own padding, so the
-/// Xen variant restores exactly the emitted bytes.
-const NOP4: [u8; 4] = xenmsr_asm::IMM_SITE_PAD;
-const NOP6: [u8; 6] = [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00];
-const NOP7: [u8; 7] = [0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00];
 /// `rdfsbase %rax`, `rdgsbase %rax`, `wrfsbase %rax`, `wrgsbase %rax`.
 const RDFSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xc0];
 const RDGSBASE_RAX: [u8; 5] = [0xf3, 0x48, 0x0f, 0xae, 0xc8];
@@ -158,6 +165,13 @@ const NOP9: [u8; 9] = [0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00];
 const RDMSR_IMM: [u8; 5] = [0xc4, 0xe7, 0x7b, 0xf6, 0xc0];
 /// VEX prefix and ModRM of `wrmsrns %rax, $imm32` (VEX.128.F3.M7.W0 F6 /0).
 const WRMSRNS_IMM: [u8; 5] = [0xc4, 0xe7, 0x7a, 0xf6, 0xc0];
+
+/// `insn` as one instruction of `len` bytes: redundant CS prefixes, then `insn` (whose
+/// own prefixes, such as FSGSBASE's mandatory `f3` and REX, stay right before its opcode).
+fn padded(insn: &[u8], len: usize) -> SiteBytes {
+    const PREFIXES: [u8; MAX_SITE_LEN] = [CS; MAX_SITE_LEN];
+    SiteBytes::new(&[&PREFIXES[..len - insn.len()], insn])
+}
 
 /// The length of every site of `op`.
 pub const fn site_len(op: SiteOp) -> usize {
@@ -182,7 +196,8 @@ pub fn site_bytes(
     }
     let bytes = match variant {
         Variant::XenPv => {
-            let rel = (stub as i64).wrapping_sub(site as i64 + 5);
+            // The call ends at the end of the site (after the CS prefixes of a 9-byte one).
+            let rel = (stub as i64).wrapping_sub(site as i64 + len as i64);
             let rel = i32::try_from(rel).map_err(|_| PatchError::OutOfReach { site })?;
             let call = [
                 0xe8,
@@ -191,38 +206,34 @@ pub fn site_bytes(
                 (rel >> 16) as u8,
                 (rel >> 24) as u8,
             ];
-            if len == xenmsr_asm::IMM_SITE_LEN {
-                SiteBytes::new(&[&call, &NOP4])
-            } else {
-                SiteBytes::new(&[&call])
-            }
+            padded(&call, len)
         }
         Variant::Native(features) => {
             let imm_msr = imm;
             let imm = imm.to_le_bytes();
             match op {
-                SiteOp::Read => SiteBytes::new(&[&[CS, CS, CS], &RDMSR]),
-                SiteOp::Write => SiteBytes::new(&[&[CS, CS, CS], &WRMSR]),
-                SiteOp::WriteNs if features.wrmsrns => SiteBytes::new(&[&[CS, CS], &WRMSRNS]),
-                SiteOp::WriteNs => SiteBytes::new(&[&[CS, CS, CS], &WRMSR]),
-                SiteOp::Rdpmc => SiteBytes::new(&[&[CS, CS, CS], &RDPMC]),
+                SiteOp::Read => padded(&RDMSR, len),
+                SiteOp::Write => padded(&WRMSR, len),
+                SiteOp::WriteNs if features.wrmsrns => padded(&WRMSRNS, len),
+                SiteOp::WriteNs => padded(&WRMSR, len),
+                SiteOp::Rdpmc => padded(&RDPMC, len),
                 SiteOp::ReadImm if features.fsgsbase && imm_msr == routes::MSR_FS_BASE => {
-                    SiteBytes::new(&[&RDFSBASE_RAX, &NOP4])
+                    padded(&RDFSBASE_RAX, len)
                 }
                 SiteOp::ReadImm if features.fsgsbase && imm_msr == routes::MSR_GS_BASE => {
-                    SiteBytes::new(&[&RDGSBASE_RAX, &NOP4])
+                    padded(&RDGSBASE_RAX, len)
                 }
                 SiteOp::WriteImm if features.fsgsbase && imm_msr == routes::MSR_FS_BASE => {
-                    SiteBytes::new(&[&WRFSBASE_RAX, &NOP4])
+                    padded(&WRFSBASE_RAX, len)
                 }
                 SiteOp::WriteImm if features.fsgsbase && imm_msr == routes::MSR_GS_BASE => {
-                    SiteBytes::new(&[&WRGSBASE_RAX, &NOP4])
+                    padded(&WRGSBASE_RAX, len)
                 }
                 SiteOp::ReadImm if features.msr_imm => SiteBytes::new(&[&RDMSR_IMM, &imm]),
-                SiteOp::ReadImm => SiteBytes::new(&[&RDMSR, &FOLD_EDX_EAX]),
+                SiteOp::ReadImm => padded(&RDMSR, len),
                 SiteOp::WriteImm if features.msr_imm => SiteBytes::new(&[&WRMSRNS_IMM, &imm]),
-                SiteOp::WriteImm if features.wrmsrns => SiteBytes::new(&[&WRMSRNS, &NOP6]),
-                SiteOp::WriteImm => SiteBytes::new(&[&WRMSR, &NOP7]),
+                SiteOp::WriteImm if features.wrmsrns => padded(&WRMSRNS, len),
+                SiteOp::WriteImm => padded(&WRMSR, len),
             }
         }
     };
@@ -396,13 +407,7 @@ pub fn wanted_bytes_with(
     if len != site_len(op) {
         return Err(PatchError::BadLength { site: addr, len });
     }
-    let inline = |code: &[u8]| -> SiteBytes {
-        if code.len() == len {
-            SiteBytes::new(&[code])
-        } else {
-            SiteBytes::new(&[code, &NOP4])
-        }
-    };
+    let inline = |code: &[u8]| padded(code, len);
     match variant {
         Variant::Native(_) => site_bytes(op, addr, len, imm, op.stub().addr(), variant),
         Variant::XenPv => match routing.route(op, imm) {

@@ -2,7 +2,7 @@
 //! native variant with `CpuFeatures::fsgsbase`, and the Xen PV variant's `ConstRoute`s),
 //! executed in ring 3 on this host, whose Linux sets CR4.FSGSBASE for user space:
 //!
-//! - the instruction is at the site start, with a 4-byte NOP after it;
+//! - the instruction fills the site, padded with CS prefixes before it (one instruction);
 //! - a GS write and read go straight to the GS base (no stub, no policy);
 //! - a non-canonical WRFSBASE raises a real #GP at the site, and the site's own extable
 //!   entry turns it into `Err(Fault { vector: 13 })` (the safe site) or a warning and
@@ -129,16 +129,8 @@ fn fsgsbase_sites_run_the_instructions_and_fault_like_native() {
     ];
     for (site, insn) in sites {
         let bytes = patch(site, variant);
-        assert_eq!(
-            &bytes[..5],
-            insn,
-            "{site:?}: the instruction at the site start"
-        );
-        assert_eq!(
-            &bytes[5..],
-            [0x0f, 0x1f, 0x40, 0x00],
-            "{site:?}: then a 4-byte NOP"
-        );
+        assert_eq!(&bytes[..4], [0x2e; 4], "{site:?}: CS prefixes");
+        assert_eq!(&bytes[4..], insn, "{site:?}: then the instruction");
     }
 
     // GS: written and read with the instructions, no fault.

@@ -122,9 +122,10 @@ fn init_routes_the_constant_index_sites_and_refuses_a_second_init() {
             unsafe { core::slice::from_raw_parts(site.addr as *const u8, usize::from(site.len)) };
         assert_eq!(code, wanted.as_slice(), "{site:?}");
         if site.op == Some(PatchOp::ReadImm) && site.imm == 0xc000_0080 {
-            // EFER passes through: `rdmsr; shl $32,%rdx; or %rdx,%rax` inline.
+            // EFER passes through: `rdmsr` inline (CS-padded; the value is folded after
+            // the site).
             assert_eq!(
-                &code[..2],
+                &code[7..],
                 &[0x0f, 0x32],
                 "EFER read is the native instruction"
             );
@@ -137,11 +138,15 @@ fn init_routes_the_constant_index_sites_and_refuses_a_second_init() {
             _ => Stub::SegbaseGsUser,
         };
         // SAFETY: the site lies in this binary's text, mapped readable.
-        let code = unsafe { core::slice::from_raw_parts(site.addr as *const u8, 5) };
-        let rel = i32::from_le_bytes(code[1..5].try_into().unwrap());
-        assert_eq!(code[0], 0xe8, "a call");
+        let code = unsafe { core::slice::from_raw_parts(site.addr as *const u8, 9) };
+        let rel = i32::from_le_bytes(code[5..9].try_into().unwrap());
         assert_eq!(
-            site.addr.wrapping_add(5).wrapping_add_signed(rel as isize),
+            code[..5],
+            [0x2e, 0x2e, 0x2e, 0x2e, 0xe8],
+            "a CS-prefixed call"
+        );
+        assert_eq!(
+            site.addr.wrapping_add(9).wrapping_add_signed(rel as isize),
             stub.addr()
         );
     }

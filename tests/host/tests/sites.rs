@@ -1,13 +1,13 @@
 //! The linked image: the extable and patch-site sections survive linking (debug and
-//! release), every patch site starts with a `call` of exactly `CALL_LEN` bytes to the right
-//! stub (followed, in a 9-byte constant-index site, by NOP padding to the end of the
-//! region), and every site and stub instruction has its extable entry.
+//! release), every patch site is one direct `call` to the right stub that ends at the end
+//! of the region (a `call rel32` of exactly `CALL_LEN` bytes, after `IMM_CALL_PREFIX` in a
+//! 9-byte constant-index site), and every site and stub instruction has its extable entry.
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
 use xenmsr_asm::extable::{self, Kind, flags};
 use xenmsr_asm::patch::{FLAG_SAFE, PatchOp, patch_sites};
 use xenmsr_asm::stubs::{REWIND_ERROR, REWIND_NATIVE, REWIND_RESTORE_RAX, Stub};
-use xenmsr_asm::{CALL_LEN, IMM_SITE_LEN, Outcome, SITE_LEN, site};
+use xenmsr_asm::{CALL_LEN, IMM_CALL_PREFIX, IMM_SITE_LEN, Outcome, SITE_LEN, site};
 use xenmsr_host_tests::{install, set_script};
 
 /// Instantiates every emitter at least once, so this binary has a site of each op and
@@ -91,7 +91,13 @@ fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
             OpKind::NearBranch64,
             "{s:?}: not a direct call"
         );
-        assert_eq!(insn.len(), CALL_LEN, "{s:?}: call of {} bytes", insn.len());
+        // One instruction filling the region: the `call rel32` (CALL_LEN bytes), after
+        // the CS prefixes in a constant-index site.
+        assert_eq!(insn.len(), usize::from(s.len), "{s:?}: {bytes:02x?}");
+        let prefix = usize::from(s.len) - CALL_LEN;
+        let expected_prefix: &[u8] = if prefix == 0 { &[] } else { &IMM_CALL_PREFIX };
+        assert_eq!(&bytes[..prefix], expected_prefix, "{s:?}: {bytes:02x?}");
+        assert_eq!(bytes[prefix], 0xe8, "{s:?}: {bytes:02x?}");
         assert_eq!(
             insn.near_branch_target() as usize,
             op.stub().addr(),
@@ -99,12 +105,6 @@ fn every_patch_site_is_a_call_of_call_len_bytes_to_its_stub() {
             insn.near_branch_target(),
             op.stub().name()
         );
-        // The rest of the region (constant-index sites only) is NOP padding: whole
-        // instructions that end exactly at the end of the region.
-        while decoder.position() < bytes.len() {
-            let pad = decoder.decode();
-            assert_eq!(pad.mnemonic(), Mnemonic::Nop, "{s:?}: {bytes:02x?}");
-        }
         assert_eq!(decoder.position(), bytes.len(), "{s:?}: {bytes:02x?}");
         if !matches!(op, PatchOp::ReadImm | PatchOp::WriteImm) {
             assert_eq!(s.imm, 0, "{s:?}: imm is only for the constant-index ops");

@@ -14,7 +14,9 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use xenmsr::{MsrError, rdmsr_safe, wrmsr_ns_const_safe, wrmsr_safe};
 use xenmsr_hypercall::Errno;
-use xenmsr_hypercall::abi::{CallbackType, SharedInfo, VcpuInfo, VcpuTimeInfo};
+use xenmsr_hypercall::abi::{
+    CALLBACKF_MASK_EVENTS, CallbackType, SharedInfo, VcpuInfo, VcpuTimeInfo,
+};
 
 use crate::hv::{self, nr};
 use crate::smp::{MAX_VCPUS, PerVcpu, current_vcpu};
@@ -85,9 +87,13 @@ pub fn init_boot(shared_info_maddr: u64) -> Result<(), EventError> {
     // every register and returns with the iret hypercall.
     unsafe { hv::page().callback_register(CallbackType::EVENT, event, 0) }
         .map_err(EventError::Callback)?;
-    // SAFETY: as above, for the failsafe stub (which reports and crashes the domain).
-    unsafe { hv::page().callback_register(CallbackType::FAILSAFE, failsafe, 0) }
-        .map_err(EventError::Callback)?;
+    // SAFETY: the kit's failsafe stub, which turns Xen's failsafe frame into a trap
+    // frame for the kernel's handler and returns with the iret hypercall; entered with
+    // events masked, like the upcall.
+    unsafe {
+        hv::page().callback_register(CallbackType::FAILSAFE, failsafe, CALLBACKF_MASK_EVENTS)
+    }
+    .map_err(EventError::Callback)?;
     init_vcpu(0)
 }
 

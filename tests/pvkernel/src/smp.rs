@@ -160,7 +160,9 @@ fn read_cr3() -> u64 {
 fn secondary_context(vcpu: u32, cr3: u64) -> VcpuGuestContext {
     let mut ctx = VcpuGuestContext::zeroed();
     let top = stack_top(vcpu as usize) as u64;
-    ctx.flags = VcpuGuestContext::VGCF_IN_KERNEL;
+    // The failsafe callback masks events on entry, as `callback_register` with
+    // CALLBACKF_mask_events does for vCPU 0.
+    ctx.flags = VcpuGuestContext::VGCF_IN_KERNEL | VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS;
     ctx.user_regs.rip = pvk_secondary_start as *const () as usize as u64;
     ctx.user_regs.rsp = top;
     ctx.user_regs.rdi = u64::from(vcpu);

@@ -100,7 +100,14 @@ fn pvk_trap_handler(frame: &mut TrapFrame, trap: &Trap) {
         return;
     }
     if vector == VECTOR_FAILSAFE {
-        crate::println!("PANIC: Xen's failsafe callback (a bad segment on return?)");
+        if crate::suites::failsafe::on_failsafe(frame, trap) {
+            return;
+        }
+        crate::println!(
+            "PANIC: Xen's failsafe callback: it could not reload {:x?} at rip {:#x}",
+            trap.failsafe_selectors(),
+            frame.rip
+        );
         crate::exit::crash();
     }
     let vcpu = vcpu_index();

@@ -20,6 +20,7 @@ pub static TESTS: &[Test] = &[
     test!(fs_and_gs_bases_through_every_path),
     test!(kernel_gs_base_stays_a_hypercall),
     test!(bases_survive_vcpu_switches),
+    test!(a_vcpu_without_cr4_fsgsbase_loses_no_access),
 ];
 
 const MSR_FS_BASE: u32 = 0xc000_0100;
@@ -233,5 +234,75 @@ fn bases_survive_vcpu_switches() -> TestResult {
             "vCPU {v} was never descheduled in {ROUNDS} yields"
         );
     }
+    Ok(())
+}
+
+/// A vCPU that missed its CR4 step (Xen keeps CR4 per vCPU): with CR4.FSGSBASE cleared on
+/// this vCPU, the inline and the stubs' RDFSBASE/WRGSBASE... raise `#UD`, and the library
+/// completes each access anyway (`set_segment_base` for a write, a trapped RDMSR for a
+/// read), on every write path, read back through every read path; then the bit is set
+/// again. Only on the models whose policy has FSGSBASE (elsewhere nothing raises `#UD`).
+fn a_vcpu_without_cr4_fsgsbase_loses_no_access() -> TestResult {
+    if !expected() {
+        return Ok(());
+    }
+    let v = current_vcpu() as usize;
+    // SAFETY: a PV guest kernel may write CR4 (Xen emulates it); only FSGSBASE is
+    // cleared, which nothing but the library's sites and this test use, and set back
+    // below.
+    let cr4 = unsafe { xenmsr::fsgsbase::read_cr4() };
+    // SAFETY: as above.
+    unsafe { xenmsr::fsgsbase::write_cr4(cr4 & !xenmsr::fsgsbase::CR4_FSGSBASE) };
+    let mut result = Ok(());
+    let fallbacks = xenmsr::fsgsbase::fallbacks();
+    let ud = traps::count(6);
+    'paths: for path in 0..4 {
+        for (i, msr) in [MSR_FS_BASE, MSR_GS_BASE].into_iter().enumerate() {
+            let gs = i == 1;
+            let target = &TARGETS[v][i] as *const u64 as u64;
+            let before = tracepage::snapshot();
+            let w = write_via(path, msr, target);
+            let calls = tracepage::snapshot().count_since(&before, nr::SET_SEGMENT_BASE);
+            // SAFETY: reading a segment base has no side effect.
+            let generic = unsafe { rdmsr_safe(msr) };
+            let constant = if gs {
+                // SAFETY: as above.
+                unsafe { rdmsr_const_safe::<MSR_GS_BASE>() }
+            } else {
+                // SAFETY: as above.
+                unsafe { rdmsr_const_safe::<MSR_FS_BASE>() }
+            };
+            let seen = (
+                w,
+                calls,
+                generic,
+                constant,
+                raw::rdmsr(msr),
+                raw::load_at_segment_base(gs),
+            );
+            let wanted = (Ok(()), 1, Ok(target), Ok(target), Ok(target), TARGETS[v][i]);
+            if seen != wanted {
+                result = Err(crate::testing::Failure::new(format_args!(
+                    "path {path}, msr {msr:#x}: (write, set_segment_base calls, generic \
+                     read, constant read, trapped RDMSR, load) = {seen:?}, expected {wanted:?}"
+                )));
+                break 'paths;
+            }
+        }
+    }
+    let uds = traps::count(6) - ud;
+    let completed = xenmsr::fsgsbase::fallbacks() - fallbacks;
+    // SAFETY: as above: the bit is set back.
+    let again = unsafe { xenmsr::fsgsbase::enable_on_this_vcpu() };
+    reset();
+    result?;
+    check!(again, "CR4.FSGSBASE set again");
+    // 4 write paths x 2 bases, and each read back through the two library reads: every one
+    // an FSGSBASE instruction (inline or in a stub) that raised #UD and was completed.
+    check!(uds >= 24, "{uds} #UDs");
+    check!(
+        completed >= 24,
+        "{completed} accesses completed without FSGSBASE"
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod failsafe;
 pub mod fsgsbase;
 pub mod percpu;
 pub mod pmu;
@@ -211,6 +212,7 @@ pub fn run(suite: &str, info: &'static BootInfo) {
         testing::run(pmu::TESTS);
         testing::run(pmu_diff::TESTS);
         testing::run(percpu::TESTS);
+        testing::run(failsafe::TESTS);
         if fsgsbase_requested() {
             testing::run(fsgsbase::TESTS);
         }
