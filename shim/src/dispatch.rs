@@ -296,6 +296,7 @@ mod tests {
                 fixed_counters: fixed,
                 version: 4,
                 fixed_counter_width: 48,
+                arch_counter_width: 48,
             }));
         }
         for cpuid in [
@@ -374,6 +375,7 @@ mod tests {
             fixed_counters: 31,
             version: 4,
             fixed_counter_width: 48,
+            arch_counter_width: 48,
         });
         assert!(build(&huge).is_none());
         let huge_amd = PmuLayout::Amd(AmdLayout {
@@ -406,6 +408,7 @@ mod tests {
             fixed_counters: 31,
             version: 4,
             fixed_counter_width: 48,
+            arch_counter_width: 48,
         });
         assert!(!index.rebuild(&huge));
         assert!(index.is_empty());

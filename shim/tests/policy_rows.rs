@@ -283,6 +283,7 @@ fn oversized_pmu_layout_falls_back_to_the_same_classification() {
         fixed_counters: 31,
         version: 4,
         fixed_counter_width: 48,
+        arch_counter_width: 48,
     });
     static SLOTS: [VcpuSlot; 4] = [const { VcpuSlot::new() }; 4];
     let vpmu: &'static Vpmu = Box::leak(Box::new(Vpmu::with(VpmuConfig {

@@ -17,6 +17,7 @@ fn layouts() -> Vec<(&'static str, PmuLayout)> {
             fixed_counters: fixed,
             version,
             fixed_counter_width: 48,
+            arch_counter_width: 48,
         })
     };
     vec![

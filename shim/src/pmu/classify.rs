@@ -53,8 +53,31 @@ pub enum IntelMsr {
     FixedCounter(u8),
     /// `IA32_PERFEVTSELn` → `arch_counters[n].control`.
     ArchCtrl(u8),
-    /// `IA32_PMCn` or its full-width alias `IA32_A_PMCn` → `arch_counters[n].counter`.
+    /// `IA32_PMCn` (the legacy counter MSR) → `arch_counters[n].counter`.
     ArchCounter(u8),
+    /// `IA32_A_PMCn`, the full-width alias of `IA32_PMCn`: the same counter, but Xen's PV
+    /// trap path does not hand it to the vPMU (it `#GP`s), so the cached path passes it
+    /// through to the same answer.
+    ArchCounterFullWidth(u8),
+}
+
+impl IntelMsr {
+    /// Whether Xen's trap-and-emulate path for a PV guest hands this MSR to its vPMU at
+    /// all. It does so only for `IA32_PMC0..7`, `IA32_PERFEVTSEL0..7`,
+    /// `IA32_FIXED_CTR0..2` and `IA32_FIXED_CTR_CTRL..IA32_PERF_GLOBAL_OVF_CTRL` (Xen 4.20
+    /// to 4.22, `pv/emul-priv-op.c`; 4.17 stops at `IA32_PERFEVTSEL3`, see `docs/pmu.md`);
+    /// every other MSR, including `IA32_A_PMCn`,
+    /// `IA32_PEBS_ENABLE` and `IA32_DS_AREA`, is refused with `#GP` whatever the vPMU
+    /// holds. The cached path serves only the routed ones, so an access answers the same
+    /// inside a PMI and outside it.
+    pub const fn routed_by_xen_pv(self) -> bool {
+        match self {
+            Self::FixedCtrl | Self::GlobalCtrl | Self::GlobalStatus | Self::GlobalOvfCtrl => true,
+            Self::FixedCounter(i) => i < 3,
+            Self::ArchCtrl(i) | Self::ArchCounter(i) => i < 8,
+            Self::DsArea | Self::PebsEnable | Self::ArchCounterFullWidth(_) => false,
+        }
+    }
 }
 
 /// An AMD PMU MSR and its slot in the cached context.
@@ -118,7 +141,11 @@ pub fn classify_intel(l: &IntelLayout, msr: u32) -> Option<IntelMsr> {
                 MSR_IA32_PERFCTR0,
                 l.arch_counters.into(),
             ) {
-                IntelMsr::ArchCounter(i)
+                if msr & !MSR_PMC_ALIAS_MASK == 0 {
+                    IntelMsr::ArchCounter(i)
+                } else {
+                    IntelMsr::ArchCounterFullWidth(i)
+                }
             } else {
                 return None;
             }
@@ -235,6 +262,7 @@ mod tests {
         fixed_counters: 3,
         version: 4,
         fixed_counter_width: 48,
+        arch_counter_width: 48,
     };
 
     /// Linux's `is_intel_pmu_msr`, transcribed from the spec's table as a reference model.
@@ -262,6 +290,7 @@ mod tests {
                     fixed_counters: fixed,
                     version: 4,
                     fixed_counter_width: 48,
+                    arch_counter_width: 48,
                 };
                 for msr in (0..0x1000).chain(0xc000_0000..0xc000_0200) {
                     assert_eq!(
@@ -305,8 +334,8 @@ mod tests {
         assert_eq!(c(0xc1), Some(IntelMsr::ArchCounter(0)));
         assert_eq!(c(0xc4), Some(IntelMsr::ArchCounter(3)));
         assert_eq!(c(0xc5), None);
-        assert_eq!(c(0x4c1), Some(IntelMsr::ArchCounter(0)));
-        assert_eq!(c(0x4c4), Some(IntelMsr::ArchCounter(3)));
+        assert_eq!(c(0x4c1), Some(IntelMsr::ArchCounterFullWidth(0)));
+        assert_eq!(c(0x4c4), Some(IntelMsr::ArchCounterFullWidth(3)));
         assert_eq!(c(0x4c5), None);
         assert_eq!(c(MSR_IA32_DEBUGCTLMSR), None);
         assert_eq!(c(0x1b), None);

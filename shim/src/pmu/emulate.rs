@@ -5,7 +5,11 @@
 //! instruction (the caller's `_safe` variant sees `Err`), rather than touching the real
 //! MSR, whose value Xen would overwrite at the flush anyway. A write of a value Xen's
 //! flush would refuse ([`verify`](super::verify)) fails like the native `wrmsr` of it,
-//! with `#GP`, and leaves the page unchanged.
+//! with `#GP`, and leaves the page unchanged. What the cached path serves, and how, is what
+//! Xen's PV trap path does with the same access (see `pmu_differential` in the tests):
+//! MSRs that path does not give the vPMU pass through, a legacy `IA32_PMCn` write keeps
+//! the hardware's sign-extended, width-limited value, and `IA32_PERF_GLOBAL_OVF_CTRL`
+//! reads as 0.
 
 use xenmsr_asm::{MsrError, Outcome, VECTOR_GP};
 
@@ -41,7 +45,22 @@ fn failed(_: BadPage) -> Outcome {
 }
 
 /// Emulates `access` to the classified `msr` from the cached context of `page`.
+///
+/// An Intel MSR that Xen's PV trap path does not hand to its vPMU
+/// ([`IntelMsr::routed_by_xen_pv`]) is passed through whatever the page holds: trapping,
+/// it gets Xen's answer (`#GP`), the same inside a PMI as outside.
 pub(crate) fn access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Access) -> Outcome {
+    if let PmuMsr::Intel(m) = msr
+        && !m.routed_by_xen_pv()
+    {
+        return Outcome::Native;
+    }
+    cached_access(page, layout, msr, access)
+}
+
+/// [`access`] without the routing rule: RDPMC reads the counter itself, which the page
+/// holds whichever MSR names it.
+fn cached_access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Access) -> Outcome {
     match (layout, msr) {
         (PmuLayout::Intel(l), PmuMsr::Intel(m)) => {
             match IntelCtxt::load(page, l.fixed_counters.into(), l.arch_counters.into()) {
@@ -72,6 +91,13 @@ fn intel(
     {
         return Ok(REFUSED);
     }
+    // A legacy counter write stores what the hardware would keep.
+    let access = match (msr, access) {
+        (IntelMsr::ArchCounter(_), Access::Write(value)) => {
+            Access::Write(verify::legacy_counter_value(layout, value))
+        }
+        _ => access,
+    };
     let field = Slot::Field;
     let slot = match msr {
         IntelMsr::GlobalOvfCtrl => Slot::OvfCtrl,
@@ -82,13 +108,13 @@ fn intel(
         IntelMsr::PebsEnable => field(intel_field::PEBS_ENABLE),
         IntelMsr::FixedCounter(i) => Slot::At(ctxt.fixed_counter(i.into())?),
         IntelMsr::ArchCounter(i) => Slot::At(ctxt.arch_counter(i.into())?),
+        IntelMsr::ArchCounterFullWidth(_) => Slot::None,
         IntelMsr::ArchCtrl(i) => Slot::At(ctxt.arch_control(i.into())?),
     };
     match slot {
         Slot::OvfCtrl => match access {
-            Access::Read => ctxt
-                .read_field(intel_field::GLOBAL_OVF_CTRL)
-                .map(Outcome::Done),
+            // Xen's trap path reads it as 0 (the bits clear status; they hold nothing).
+            Access::Read => Ok(Outcome::Done(0)),
             Access::Write(value) => {
                 ctxt.write_field(intel_field::GLOBAL_OVF_CTRL, value)?;
                 let status = ctxt.read_field(intel_field::GLOBAL_STATUS)?;
@@ -157,5 +183,5 @@ pub(crate) fn rdpmc(page: SharedPage, layout: &PmuLayout, pmc: PmcIndex) -> Outc
         (PmuLayout::Amd(_), PmcIndex::Amd(i)) => PmuMsr::Amd(AmdMsr::Counter(i)),
         _ => return Outcome::Failed(MsrError::InvalidCounter),
     };
-    access(page, layout, msr, Access::Read)
+    cached_access(page, layout, msr, Access::Read)
 }

@@ -95,6 +95,9 @@ pub struct IntelLayout {
     /// The width in bits of the fixed-function counters: `CPUID.0xA.EDX[12:5]` (Xen
     /// refuses a cached fixed counter with a bit at or above it).
     pub fixed_counter_width: u8,
+    /// The width in bits of the general-purpose counters: `CPUID.0xA.EAX[23:16]`. A
+    /// legacy `IA32_PMCn` write keeps this many bits of the sign-extended low 32.
+    pub arch_counter_width: u8,
 }
 
 /// An AMD PMU layout: where the control and counter MSRs are and how they interleave.
@@ -182,6 +185,7 @@ impl PmuLayout {
                     fixed_counters: (edx & 0x1f) as u8,
                     version: (eax & 0xff) as u8,
                     fixed_counter_width: ((edx >> 5) & 0xff) as u8,
+                    arch_counter_width: ((eax >> 16) & 0xff) as u8,
                 })
             }
             CpuVendor::Amd => PmuLayout::Amd(Self::amd_for_family(family())),
@@ -262,6 +266,7 @@ mod tests {
                 fixed_counters: 3,
                 version: 2,
                 fixed_counter_width: 48,
+                arch_counter_width: 4,
             })
         );
         let l = PmuLayout::from_cpuid(fake(b"CentaurHauls", fam(6), 4 << 8, 0xffff_ffe2));
@@ -272,6 +277,7 @@ mod tests {
                 fixed_counters: 2,
                 version: 0,
                 fixed_counter_width: 0xff,
+                arch_counter_width: 0,
             })
         );
         let l = PmuLayout::from_cpuid(fake(b"  Shanghai  ", fam(7), (2 << 8) | 5, 1));
@@ -282,6 +288,7 @@ mod tests {
                 fixed_counters: 1,
                 version: 5,
                 fixed_counter_width: 0,
+                arch_counter_width: 0,
             })
         ));
     }
@@ -301,6 +308,7 @@ mod tests {
                 fixed_counters: 0,
                 version: 0,
                 fixed_counter_width: 0,
+                arch_counter_width: 0,
             })
         );
     }

@@ -77,6 +77,16 @@ pub fn fixed_ctrl_valid(l: &IntelLayout) -> u64 {
     fields & !any_thread
 }
 
+/// What a legacy `IA32_PMCn` write of `value` leaves in the counter: the hardware takes
+/// `EAX` (bits 31..0) sign-extended from bit 31, kept to the counter width (`EDX` is
+/// ignored). Xen's trap path writes the guest's value to the hardware as it is, so this is
+/// what the trapped write leaves, and what the cached one must.
+pub fn legacy_counter_value(l: &IntelLayout, value: u64) -> u64 {
+    // Truncate to 32 bits, then sign-extend through i32 (the SDM's legacy write).
+    let extended = i64::from(value as u32 as i32) as u64;
+    extended & low_bits(l.arch_counter_width.into())
+}
+
 /// The bits of `IA32_FIXED_CTRn` Xen accepts.
 pub fn fixed_counter_valid(l: &IntelLayout) -> u64 {
     low_bits(l.fixed_counter_width.into())
@@ -99,7 +109,10 @@ pub fn intel_write_ok(l: &IntelLayout, msr: IntelMsr, value: u64) -> bool {
         IntelMsr::FixedCounter(_) => value & !fixed_counter_valid(l) == 0,
         IntelMsr::ArchCtrl(_) => value & INTEL_EVNTSEL_RESERVED == 0,
         IntelMsr::DsArea => ds_area_valid(value),
+        // The hardware's legacy write: any value (it keeps the sign-extended low 32 bits).
         IntelMsr::ArchCounter(_) => true,
+        // Never served from the page (see `IntelMsr::routed_by_xen_pv`).
+        IntelMsr::ArchCounterFullWidth(_) => false,
     }
 }
 
@@ -201,6 +214,7 @@ mod tests {
             fixed_counters: fixed,
             version,
             fixed_counter_width: width,
+            arch_counter_width: 48,
         }
     }
 

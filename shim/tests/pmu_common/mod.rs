@@ -280,6 +280,7 @@ pub const SKYLAKE: PmuLayout = PmuLayout::Intel(IntelLayout {
     fixed_counters: 3,
     version: 4,
     fixed_counter_width: 48,
+    arch_counter_width: 48,
 });
 
 thread_local! {

@@ -164,6 +164,7 @@ pub fn intel_vpmu_over_mock(vcpu_id: fn() -> u32) -> &'static Vpmu {
         fixed_counters: BENCH_FIXED_COUNTERS,
         version: 4,
         fixed_counter_width: 48,
+        arch_counter_width: 48,
     });
     Box::leak(Box::new(Vpmu::with(VpmuConfig {
         hypercalls: mock::page(),
