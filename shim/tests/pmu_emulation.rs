@@ -8,7 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use pmu_common::*;
 use xenmsr::pmu::{AmdLayout, IntelLayout, PmuError, PmuLayout};
 use xenmsr_asm::{MsrError, Outcome};
-use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PmuFlags};
+use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PmuFlags, XenPmuFeature};
 use xenmsr_hypercall::{Errno, mock, nr};
 
 const FIXED: [u64; 3] = [0x1000, 0x1001, 0x1002];
@@ -577,6 +577,39 @@ fn wide_cpuid_counts_cannot_reach_past_the_page() {
 
 /// What the native `wrmsr` of a reserved value raises.
 const GP: Option<Outcome> = Some(Outcome::Failed(MsrError::Fault { vector: 13 }));
+
+/// Under Xen's `vpmu=ipc` (`XENPMU_FEATURE_IPC_ONLY`, learnt at `XENPMU_init`) a cached
+/// `IA32_PERFEVTSELn` write of an event outside the filter is `#GP`, as the trapped one
+/// is, though Xen's flush would take it; `vpmu=arch` lets four more events through.
+#[test]
+fn event_selects_follow_xens_event_filter() {
+    for (features, allowed, withheld) in [
+        (XenPmuFeature::IPC_ONLY, 0x43_013c, 0x43_412e),
+        (XenPmuFeature::ARCH_ONLY, 0x43_412e, 0x43_00c6),
+        (XenPmuFeature::INTEL_BTS, 0x43_00c6, 1 << 21),
+    ] {
+        let s = mock::session();
+        let page = GuardedPage::new();
+        let a = page.addr();
+        let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+        xen_ok_with_features(a, features);
+        registered(&v, 0, &page);
+        assert_eq!(v.features(), Some(features));
+        xen_intel_pmi(a, &FIXED, &ARCH);
+        v.on_pmi(|_| {
+            let before = page.snapshot();
+            assert_eq!(v.write(0x187, withheld), GP, "{features:?} {withheld:#x}");
+            assert_eq!(page.snapshot(), before, "nothing stored");
+            assert_eq!(v.read(0x187), Some(Outcome::Done(ARCH[1].1)));
+            assert_eq!(v.write(0x187, allowed), Some(Outcome::Done(0)));
+            assert_eq!(v.read(0x187), Some(Outcome::Done(allowed)));
+            // Only event selects are filtered.
+            assert_eq!(v.write(0xc2, 5), Some(Outcome::Done(0)));
+        })
+        .unwrap();
+        let _ = mock::take_calls();
+    }
+}
 
 /// Inside a PMI, a write of a value Xen's flush would refuse (Xen 4.17's
 /// `core2_vpmu_verify`) fails like the native write, and the page keeps the old value;

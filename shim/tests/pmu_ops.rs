@@ -20,15 +20,22 @@ fn init_makes_xenpmu_init_with_version_mfn_and_vcpu_on_a_zeroed_page() {
     let addr = page.addr();
     let seen = Rc::new(Cell::new(None));
     let seen2 = seen.clone();
-    mock::on(XENPMU_OP, move |args| {
-        assert_eq!(args[0], u64::from(nr::XENPMU_INIT));
-        let p = params_of(args);
-        // The page was zeroed before Xen got it.
-        let zeroed = (0..4096).step_by(8).all(|o| r64(addr, o) == 0);
-        seen2.set(Some((p, zeroed)));
-        0
+    mock::on(XENPMU_OP, move |args| match args[0] as u32 {
+        nr::XENPMU_INIT => {
+            let p = params_of(args);
+            // The page was zeroed before Xen got it.
+            let zeroed = (0..4096).step_by(8).all(|o| r64(addr, o) == 0);
+            seen2.set(Some((p, zeroed)));
+            0
+        }
+        nr::XENPMU_FEATURE_GET => {
+            answer_val(args, XenPmuFeature::IPC_ONLY.bits());
+            0
+        }
+        op => panic!("unexpected xenpmu op {op}"),
     });
     let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    assert_eq!(v.features(), None, "unknown before Xen was asked");
     // SAFETY: the guarded page outlives `v`'s use of it.
     unsafe { v.init_vcpu(5, page.ptr(), 0xabc_def0) }.unwrap();
     let (p, zeroed) = seen.get().expect("handler ran");
@@ -38,9 +45,13 @@ fn init_makes_xenpmu_init_with_version_mfn_and_vcpu_on_a_zeroed_page() {
     );
     assert!(zeroed);
     let calls = mock::take_calls();
-    assert_eq!(calls.len(), 1);
+    assert_eq!(calls.len(), 2);
     assert_eq!(calls[0].nr, 40, "__HYPERVISOR_xenpmu_op");
     assert_eq!(calls[0].args[0], 4, "XENPMU_init");
+    // Then Xen's features, which the cached path applies.
+    assert_eq!(calls[1].nr, 40, "__HYPERVISOR_xenpmu_op");
+    assert_eq!(calls[1].args[0], 2, "XENPMU_feature_get");
+    assert_eq!(v.features(), Some(XenPmuFeature::IPC_ONLY));
     assert!(v.is_initialized(5));
     assert!(!v.is_initialized(4));
 
@@ -52,6 +63,37 @@ fn init_makes_xenpmu_init_with_version_mfn_and_vcpu_on_a_zeroed_page() {
     assert_eq!(r, Err(PmuError::AlreadyInitialized));
     assert_eq!(page.r64(0), 77);
     assert!(mock::take_calls().is_empty());
+}
+
+#[test]
+fn the_features_come_from_xen_or_the_kernel() {
+    let s = mock::session();
+    let page = GuardedPage::new();
+    let v = vpmu(s.page(), SKYLAKE, FakeNative::leak(vec![]));
+    // An unprivileged domain may not ask: the registration still succeeds, and the
+    // features stay unknown (none applied, Xen's default).
+    mock::script(XENPMU_OP, 0);
+    mock::script_err(XENPMU_OP, Errno::EPERM);
+    // SAFETY: the guarded page outlives `v`'s use of it.
+    unsafe { v.init_vcpu(0, page.ptr(), 1) }.expect("init");
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_INIT, nr::XENPMU_FEATURE_GET]);
+    assert_eq!(v.features(), None);
+    assert!(!v.is_disabled());
+    // The kernel knows better (the host's `vpmu=arch`).
+    v.set_features(XenPmuFeature::ARCH_ONLY);
+    assert_eq!(v.features(), Some(XenPmuFeature::ARCH_ONLY));
+    // A failed query leaves what is known alone; a successful one replaces it.
+    mock::script_err(XENPMU_OP, Errno::EPERM);
+    assert_eq!(v.feature_get(), Err(PmuError::PermissionDenied));
+    assert_eq!(v.features(), Some(XenPmuFeature::ARCH_ONLY));
+    mock::on(XENPMU_OP, |args| {
+        assert_eq!(args[0] as u32, nr::XENPMU_FEATURE_GET);
+        answer_val(args, 0);
+        0
+    });
+    assert_eq!(v.feature_get(), Ok(XenPmuFeature::empty()));
+    assert_eq!(v.features(), Some(XenPmuFeature::empty()));
+    assert_eq!(pmu_ops(), vec![nr::XENPMU_FEATURE_GET; 2]);
 }
 
 #[test]

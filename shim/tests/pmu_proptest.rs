@@ -20,7 +20,7 @@ use xenmsr::pmu::{
     decode_pmc,
 };
 use xenmsr_asm::{MsrError, Outcome};
-use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags};
+use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, XenPmuFeature};
 use xenmsr_hypercall::mock;
 
 fn cases() -> u32 {
@@ -47,6 +47,8 @@ struct Case {
     vcpu: u32,
     /// Whether the ops run inside `on_pmi` (only vCPU 0 has a page to run one on).
     in_handler: bool,
+    /// What Xen's `XENPMU_feature_get` answers.
+    features: XenPmuFeature,
     ops: Vec<Op>,
 }
 
@@ -93,6 +95,7 @@ fn msr() -> impl Strategy<Value = u32> {
     prop_oneof![
         0xc0u32..0xd0,
         0x180u32..0x290,
+        0x186u32..0x18e,
         0x300u32..0x330,
         prop::sample::select(vec![0x38d, 0x38e, 0x38f, 0x390, 0x3f1, 0x600, 0x1d9]),
         0x4c0u32..0x5c2,
@@ -111,13 +114,21 @@ fn counter() -> impl Strategy<Value = u32> {
     ]
 }
 
-/// A written value: any, small (mostly accepted), or one bit (each of Xen's rules).
+/// A written value: any, small (mostly accepted), one bit (each of Xen's rules), or an
+/// event select of an event Xen's `IPC_ONLY`/`ARCH_ONLY` filters let through.
 fn value() -> impl Strategy<Value = u64> {
     prop_oneof![
         any::<u64>(),
         0u64..=0xffff,
         (0u32..64).prop_map(|bit| 1u64 << bit),
         Just(0xffff_8800_0000_0000u64),
+        (
+            prop::sample::select(vec![
+                0x003cu64, 0x013c, 0x00c0, 0x4f2e, 0x412e, 0x00c4, 0x00c5
+            ]),
+            0u64..0x1_0000,
+        )
+            .prop_map(|(event, flags)| (flags << 16) | event),
     ]
 }
 
@@ -134,10 +145,27 @@ fn bits_below(n: u32) -> u64 {
     (0..n.min(64)).fold(0, |bits, b| bits | (1 << b))
 }
 
-/// Whether Xen's flush would refuse the context after `value` is written to `class`
-/// (whose slot held `cached`): the model of Xen 4.17's checks (`core2_vpmu_verify`, the
-/// AMD reserved-bit test), written out bit by bit, plus the read-only global status.
-fn model_refuses(layout: &PmuLayout, class: PmuMsr, value: u64, cached: u64) -> bool {
+/// Whether Xen's PV trap path filters out the event select `value` under `features`:
+/// with `IPC_ONLY` or `ARCH_ONLY` only the listed `umask << 8 | event` codes pass.
+fn model_event_filtered(features: XenPmuFeature, value: u64) -> bool {
+    let ipc_only = features.contains(XenPmuFeature::IPC_ONLY);
+    let arch_only = features.contains(XenPmuFeature::ARCH_ONLY);
+    let ipc_event = matches!(value & 0xffff, 0x003c | 0x013c | 0x00c0);
+    let arch_event = matches!(value & 0xffff, 0x4f2e | 0x412e | 0x00c4 | 0x00c5);
+    (ipc_only || arch_only) && !ipc_event && !(arch_only && arch_event)
+}
+
+/// Whether Xen would refuse `value` written to `class` (whose slot held `cached`): the
+/// model of Xen 4.17's flush checks (`core2_vpmu_verify`, the AMD reserved-bit test),
+/// written out bit by bit, plus its trap path's own: the read-only global status and
+/// the `IPC_ONLY`/`ARCH_ONLY` event filter.
+fn model_refuses(
+    layout: &PmuLayout,
+    features: XenPmuFeature,
+    class: PmuMsr,
+    value: u64,
+    cached: u64,
+) -> bool {
     let counters = |l: &IntelLayout| {
         let fixed = (0..u32::from(l.fixed_counters))
             .filter(|i| 32 + i < 64)
@@ -158,7 +186,11 @@ fn model_refuses(layout: &PmuLayout, class: PmuMsr, value: u64, cached: u64) -> 
                 value & (1 << b) != 0 && (!field_bit_of_a_counter || b % 4 == 2)
             }),
             IntelMsr::FixedCounter(_) => value & !bits_below(l.fixed_counter_width.into()) != 0,
-            IntelMsr::ArchCtrl(_) => (value >> 32) != 0 || value & (1 << 21 | 1 << 19) != 0,
+            IntelMsr::ArchCtrl(_) => {
+                (value >> 32) != 0
+                    || value & (1 << 21 | 1 << 19) != 0
+                    || model_event_filtered(features, value)
+            }
             IntelMsr::DsArea => (1 << 47..0xffff_8800_0000_0000).contains(&value),
             IntelMsr::ArchCounter(_) => false,
             IntelMsr::ArchCounterFullWidth(_) => unreachable!("passed through"),
@@ -180,10 +212,11 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(PmuFlags::CACHED.bits()), any::<u64>()],
         prop_oneof![4 => Just(0u32), 1 => 0u32..70],
         prop_oneof![3 => Just(true), 1 => Just(false)],
+        prop_oneof![2 => Just(0u64), 1 => 0u64..8],
         prop::collection::vec(op(), 1..8),
     )
         .prop_map(
-            |(layout, seed, off_a, off_b, flags, vcpu, in_handler, ops)| Case {
+            |(layout, seed, off_a, off_b, flags, vcpu, in_handler, features, ops)| Case {
                 layout,
                 seed,
                 off_a,
@@ -191,6 +224,7 @@ fn case() -> impl Strategy<Value = Case> {
                 flags,
                 vcpu,
                 in_handler: in_handler && vcpu == 0,
+                features: XenPmuFeature::from_bits_retain(features),
                 ops,
             },
         )
@@ -298,7 +332,7 @@ fn check(
 ) -> Result<(), TestCaseError> {
     let s = mock::session();
     let v = vpmu_with_slots(s.page(), c.layout, native, slots);
-    xen_ok(page.addr());
+    xen_ok_with_features(page.addr(), c.features);
     // A failed case (while shrinking) returned before freeing the shared slot.
     if v.is_initialized(0) {
         set_vcpu(0);
@@ -377,7 +411,13 @@ fn run_ops(
                             prop_assert!(diff.is_empty());
                         }
                         Op::Write(_, value)
-                            if model_refuses(&c.layout, class, value, u64_at(&before, slot)) =>
+                            if model_refuses(
+                                &c.layout,
+                                c.features,
+                                class,
+                                value,
+                                u64_at(&before, slot),
+                            ) =>
                         {
                             // Like the native wrmsr of a refused value: #GP, nothing stored.
                             prop_assert_eq!(
@@ -398,7 +438,12 @@ fn run_ops(
                                     } else {
                                         0
                                     };
-                                    (high | low) & bits_below(l.arch_counter_width.into())
+                                    // CPUID reporting no width: taken as 32.
+                                    let width = match l.arch_counter_width {
+                                        0 => 32,
+                                        width => width.into(),
+                                    };
+                                    (high | low) & bits_below(width)
                                 }
                                 _ => value,
                             };

@@ -8,10 +8,12 @@
 //! with `#GP`, and leaves the page unchanged. What the cached path serves, and how, is what
 //! Xen's PV trap path does with the same access (see `pmu_differential` in the tests):
 //! MSRs that path does not give the vPMU pass through, a legacy `IA32_PMCn` write keeps
-//! the hardware's sign-extended, width-limited value, and `IA32_PERF_GLOBAL_OVF_CTRL`
-//! reads as 0.
+//! the hardware's sign-extended, width-limited value, `IA32_PERF_GLOBAL_OVF_CTRL` reads
+//! as 0, and an `IA32_PERFEVTSELn` write of an event Xen's `IPC_ONLY`/`ARCH_ONLY` filter
+//! withholds is `#GP`.
 
 use xenmsr_asm::{MsrError, Outcome, VECTOR_GP};
+use xenmsr_hypercall::abi::XenPmuFeature;
 
 use super::classify::{AmdMsr, IntelMsr, PmcIndex, PmuMsr};
 use super::layout::{IntelLayout, PmuLayout};
@@ -44,27 +46,41 @@ fn failed(_: BadPage) -> Outcome {
     Outcome::Failed(MsrError::PmuUnavailable)
 }
 
-/// Emulates `access` to the classified `msr` from the cached context of `page`.
+/// Emulates `access` to the classified `msr` from the cached context of `page`, for a
+/// vPMU with Xen's `features`.
 ///
 /// An Intel MSR that Xen's PV trap path does not hand to its vPMU
 /// ([`IntelMsr::routed_by_xen_pv`]) is passed through whatever the page holds: trapping,
-/// it gets Xen's answer (`#GP`), the same inside a PMI as outside.
-pub(crate) fn access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Access) -> Outcome {
+/// it gets Xen's answer (`#GP`, or whatever the domain's `msr_relaxed` option makes of
+/// it), the same inside a PMI as outside.
+pub(crate) fn access(
+    page: SharedPage,
+    layout: &PmuLayout,
+    features: XenPmuFeature,
+    msr: PmuMsr,
+    access: Access,
+) -> Outcome {
     if let PmuMsr::Intel(m) = msr
         && !m.routed_by_xen_pv()
     {
         return Outcome::Native;
     }
-    cached_access(page, layout, msr, access)
+    cached_access(page, layout, features, msr, access)
 }
 
 /// [`access`] without the routing rule: RDPMC reads the counter itself, which the page
 /// holds whichever MSR names it.
-fn cached_access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Access) -> Outcome {
+fn cached_access(
+    page: SharedPage,
+    layout: &PmuLayout,
+    features: XenPmuFeature,
+    msr: PmuMsr,
+    access: Access,
+) -> Outcome {
     match (layout, msr) {
         (PmuLayout::Intel(l), PmuMsr::Intel(m)) => {
             match IntelCtxt::load(page, l.fixed_counters.into(), l.arch_counters.into()) {
-                Ok(ctxt) => intel(ctxt, l, m, access).unwrap_or_else(failed),
+                Ok(ctxt) => intel(ctxt, l, features, m, access).unwrap_or_else(failed),
                 Err(e) => failed(e),
             }
         }
@@ -83,11 +99,12 @@ fn cached_access(page: SharedPage, layout: &PmuLayout, msr: PmuMsr, access: Acce
 fn intel(
     ctxt: IntelCtxt,
     layout: &IntelLayout,
+    features: XenPmuFeature,
     msr: IntelMsr,
     access: Access,
 ) -> Result<Outcome, BadPage> {
     if let Access::Write(value) = access
-        && !verify::intel_write_ok(layout, msr, value)
+        && !verify::intel_write_ok(layout, features, msr, value)
     {
         return Ok(REFUSED);
     }
@@ -183,5 +200,6 @@ pub(crate) fn rdpmc(page: SharedPage, layout: &PmuLayout, pmc: PmcIndex) -> Outc
         (PmuLayout::Amd(_), PmcIndex::Amd(i)) => PmuMsr::Amd(AmdMsr::Counter(i)),
         _ => return Outcome::Failed(MsrError::InvalidCounter),
     };
-    cached_access(page, layout, msr, Access::Read)
+    // A read: no check depends on the features.
+    cached_access(page, layout, XenPmuFeature::empty(), msr, Access::Read)
 }

@@ -96,8 +96,32 @@ pub struct IntelLayout {
     /// refuses a cached fixed counter with a bit at or above it).
     pub fixed_counter_width: u8,
     /// The width in bits of the general-purpose counters: `CPUID.0xA.EAX[23:16]`. A
-    /// legacy `IA32_PMCn` write keeps this many bits of the sign-extended low 32.
+    /// legacy `IA32_PMCn` write keeps this many bits of the sign-extended low 32 (see
+    /// [`effective_arch_counter_width`](Self::effective_arch_counter_width) for 0).
     pub arch_counter_width: u8,
+}
+
+impl IntelLayout {
+    /// The width a cached legacy `IA32_PMCn` write is kept to: [`arch_counter_width`],
+    /// at most 64, and 32 when CPUID reports 0.
+    ///
+    /// Xen passes the host's leaf 0xA through to a PV guest, so a zero width next to
+    /// general counters only comes from a broken or hand-built CPUID: the hardware's real
+    /// width is unknown. Taken literally it would make every cached counter write store 0.
+    /// 32 keeps `EAX` itself (no sign bits above bit 31), which is right in both ways Xen
+    /// loads the page back at the flush: through `IA32_PMCn` (no full-width writes) the
+    /// hardware sign-extends it to exactly what the trapped write leaves, and through the
+    /// full-width `IA32_A_PMCn` it is a value every Intel counter (at least 40 bits wide)
+    /// accepts, where a guessed wider width could make Xen load bits the hardware refuses.
+    ///
+    /// [`arch_counter_width`]: Self::arch_counter_width
+    pub const fn effective_arch_counter_width(&self) -> u32 {
+        match self.arch_counter_width {
+            0 => 32,
+            width if width > 64 => 64,
+            width => width as u32,
+        }
+    }
 }
 
 /// An AMD PMU layout: where the control and counter MSRs are and how they interleave.
@@ -157,8 +181,8 @@ impl PmuLayout {
     /// the shared page by.
     ///
     /// - Intel, Centaur, Zhaoxin: general counters `CPUID.0xA.EAX[15:8]`, fixed counters
-    ///   `CPUID.0xA.EDX[4:0]`, version `EAX[7:0]`, fixed-counter width `EDX[12:5]` (all 0
-    ///   when the maximum basic leaf is below 0xA).
+    ///   `CPUID.0xA.EDX[4:0]`, version `EAX[7:0]`, general-counter width `EAX[23:16]`,
+    ///   fixed-counter width `EDX[12:5]` (all 0 when the maximum basic leaf is below 0xA).
     /// - AMD family 0x15 and family 0x17 or later: the family-15h layout.
     /// - Other AMD families (0x16 included, as Xen does): the K7 layout.
     /// - Hygon family 0x18: the family-15h layout (Xen sizes it like AMD family 0x15);
@@ -311,6 +335,24 @@ mod tests {
                 arch_counter_width: 0,
             })
         );
+    }
+
+    #[test]
+    fn an_unreported_general_counter_width_is_taken_as_32() {
+        let with_width = |arch_counter_width| IntelLayout {
+            arch_counters: 4,
+            fixed_counters: 3,
+            version: 2,
+            fixed_counter_width: 48,
+            arch_counter_width,
+        };
+        assert_eq!(with_width(0).effective_arch_counter_width(), 32);
+        assert_eq!(with_width(1).effective_arch_counter_width(), 1);
+        assert_eq!(with_width(40).effective_arch_counter_width(), 40);
+        assert_eq!(with_width(48).effective_arch_counter_width(), 48);
+        assert_eq!(with_width(64).effective_arch_counter_width(), 64);
+        assert_eq!(with_width(65).effective_arch_counter_width(), 64);
+        assert_eq!(with_width(255).effective_arch_counter_width(), 64);
     }
 
     #[test]

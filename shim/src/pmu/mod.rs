@@ -57,7 +57,7 @@ pub mod verify;
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, Ordering};
 
 use spin::Once;
 use xenmsr_asm::{MsrError, Outcome};
@@ -354,13 +354,21 @@ impl fmt::Debug for VpmuConfig {
 pub struct Vpmu {
     config: Once<VpmuConfig>,
     disabled: AtomicBool,
+    /// Xen's vPMU features as last learnt ([`Vpmu::features`]): [`FEATURES_KNOWN`] plus
+    /// the feature bits, or 0 while unknown.
+    features: AtomicU64,
 }
+
+/// In [`Vpmu::features`]'s word: the features are known. A bit no `XENPMU_FEATURE_*`
+/// uses, so one word holds both the answer and whether there is one.
+const FEATURES_KNOWN: u64 = 1 << 63;
 
 impl fmt::Debug for Vpmu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vpmu")
             .field("layout", &self.layout())
             .field("disabled", &self.is_disabled())
+            .field("features", &self.features())
             .finish_non_exhaustive()
     }
 }
@@ -401,12 +409,20 @@ fn op(
     unsafe { hypercalls.xenpmu_op(op, params) }.map_err(PmuError::from_errno)
 }
 
+/// `XENPMU_feature_get`: Xen's vPMU features.
+fn features_of_xen(hypercalls: HypercallPage) -> Result<XenPmuFeature, PmuError> {
+    let mut params = XenPmuParams::new(0, 0);
+    op(hypercalls, XenPmuOp::FEATURE_GET, Some(&mut params))?;
+    Ok(XenPmuFeature::from_bits_retain(params.val))
+}
+
 impl Vpmu {
     /// An unconfigured backend: no PMU MSRs, every op [`PmuError::NotConfigured`].
     pub const fn new() -> Self {
         Vpmu {
             config: Once::new(),
             disabled: AtomicBool::new(false),
+            features: AtomicU64::new(0),
         }
     }
 
@@ -415,6 +431,7 @@ impl Vpmu {
         Vpmu {
             config: Once::initialized(config),
             disabled: AtomicBool::new(false),
+            features: AtomicU64::new(0),
         }
     }
 
@@ -486,6 +503,10 @@ impl Vpmu {
     /// Registers `page` as `vcpu`'s shared PMU page: zeroes it, then `XENPMU_init` with
     /// version 0.1, `val = mfn` and `vcpu`.
     ///
+    /// After a successful `XENPMU_init` it also asks Xen for its vPMU features
+    /// (`XENPMU_feature_get`, see [`features`](Self::features)); that answer's failure
+    /// (an unprivileged domain gets `-EPERM`) does not fail the registration.
+    ///
     /// `vcpu` may be any vCPU of the domain, not only the calling one: Xen's
     /// `XENPMU_init` takes the vCPU from its parameters.
     ///
@@ -535,8 +556,16 @@ impl Vpmu {
         let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
         if r.is_err() {
             slot.page.store(core::ptr::null_mut(), Ordering::Release);
+            return r.map(drop);
         }
-        r.map(drop)
+        // Asked at every registration rather than once, so that features changed in
+        // between (`XENPMU_feature_set`, which only a privileged domain may make) are
+        // picked up. Unanswered (an unprivileged domain gets -EPERM), the features stay
+        // as they were: unknown, or what `set_features` gave.
+        if let Ok(features) = features_of_xen(config.hypercalls) {
+            self.set_features(features);
+        }
+        Ok(())
     }
 
     /// Unregisters `vcpu`'s page: `XENPMU_finish` with `vcpu` and version 0.1. The page is
@@ -575,16 +604,41 @@ impl Vpmu {
         ))
     }
 
-    /// `XENPMU_feature_get`: the vPMU features.
+    /// `XENPMU_feature_get`: the vPMU features. A successful answer also becomes the
+    /// backend's [`features`](Self::features), which its cached path applies.
+    ///
+    /// Xen lets only a privileged domain ask (an unprivileged one gets
+    /// [`PmuError::PermissionDenied`]).
     pub fn feature_get(&self) -> Result<XenPmuFeature, PmuError> {
         let config = self.config()?;
-        let mut params = XenPmuParams::new(0, 0);
-        self.note(op(
-            config.hypercalls,
-            XenPmuOp::FEATURE_GET,
-            Some(&mut params),
-        ))?;
-        Ok(XenPmuFeature::from_bits_retain(params.val))
+        let features = self.note(features_of_xen(config.hypercalls))?;
+        self.set_features(features);
+        Ok(features)
+    }
+
+    /// The Xen vPMU features the cached path applies, or `None` while they are unknown
+    /// (then it applies none, which is Xen's default).
+    ///
+    /// They matter for `IA32_PERFEVTSELn`: with `XENPMU_FEATURE_IPC_ONLY` or
+    /// `XENPMU_FEATURE_ARCH_ONLY` (Xen's `vpmu=ipc` / `vpmu=arch`), Xen's trap path refuses
+    /// a write of any event outside the filter, and a cached write must be refused alike
+    /// ([`verify::event_allowed`]). They come from the last successful
+    /// [`feature_get`](Self::feature_get), which [`init_vcpu`](Self::init_vcpu) makes
+    /// after each registration, or from [`set_features`](Self::set_features).
+    pub fn features(&self) -> Option<XenPmuFeature> {
+        let word = self.features.load(Ordering::Relaxed);
+        (word & FEATURES_KNOWN != 0)
+            .then(|| XenPmuFeature::from_bits_retain(word & !FEATURES_KNOWN))
+    }
+
+    /// Tells the backend Xen's vPMU features, for a kernel that cannot ask Xen (an
+    /// unprivileged domain's `XENPMU_feature_get` is `-EPERM`) but knows the host's
+    /// `vpmu=` setting. A later successful [`feature_get`](Self::feature_get) (made by
+    /// every [`init_vcpu`](Self::init_vcpu)) replaces it with Xen's own answer.
+    pub fn set_features(&self, features: XenPmuFeature) {
+        // Bit 63 is the "known" mark; no XENPMU_FEATURE_* uses it.
+        let word = (features.bits() & !FEATURES_KNOWN) | FEATURES_KNOWN;
+        self.features.store(word, Ordering::Relaxed);
     }
 
     /// The calling vCPU wrote `value` to its APIC LVTPC: stores the value in its page's
@@ -736,7 +790,10 @@ impl Vpmu {
             return Outcome::Native;
         };
         match own_context(config) {
-            Context::Cached(page) => emulate::access(page, &config.layout, class, access),
+            Context::Cached(page) => {
+                let features = self.features().unwrap_or(XenPmuFeature::empty());
+                emulate::access(page, &config.layout, features, class, access)
+            }
             Context::Hardware => Outcome::Native,
             Context::Rejected => Outcome::Failed(MsrError::PmuUnavailable),
         }

@@ -22,13 +22,20 @@
 //!   of a PV address: canonical and outside Xen's own range).
 //!
 //! Also refused, as by the hardware and by Xen's trap-and-emulate path (though not by the
-//! flush): a write of the read-only `IA32_PERF_GLOBAL_STATUS`.
+//! flush): a write of the read-only `IA32_PERF_GLOBAL_STATUS`, and, when Xen's vPMU
+//! features include `XENPMU_FEATURE_IPC_ONLY` or `XENPMU_FEATURE_ARCH_ONLY` (the
+//! administrator's `vpmu=ipc` / `vpmu=arch`), an `IA32_PERFEVTSELn` write whose event
+//! (`umask << 8 | event`, bits 15..0) the filter does not allow ([`event_allowed`]).
+//! The flush never applies that filter, so without this check a PMI handler could
+//! program an event the administrator withheld.
 //!
 //! AMD: in an event-select (control) MSR, bits 63..42, 39..36, 21 and 19 are reserved and
 //! must keep the value the hardware has (Xen compares them with what it read from each
 //! control at boot). The guest cannot read that boot value, but the control cached in the
 //! page came from the hardware, so a write must leave those bits as the cached control has
 //! them.
+
+use xenmsr_hypercall::abi::XenPmuFeature;
 
 use super::classify::IntelMsr;
 use super::layout::IntelLayout;
@@ -45,6 +52,16 @@ pub const XEN_VIRT_END: u64 = 0xffff_8800_0000_0000;
 const LOWER_HALF_END: u64 = 1 << 47;
 /// The AnyThread bit of one fixed counter's 4-bit field in `IA32_FIXED_CTR_CTRL`.
 const FIXED_ANY_THREAD: u64 = 0x4;
+/// The event an `IA32_PERFEVTSELn` value selects: `umask << 8 | event` (bits 15..0).
+const EVNTSEL_EVENT: u64 = 0xffff;
+
+/// The events `XENPMU_FEATURE_IPC_ONLY` allows (`umask << 8 | event`): unhalted core
+/// cycles (0x003c), unhalted reference cycles (0x013c), instructions retired (0x00c0).
+pub const IPC_ONLY_EVENTS: [u16; 3] = [0x003c, 0x013c, 0x00c0];
+/// The events `XENPMU_FEATURE_ARCH_ONLY` allows besides [`IPC_ONLY_EVENTS`]: last-level
+/// cache references (0x4f2e) and misses (0x412e), branch instructions retired (0x00c4),
+/// branch mispredicts retired (0x00c5).
+pub const ARCH_ONLY_EXTRA_EVENTS: [u16; 4] = [0x4f2e, 0x412e, 0x00c4, 0x00c5];
 
 /// `n` low bits set (all 64 for `n >= 64`).
 const fn low_bits(n: u32) -> u64 {
@@ -81,10 +98,28 @@ pub fn fixed_ctrl_valid(l: &IntelLayout) -> u64 {
 /// `EAX` (bits 31..0) sign-extended from bit 31, kept to the counter width (`EDX` is
 /// ignored). Xen's trap path writes the guest's value to the hardware as it is, so this is
 /// what the trapped write leaves, and what the cached one must.
+///
+/// The width is [`IntelLayout::effective_arch_counter_width`] (32 when CPUID reports 0).
 pub fn legacy_counter_value(l: &IntelLayout, value: u64) -> u64 {
     // Truncate to 32 bits, then sign-extend through i32 (the SDM's legacy write).
     let extended = i64::from(value as u32 as i32) as u64;
-    extended & low_bits(l.arch_counter_width.into())
+    extended & low_bits(l.effective_arch_counter_width())
+}
+
+/// Whether Xen's event filter lets a PV guest write `value` to an `IA32_PERFEVTSELn`.
+///
+/// With neither `XENPMU_FEATURE_IPC_ONLY` nor `XENPMU_FEATURE_ARCH_ONLY` every event is
+/// allowed. With either, only the event (`umask << 8 | event`) matters: the
+/// [`IPC_ONLY_EVENTS`], and with `ARCH_ONLY` also the [`ARCH_ONLY_EXTRA_EVENTS`]. Every
+/// other event is refused whatever the enable bit says, so under a filter even a write
+/// of 0 (event 0x0000) is `#GP`, exactly as on Xen's trap path.
+pub fn event_allowed(features: XenPmuFeature, value: u64) -> bool {
+    if !features.intersects(XenPmuFeature::IPC_ONLY | XenPmuFeature::ARCH_ONLY) {
+        return true;
+    }
+    let event = (value & EVNTSEL_EVENT) as u16;
+    IPC_ONLY_EVENTS.contains(&event)
+        || (features.contains(XenPmuFeature::ARCH_ONLY) && ARCH_ONLY_EXTRA_EVENTS.contains(&event))
 }
 
 /// The bits of `IA32_FIXED_CTRn` Xen accepts.
@@ -97,9 +132,11 @@ pub fn ds_area_valid(address: u64) -> bool {
     !(LOWER_HALF_END..XEN_VIRT_END).contains(&address)
 }
 
-/// Whether writing `value` to the Intel PMU MSR `msr` leaves a context Xen's flush
-/// accepts (and the MSR is writable at all).
-pub fn intel_write_ok(l: &IntelLayout, msr: IntelMsr, value: u64) -> bool {
+/// Whether Xen accepts the write of `value` to the Intel PMU MSR `msr` from a PV guest
+/// whose vPMU has `features` (Xen's `XENPMU_feature_get`): the checks its flush makes of
+/// the context, plus those only its trap path makes (the read-only
+/// `IA32_PERF_GLOBAL_STATUS`, the [`event_allowed`] filter).
+pub fn intel_write_ok(l: &IntelLayout, features: XenPmuFeature, msr: IntelMsr, value: u64) -> bool {
     match msr {
         IntelMsr::GlobalOvfCtrl => value & !global_ovf_ctrl_valid(l) == 0,
         IntelMsr::GlobalCtrl => value & !global_ctrl_valid(l) == 0,
@@ -107,7 +144,9 @@ pub fn intel_write_ok(l: &IntelLayout, msr: IntelMsr, value: u64) -> bool {
         IntelMsr::PebsEnable => value == 0,
         IntelMsr::FixedCtrl => value & !fixed_ctrl_valid(l) == 0,
         IntelMsr::FixedCounter(_) => value & !fixed_counter_valid(l) == 0,
-        IntelMsr::ArchCtrl(_) => value & INTEL_EVNTSEL_RESERVED == 0,
+        IntelMsr::ArchCtrl(_) => {
+            value & INTEL_EVNTSEL_RESERVED == 0 && event_allowed(features, value)
+        }
         IntelMsr::DsArea => ds_area_valid(value),
         // The hardware's legacy write: any value (it keeps the sign-extended low 32 bits).
         IntelMsr::ArchCounter(_) => true,
@@ -248,6 +287,76 @@ mod tests {
         assert_eq!(global_ctrl_valid(&none), 0);
         assert_eq!(fixed_ctrl_valid(&none), 0);
         assert_eq!(fixed_counter_valid(&none), 0);
+    }
+
+    #[test]
+    fn legacy_counter_writes_keep_eax_sign_extended_to_the_width() {
+        let mut l = layout(4, 3, 4, 48);
+        assert_eq!(legacy_counter_value(&l, 0x8000_0000), 0xffff_8000_0000);
+        assert_eq!(legacy_counter_value(&l, 0xffff_ffff_7fff_ffff), 0x7fff_ffff);
+        l.arch_counter_width = 40;
+        assert_eq!(legacy_counter_value(&l, 0xffff_ffff), 0xff_ffff_ffff);
+        l.arch_counter_width = 200;
+        assert_eq!(legacy_counter_value(&l, 0x8000_0000), 0xffff_ffff_8000_0000);
+        // No width reported: EAX itself, nothing above it.
+        l.arch_counter_width = 0;
+        assert_eq!(legacy_counter_value(&l, 0x1234_5678_8000_0001), 0x8000_0001);
+    }
+
+    #[test]
+    fn the_event_filters_allow_only_their_events() {
+        let ipc = XenPmuFeature::IPC_ONLY;
+        let arch = XenPmuFeature::ARCH_ONLY;
+        let enabled = 0x43_0000; // EN, INT, USR, OS
+        for event in IPC_ONLY_EVENTS {
+            let value = enabled | u64::from(event);
+            assert!(event_allowed(ipc, value), "{event:#x}");
+            assert!(event_allowed(arch, value), "{event:#x}");
+            assert!(event_allowed(ipc | arch, value), "{event:#x}");
+        }
+        for event in ARCH_ONLY_EXTRA_EVENTS {
+            let value = enabled | u64::from(event);
+            assert!(!event_allowed(ipc, value), "{event:#x}");
+            assert!(event_allowed(arch, value), "{event:#x}");
+            assert!(event_allowed(ipc | arch, value), "{event:#x}");
+        }
+        // Only bits 15..0 name the event; "no event" is not in either list.
+        for value in [
+            0,
+            enabled,
+            enabled | 0x00c6,
+            enabled | 0x023c,
+            enabled | 0x3c00,
+        ] {
+            assert!(!event_allowed(ipc, value), "{value:#x}");
+            assert!(!event_allowed(arch, value), "{value:#x}");
+        }
+        // Without a filter (BTS alone is not one) every event passes.
+        for features in [XenPmuFeature::empty(), XenPmuFeature::INTEL_BTS] {
+            assert!(event_allowed(features, 0));
+            assert!(event_allowed(features, enabled | 0x00c6));
+        }
+    }
+
+    #[test]
+    fn intel_write_ok_applies_the_filter_to_event_selects_only() {
+        let l = layout(4, 3, 4, 48);
+        let ipc = XenPmuFeature::IPC_ONLY;
+        let select = IntelMsr::ArchCtrl(0);
+        assert!(intel_write_ok(
+            &l,
+            XenPmuFeature::empty(),
+            select,
+            0x43_00c6
+        ));
+        assert!(!intel_write_ok(&l, ipc, select, 0x43_00c6));
+        assert!(intel_write_ok(&l, ipc, select, 0x43_00c0));
+        // The reserved bits are refused whatever the filter.
+        assert!(!intel_write_ok(&l, ipc, select, (1 << 21) | 0x00c0));
+        // Other MSRs do not look at the event.
+        assert!(intel_write_ok(&l, ipc, IntelMsr::GlobalCtrl, 0x7_0000_000f));
+        assert!(intel_write_ok(&l, ipc, IntelMsr::ArchCounter(0), 0x1234));
+        assert!(intel_write_ok(&l, ipc, IntelMsr::FixedCtrl, 0));
     }
 
     #[test]

@@ -10,7 +10,9 @@ use xenmsr::pmu::{
     DEFAULT_VCPUS, IntelLayout, NativeMsr, PAGE_SIZE, PmuLayout, VcpuSlot, Vpmu, VpmuConfig,
 };
 use xenmsr_asm::MsrError;
-use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, XenPmuParams};
+use xenmsr_hypercall::abi::{
+    PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, XenPmuFeature, XenPmuParams,
+};
 use xenmsr_hypercall::{HypercallPage, mock, nr};
 
 /// `__HYPERVISOR_xenpmu_op`.
@@ -203,17 +205,38 @@ pub fn flags(addr: usize) -> PmuFlags {
 }
 
 /// Installs a "Xen" for `xenpmu_op` on this thread: INIT, FINISH, LVTPC_SET succeed;
-/// FLUSH clears `PMU_CACHED` in the page at `addr`; everything else gets `-EINVAL`.
+/// FLUSH clears `PMU_CACHED` in the page at `addr`; FEATURE_GET answers no features
+/// (Xen's default, `vpmu=1`); everything else gets `-EINVAL`.
 pub fn xen_ok(addr: usize) {
+    xen_ok_with_features(addr, XenPmuFeature::empty());
+}
+
+/// [`xen_ok`] with a Xen whose `XENPMU_feature_get` answers `features` (its `vpmu=bts`,
+/// `vpmu=ipc`, `vpmu=arch` options).
+pub fn xen_ok_with_features(addr: usize, features: XenPmuFeature) {
     mock::on(XENPMU_OP, move |args| match args[0] as u32 {
         nr::XENPMU_FLUSH => {
             let f = flags(addr);
             set_flags(addr, f - PmuFlags::CACHED);
             0
         }
+        nr::XENPMU_FEATURE_GET => {
+            answer_val(args, features.bits());
+            0
+        }
         nr::XENPMU_INIT | nr::XENPMU_FINISH | nr::XENPMU_LVTPC_SET => 0,
         _ => -22,
     });
+}
+
+/// Writes Xen's answer into the caller's `XenPmuParams::val`, as Xen's `MODE_GET` and
+/// `FEATURE_GET` do (from a mock handler, during the call).
+pub fn answer_val(args: &[u64; 5], val: u64) {
+    assert_ne!(args[1], 0, "params pointer is NULL");
+    let at = (args[1] as usize + std::mem::offset_of!(XenPmuParams, val)) as *mut u64;
+    // SAFETY: during the call, `args[1]` points to the caller's live, exclusive
+    // `XenPmuParams`; `at` is its `val` field.
+    unsafe { at.write_unaligned(val) }
 }
 
 /// The `XenPmuParams` a call passed (read during the call, from a mock handler).
