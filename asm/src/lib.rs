@@ -26,6 +26,7 @@ pub mod patch;
 pub mod pv;
 pub mod site;
 pub mod stubs;
+pub mod vcpu;
 
 pub use backend::{MsrBackend, Outcome};
 pub use error::{MsrError, VECTOR_GP, VECTOR_UD};

@@ -649,7 +649,7 @@ pub use entry::{callback_entries, install_callbacks, install_trap_table, trap_ta
 /// `main(start_info)` with Xen's `start_info` copied into a static.
 ///
 /// ```ignore
-/// xenmsr::pv_entry!(kernel_main);                    // a 64 KiB boot stack
+/// xenmsr::pv_entry!(kernel_main);                    // the kit's 64 KiB vCPU 0 stack
 /// xenmsr::pv_entry!(kernel_main, stack_size = 0x4000);
 /// fn kernel_main(start_info: &'static xenmsr::hypercall::abi::StartInfo) -> ! { ... }
 /// ```
@@ -660,7 +660,22 @@ pub use entry::{callback_entries, install_callbacks, install_trap_table, trap_ta
 #[macro_export]
 macro_rules! pv_entry {
     ($main:path) => {
-        $crate::pv_entry!($main, stack_size = 0x10000);
+        // The boot vCPU's stack is a kit `VcpuStack`, registered as vCPU 0 before `main`
+        // runs, so the kit (and the library's default vCPU-id hook) can tell vCPU 0 from
+        // the secondaries `xenmsr::smp::start_vcpu` starts.
+        static XENMSR_BOOT_STACK: $crate::vcpu::VcpuStack = $crate::vcpu::VcpuStack::new();
+        #[unsafe(no_mangle)]
+        unsafe extern "C" fn xenmsr_pv_rust_entry(
+            start_info: *const $crate::__hypercall::abi::StartInfo,
+        ) -> ! {
+            // The stack is fresh and no one else runs yet: the registration cannot fail.
+            let _ = $crate::vcpu::register(0, &XENMSR_BOOT_STACK);
+            // SAFETY: Xen passed `start_info` in rsi (moved to rdi by the entry): a mapped
+            // `struct start_info` that nothing changes after entry.
+            let info = unsafe { $crate::pv::keep_start_info(start_info) };
+            $main(info)
+        }
+        $crate::pv_entry!(@asm XENMSR_BOOT_STACK, $crate::vcpu::VcpuStack::SIZE);
     };
     ($main:path, stack_size = $size:expr) => {
         $crate::pv_entry!(@entry $main, "xenmsr_pv_stack", $size);
@@ -703,6 +718,28 @@ macro_rules! pv_entry {
             "ud2",
             ".size xenmsr_pv_start, . - xenmsr_pv_start",
             ".popsection",
+            size = const $size,
+            entry = sym xenmsr_pv_rust_entry,
+            options(att_syntax)
+        );
+    };
+    // The entry proper, on a stack that is a Rust static.
+    (@asm $stack:ident, $size:expr) => {
+        ::core::arch::global_asm!(
+            ".pushsection .text.xenmsr_pv_entry, \"ax\", @progbits",
+            ".globl xenmsr_pv_start",
+            ".type xenmsr_pv_start, @function",
+            "xenmsr_pv_start:",
+            "cld",
+            "mov %rsi, %rdi",
+            "lea {stack} + {size}(%rip), %rsp",
+            "and $-16, %rsp",
+            "xor %ebp, %ebp",
+            "call {entry}",
+            "ud2",
+            ".size xenmsr_pv_start, . - xenmsr_pv_start",
+            ".popsection",
+            stack = sym $stack,
             size = const $size,
             entry = sym xenmsr_pv_rust_entry,
             options(att_syntax)

@@ -72,6 +72,27 @@ impl HypercallPage {
         .map(drop)
     }
 
+    /// `vcpu_op(VCPUOP_down, vcpu, NULL)`: stops a vCPU (the calling one, or another);
+    /// its context is kept, and [`vcpu_up`](Self::vcpu_up) resumes it where it stopped
+    /// (for the calling vCPU: on return from this hypercall).
+    ///
+    /// # Safety
+    ///
+    /// Whatever the stopped vCPU holds (a lock, a half-done update, a job others wait for)
+    /// stays held until it is brought up again: the kernel must know it holds nothing
+    /// that others need meanwhile.
+    pub unsafe fn vcpu_down(self, vcpu: u32) -> Result<(), Errno> {
+        // SAFETY: no pointer is passed; what the stopped vCPU holds is the caller's
+        // contract.
+        unsafe {
+            self.call(
+                nr::VCPU_OP,
+                [u64::from(nr::VCPUOP_DOWN), u64::from(vcpu), 0, 0, 0],
+            )
+        }
+        .map(drop)
+    }
+
     /// `vcpu_op(VCPUOP_is_up, vcpu, NULL)`: whether the vCPU is running (`-ENOENT` if the
     /// domain has no such vCPU).
     pub fn vcpu_is_up(self, vcpu: u32) -> Result<bool, Errno> {

@@ -37,6 +37,7 @@ pub mod pmu;
 pub mod policy;
 #[doc(hidden)]
 pub mod routes;
+pub mod smp;
 
 use core::fmt;
 use core::sync::atomic::{AtomicU8, Ordering};
@@ -94,7 +95,9 @@ pub enum Platform {
         hypercalls: HypercallPage,
         /// The current vCPU's id (0 for the boot vCPU); used for the APIC base's `BSP`
         /// bit and for the per-vCPU vPMU state. It must be cheap and callable anywhere an
-        /// MSR is accessed, including in an upcall handler.
+        /// MSR is accessed, including in an upcall handler. The default is the kit's
+        /// stacks ([`smp`]); whatever it is, [`init`] and [`smp::register_this_vcpu`]
+        /// check that it gives each online vCPU its own id.
         vcpu_id: fn() -> u32,
         /// CPUID as the domain's policy answers it, which sizes the vPMU: pass
         /// [`xen_cpuid`] (Xen's forced-emulation prefix) in a PV guest, where a plain
@@ -144,15 +147,18 @@ pub struct Config {
 }
 
 impl Config {
-    /// The configuration of a Xen PV kernel with one vCPU (id 0), and the defaults: Xen's
-    /// CPUID view ([`xen_cpuid`]), the default vPMU slots, warn-once with the warnings and
-    /// the library's messages dropped, text written directly, FSGSBASE off. Adjust with
-    /// the `with_*` methods.
+    /// The configuration of a Xen PV kernel, and the defaults: vCPU ids from the kit's
+    /// stacks ([`smp`]: the boot stack of [`pv_entry!`] is vCPU 0, and
+    /// [`smp::start_vcpu`]'s stacks name theirs; a kernel on stacks of its own gives
+    /// [`with_vcpu_id`](Self::with_vcpu_id), or `init` fails with
+    /// [`InitError::BootVcpuId`]), Xen's CPUID view ([`xen_cpuid`]), the default vPMU
+    /// slots, warn-once with the warnings and the library's messages dropped, text
+    /// written directly, FSGSBASE off. Adjust with the `with_*` methods.
     pub fn xen_pv(hypercalls: HypercallPage) -> Config {
         Config {
             platform: Platform::XenPv {
                 hypercalls,
-                vcpu_id: || 0,
+                vcpu_id: xenmsr_asm::vcpu::current_or_unknown,
                 cpuid: xen_cpuid,
                 pmu_slots: &pmu::DEFAULT_SLOTS,
             },
@@ -177,7 +183,9 @@ impl Config {
         }
     }
 
-    /// Names the vCPU the code runs on (Xen PV; ignored natively).
+    /// Names the vCPU the code runs on (Xen PV; ignored natively), for a kernel that does
+    /// not run on the kit's stacks. It must answer 0 on the boot vCPU and a different id
+    /// on every other online vCPU: [`init`] and [`smp::register_this_vcpu`] check it.
     pub fn with_vcpu_id(mut self, vcpu_id: fn() -> u32) -> Config {
         if let Platform::XenPv { vcpu_id: v, .. } = &mut self.platform {
             *v = vcpu_id;
@@ -273,6 +281,10 @@ pub enum InitError {
     /// (`xenmsr_asm::backend::set_backend`, `xenmsr_asm::fixup::set_warn_hook`: the first
     /// registration wins); nothing was changed.
     HooksTaken,
+    /// The vCPU-id hook did not name the boot vCPU 0 (Xen boots a PV guest on vCPU 0); it
+    /// answered this ([`smp::UNKNOWN_VCPU`] when the kernel runs on stacks of its own
+    /// and gave no `Config::with_vcpu_id`). Nothing was changed.
+    BootVcpuId(u32),
 }
 
 impl fmt::Display for InitError {
@@ -283,6 +295,14 @@ impl fmt::Display for InitError {
             InitError::HooksTaken => {
                 write!(f, "a stub backend or warn hook was registered before init")
             }
+            InitError::BootVcpuId(smp::UNKNOWN_VCPU) => write!(
+                f,
+                "the boot vCPU's id is unknown: the kernel does not run on the kit's stacks and gave no Config::with_vcpu_id"
+            ),
+            InitError::BootVcpuId(id) => write!(
+                f,
+                "the vCPU-id hook names the boot vCPU {id}; Xen boots a PV guest on vCPU 0"
+            ),
         }
     }
 }
@@ -467,6 +487,9 @@ unsafe fn init_claimed(
     if wants_fsgsbase && cpu_fsgsbase {
         patch::check_sites(sites.clone(), variant, &routing(true)).map_err(InitError::Patch)?;
     }
+    if let Platform::XenPv { vcpu_id, .. } = config.platform {
+        smp::check_boot_vcpu(vcpu_id).map_err(InitError::BootVcpuId)?;
+    }
     let needs_backend = matches!(config.platform, Platform::XenPv { .. });
     if xenmsr_asm::fixup::warn_hook_registered()
         || (needs_backend && xenmsr_asm::backend::backend().is_some())
@@ -517,6 +540,8 @@ unsafe fn init_claimed(
     } = config.platform
     {
         let layout = layout.unwrap_or(pmu::PmuLayout::None);
+        // Checked above; the hook answers the same on the same vCPU.
+        let _ = smp::init_boot_vcpu(vcpu_id, hypercalls);
         xenmsr_asm::stubs::set_segbase_hypercall_page(hypercalls);
         let vpmu = pmu::install(pmu::VpmuConfig {
             hypercalls,

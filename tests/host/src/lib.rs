@@ -558,6 +558,8 @@ pub struct IntegratingGuide;
 /// careful kernel's would be. Tests add their own hooks with the `with_*` builders.
 pub fn mock_xen_pv_config() -> xenmsr::Config {
     xenmsr::Config::xen_pv(xenmsr_hypercall::mock::page())
+        // Host threads run on no kit stack: the boot "vCPU" is named 0 explicitly.
+        .with_vcpu_id(|| 0)
         .with_cpuid(xenmsr::pmu::raw_cpuid)
         .with_write_text(write_text_mprotect)
 }
