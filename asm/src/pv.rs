@@ -266,17 +266,51 @@ fn handler() -> Option<TrapHandler> {
     Some(unsafe { core::mem::transmute::<usize, TrapHandler>(h) })
 }
 
-/// What the common entry path calls: the library's fixup for `#GP`/`#UD` (unless the
-/// handler asked to see everything), then the kernel's handler; without a handler, an
+/// The kit's event dispatcher (`xenmsr::events`), as an address (0: none): when set, it
+/// takes every upcall, and the kernel's trap handler sees none.
+static UPCALL_DISPATCHER: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends every event upcall to `dispatcher` instead of the kernel's trap handler (what
+/// `xenmsr::events::init` does). Not part of the API.
+///
+/// # Safety
+///
+/// `dispatcher` runs at any instruction where events are unmasked, with events masked:
+/// it must process the vCPU's pending events and return (it may not rely on anything
+/// the interrupted code was in the middle of).
+#[doc(hidden)]
+pub unsafe fn set_upcall_dispatcher(dispatcher: fn()) {
+    UPCALL_DISPATCHER.store(dispatcher as *const () as usize, Ordering::Release);
+}
+
+fn upcall_dispatcher() -> Option<fn()> {
+    let d = UPCALL_DISPATCHER.load(Ordering::Acquire);
+    // SAFETY: only `set_upcall_dispatcher` stores a non-zero value, a `fn()`; function
+    // pointers round-trip through `usize`.
+    (d != 0).then(|| unsafe { core::mem::transmute::<usize, fn()>(d) })
+}
+
+/// What the common entry path calls: the library's fixup for `#GP`/`#UD` at its MSR
+/// sites and for every resumable fault ([`crate::fixup::is_resumable_fault`]) at a
+/// guarded instruction (unless the handler asked to see everything), then the kernel's
+/// handler; without a handler, an
 /// unfixed trap other than an upcall stops the domain.
 pub fn dispatch_with_library_fixup(frame: &mut TrapFrame, trap: &Trap) {
     let library_first = LIBRARY_FIRST.load(Ordering::Relaxed) != 0;
+    // Every resumable fault: #GP/#UD for the library's MSR entries, any of them for the
+    // kernel's guarded instructions (`guarded_asm!`); the fixup refuses the rest itself.
     if library_first
         && (trap.vector == crate::VECTOR_GP || trap.vector == crate::VECTOR_UD)
         // SAFETY: `frame` is the interrupted context of this very exception, saved by the
         // entry with the interrupted `rsp`, and written back before the `iret`.
         && unsafe { crate::fixup::fixup_exception(frame, trap.vector) }
     {
+        return;
+    }
+    if trap.vector == VECTOR_UPCALL
+        && let Some(dispatch_events) = upcall_dispatcher()
+    {
+        dispatch_events();
         return;
     }
     match handler() {

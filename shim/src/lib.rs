@@ -27,8 +27,12 @@ extern crate std;
 // directly, hidden from the front page because a kernel never needs it (the typed `Msr`,
 // the access functions and `init` are the API; `docs/architecture.md` explains the
 // routing).
+#[cfg(target_os = "none")]
+pub mod console;
 #[doc(hidden)]
 pub mod dispatch;
+#[cfg(target_os = "none")]
+pub mod events;
 pub mod fsgsbase;
 mod msr;
 pub mod patch;

@@ -83,10 +83,16 @@ impl core::fmt::Display for VcpuError {
                 "vCPU id {id} is already registered by another online vCPU: the vCPU-id hook does not tell vCPUs apart"
             ),
             VcpuError::NoSuchVcpu(id, e) => {
-                write!(f, "Xen has no vCPU {id} (VCPUOP_is_up: {e}): the id is at or above the vCPU count")
+                write!(
+                    f,
+                    "Xen has no vCPU {id} (VCPUOP_is_up: {e}): the id is at or above the vCPU count"
+                )
             }
             VcpuError::NotUp(id) => {
-                write!(f, "Xen says vCPU {id} is down, so the running vCPU is not {id}")
+                write!(
+                    f,
+                    "Xen says vCPU {id} is down, so the running vCPU is not {id}"
+                )
             }
         }
     }
@@ -410,7 +416,10 @@ mod tests {
             Err(VcpuError::NoSuchVcpu(101, Errno::ENOENT))
         );
         assert!(!is_registered(101), "a refused id stays free");
-        assert_eq!(register_checked(101, |id| Err(VcpuError::NotUp(id))), Err(VcpuError::NotUp(101)));
+        assert_eq!(
+            register_checked(101, |id| Err(VcpuError::NotUp(id))),
+            Err(VcpuError::NotUp(101))
+        );
         assert_eq!(register_checked(101, up), Ok(101));
     }
 }
