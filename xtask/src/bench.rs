@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::initramfs::output_timeout;
+use crate::process::output_timeout;
 use crate::{XtaskResult, cargo, root_dir, run_checked};
 
 /// The benchmark binary's package and binary name.
@@ -79,7 +79,7 @@ pub fn host_bench() -> XtaskResult<String> {
     let bin = root_dir().join("target").join("release").join(PACKAGE);
     let work = root_dir().join("target").join("xenmsr-bench");
     std::fs::create_dir_all(&work)?;
-    crate::provision::valgrind()?;
+    crate::provisioner().apt_install(&["valgrind"], Path::new("/usr/bin/valgrind"))?;
     let valgrind = tool_version(Command::new("valgrind").arg("--version"))
         .map_err(|e| format!("valgrind is needed for the host benchmarks: {e}"))?;
 

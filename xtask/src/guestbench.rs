@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::provision::Xen;
-use crate::qemu::{self, Dom0Run, Echo, RunReport};
-use crate::{XtaskResult, kernel, provision, root_dir};
+use crate::qemu::{self, Echo, RunReport};
+use crate::{XtaskResult, kernel, provisioner, pvkernel_run, root_dir};
 
 /// The heading of the section this module owns; `bench::host_bench` keeps everything
 /// from this heading to the end of the file, so the two must agree.
@@ -722,20 +722,21 @@ fn find_after(text: &str, marker: &str) -> Option<String> {
 /// in-guest section of `docs/benchmarks.md` (Markdown, starting with its heading).
 pub fn run() -> XtaskResult<String> {
     let kernel = kernel::build()?;
-    let qemu_bin = provision::qemu()?;
-    let xen = provision::xen_binary()?;
+    let prov = provisioner();
+    let qemu_bin = prov.qemu()?;
+    let xen = prov.xen_binary(Xen::V4_17)?;
     let mut results = Vec::new();
     let mut failed = Vec::new();
     for model in &MODELS {
-        let run = Dom0Run {
-            name: model.run_name(),
-            cpu: model.cpu.to_string(),
-            smp: 1,
-            xen_args: model.xen_args(),
-            kernel_args: model.kernel_args(),
-            deadline: DEADLINE,
-            xen: Xen::V4_17,
-        };
+        let run = pvkernel_run(
+            model.run_name(),
+            Xen::V4_17,
+            model.cpu,
+            1,
+            model.xen_args(),
+            &model.kernel_args(),
+            DEADLINE,
+        );
         eprintln!(
             "xtask: bench: {}: Xen + kernel ({}) as dom0 under QEMU -cpu {} (deadline {} s)",
             run.name,
@@ -743,7 +744,7 @@ pub fn run() -> XtaskResult<String> {
             run.cpu,
             DEADLINE.as_secs()
         );
-        let report = qemu::run_dom0(&qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
+        let report = qemu::run_dom0(&prov, &qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
         if !report.passed() {
             report.print_failure();
             failed.push(run.name.clone());

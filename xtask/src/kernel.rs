@@ -1,9 +1,11 @@
 //! Building the PV test kernel.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::{XtaskResult, cargo, provision, root_dir, run_checked};
+use crate::process::run_checked_timeout;
+use crate::{XtaskResult, cargo, root_dir, run_checked};
 
 /// The bare-metal target the kernel is built for.
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -21,7 +23,7 @@ pub const MINIMAL: &str = "xenmsr-minimal-kernel";
 
 /// Builds the kernel package `package` (release, for [`TARGET`]) and returns its image.
 pub fn build_package(package: &str) -> XtaskResult<PathBuf> {
-    provision::rust_target()?;
+    rust_target()?;
     eprintln!("xtask: building {package} ({TARGET}, release)");
     let start = Instant::now();
     run_checked(cargo().args([
@@ -51,4 +53,22 @@ pub fn image_of(package: &str) -> PathBuf {
         .join(TARGET)
         .join("release")
         .join(package)
+}
+
+/// The `x86_64-unknown-none` rustup target, added if missing.
+pub(crate) fn rust_target() -> XtaskResult<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rustup target {TARGET}");
+    run_checked_timeout(
+        Command::new("rustup").args(["target", "add", TARGET]),
+        Duration::from_secs(600),
+    )
 }

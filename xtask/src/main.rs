@@ -11,28 +11,32 @@
 //!   scaling table.
 //! - `cargo xtask sweep --xen A --xen B`: what two hypervisors do differently with each MSR
 //!   of the sweep ranges, per CPU model.
+//!
+//! Provisioning, QEMU and the xl path are the `xenmsr-runner` crate's (`xtask/runner`),
+//! the code its binary boots users' kernels with; xtask adds the project's kernels, test
+//! rows and verdicts, and caches under the checkout's `target/xenmsr-cache/`.
 
 mod bench;
 mod guestbench;
-mod guestlog;
-mod initramfs;
+mod guesttests;
 mod kernel;
-mod provision;
-mod qemu;
 mod smpbench;
 mod stubpaths;
 mod sweep;
-mod xl;
+mod xlcmd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use provision::Xen;
+use xenmsr_runner::cli::{self, BootOptions};
+pub(crate) use xenmsr_runner::{guestlog, process, provision, qemu, xl};
+
+use provision::{Provisioner, XEN_422_TARBALL, Xen};
 use qemu::{Dom0Run, Echo};
 
 /// The error type of every task: a message for the user.
-pub type XtaskResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub type XtaskResult<T> = xenmsr_runner::RunnerResult<T>;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,13 +44,16 @@ fn main() {
         Some("run") => cmd_run(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => cmd_bench(&args[1..]),
-        Some("xl") => xl::cmd_xl(&args[1..]),
+        Some("xl") => xlcmd::cmd_xl(&args[1..]),
         Some("sweep") => sweep::cmd_sweep(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <run|test|bench|xl|sweep> [options]");
             eprintln!(
-                "  run  [--cpu MODEL] [--xen 4.17|4.20|4.22|4.22-debug] [--kernel ELF] \
-                 [--timeout SECS] [-v]"
+                "  run  [--cpu MODEL] [--xen 4.17|4.20|4.22|4.22-debug] [--timeout SECS] [-v]"
+            );
+            eprintln!(
+                "  run  --kernel ELF [xenmsr-runner's options] [KERNEL-ARGS...] \
+                 (xenmsr-runner --help, or cargo xtask run --help)"
             );
             eprintln!("  test [--no-host] [--no-xl] [--only NAME] [--timeout SECS] [-v]");
             eprintln!("  sweep --xen A --xen B [--cpu MODEL]... [--vpmu]");
@@ -66,6 +73,44 @@ fn main() {
 const DOM0_DEADLINE: Duration = Duration::from_secs(120);
 /// The deadline of the xl path (Linux dom0 + toolstack + domU: about 30 s when green).
 const XL_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The PV test kernel's first line: the demo's echo starts there, and Xen's complaints
+/// after it are the guest's.
+pub const PVKERNEL_BANNER: &str = "xenmsr-pvkernel:";
+
+/// The words that tell the PV test kernel which hypervisor it runs under (it checks the
+/// release against `XENVER_version`; the harness checks the build from Xen's banner).
+/// Passed explicitly: the runner adds nothing to a kernel's command line.
+pub fn xen_identity_args(xen: Xen) -> String {
+    format!(
+        "xen={} xenbuild={}",
+        xen.version(),
+        if xen.debug() { "debug" } else { "release" }
+    )
+}
+
+/// A dom0 run of the PV test kernel: its suite's arguments, then
+/// [`xen_identity_args`].
+pub fn pvkernel_run(
+    name: String,
+    xen: Xen,
+    cpu: &str,
+    smp: u32,
+    xen_args: Vec<String>,
+    suite_args: &str,
+    deadline: Duration,
+) -> Dom0Run {
+    Dom0Run {
+        name,
+        cpu: cpu.to_string(),
+        smp,
+        xen_args,
+        kernel_args: format!("{suite_args} {}", xen_identity_args(xen)),
+        deadline,
+        xen,
+        banner: Some(PVKERNEL_BANNER.to_string()),
+    }
+}
 
 /// The dom0's vCPUs in the test runs: every suite runs on all of them at once.
 const DOM0_VCPUS: u32 = 4;
@@ -88,12 +133,13 @@ fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
             (other, false) => format!("dom0-xen{}", other.label()),
             (other, true) => format!("dom0-xen{}-fsgsbase", other.label()),
         };
-        Dom0Run {
-            name: format!("{prefix}/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
-            cpu: cpu.to_string(),
-            smp: DOM0_PCPUS,
+        pvkernel_run(
+            format!("{prefix}/{cpu}{}", if vpmu { "+vpmu" } else { "" }),
+            xen,
+            cpu,
+            DOM0_PCPUS,
             xen_args,
-            kernel_args: format!(
+            &format!(
                 "suite=dom0 cpu={cpu} vpmu={} vcpus={DOM0_VCPUS} fsgsbase={}",
                 u8::from(vpmu),
                 u8::from(fsgsbase)
@@ -101,9 +147,8 @@ fn dom0_suites(deadline: Duration) -> Vec<Dom0Run> {
             // A debug hypervisor is slower by design (assertions, and every refused MSR
             // access formats a rate-limited log message): its Skylake-Client row takes
             // about 50 s on a quiet 2-core machine, and hit 120 s on a loaded one.
-            deadline: if xen.debug() { deadline * 2 } else { deadline },
-            xen,
-        }
+            if xen.debug() { deadline * 2 } else { deadline },
+        )
     };
     vec![
         // AMD family 0xf: K7 PMU MSRs are RAZ/WI, Intel's #GP; vPMU unsupported.
@@ -143,30 +188,22 @@ const DOMU_ARGS: &str = "suite=domu cpu=qemu64 vpmu=0 vcpus=2 xen=4.17 xenbuild=
 /// The domU's vCPUs (as `vcpus=` in `DOMU_ARGS`).
 const DOMU_VCPUS: u32 = 2;
 
-/// Options shared by `run` and `test`.
+/// Options of `test`.
 struct Options {
     host: bool,
     xl: bool,
     only: Option<String>,
     deadline: Duration,
     verbose: bool,
-    cpu: String,
-    /// `--xen`, for `run` only.
-    xen: Option<Xen>,
-    /// `--kernel`, for `run` only: boot this ELF as dom0 instead of the demo.
-    kernel: Option<PathBuf>,
 }
 
-fn parse_options(args: &[String]) -> XtaskResult<Options> {
+fn parse_test_options(args: &[String]) -> XtaskResult<Options> {
     let mut o = Options {
         host: true,
         xl: true,
         only: None,
         deadline: DOM0_DEADLINE,
         verbose: false,
-        cpu: "qemu64".to_string(),
-        xen: None,
-        kernel: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -174,19 +211,6 @@ fn parse_options(args: &[String]) -> XtaskResult<Options> {
             "--no-host" => o.host = false,
             "--no-xl" => o.xl = false,
             "--only" => o.only = Some(it.next().ok_or("--only needs a suite name")?.clone()),
-            "--cpu" => o.cpu = it.next().ok_or("--cpu needs a QEMU CPU model")?.clone(),
-            "--xen" => {
-                let release = it
-                    .next()
-                    .ok_or_else(|| format!("--xen needs one of {}", provision::XEN_CHOICES))?;
-                o.xen = Some(Xen::parse(release)?);
-            }
-            "--kernel" => {
-                o.kernel = Some(PathBuf::from(
-                    it.next()
-                        .ok_or("--kernel needs the path of a PV kernel ELF")?,
-                ));
-            }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs seconds")?;
                 o.deadline = Duration::from_secs(
@@ -195,41 +219,97 @@ fn parse_options(args: &[String]) -> XtaskResult<Options> {
                 );
             }
             "-v" | "--verbose" => o.verbose = true,
-            other => return Err(format!("unknown option {other}").into()),
+            "--xen" => {
+                return Err(
+                    "--xen is an option of run; test runs every release and build \
+                            (--only xen4.22 selects the 4.22 suites, --only 4.22-debug the \
+                            debug ones)"
+                        .into(),
+                );
+            }
+            other => return Err(format!("test: unknown option {other}").into()),
         }
     }
     Ok(o)
 }
 
-/// `cargo xtask run`: the demo. Boots the kernel as dom0 with `suite=demo` under Xen 4.17
-/// (or `--xen 4.20|4.22|4.22-debug`) and shows the table of what the library did for
-/// each MSR.
+/// `cargo xtask run [OPTIONS] [--kernel ELF | ELF] [KERNEL-ARGS...]`: with a kernel, what
+/// `xenmsr-runner` does with the same options (the same code: it boots the kernel,
+/// streams its console, and exits with the guest's outcome), caching under the
+/// checkout's `target/`. Without one, the demo.
 fn cmd_run(args: &[String]) -> XtaskResult<()> {
-    let o = parse_options(args)?;
-    let release = o.xen.unwrap_or(Xen::V4_17);
-    if let Some(kernel) = &o.kernel {
-        return run_own_kernel(&o, release, kernel);
-    }
-    let kernel = kernel::build()?;
-    let qemu = provision::qemu()?;
-    let xen = release.binary()?;
-    let run = Dom0Run {
-        name: "demo".to_string(),
-        cpu: o.cpu.clone(),
-        smp: 1,
-        xen_args: vec![],
-        kernel_args: format!("suite=demo cpu={} vpmu=0", o.cpu),
-        deadline: o.deadline,
-        xen: release,
+    let options = match cli::parse(args)? {
+        cli::Command::Help => {
+            print!("{}", cli::USAGE);
+            println!(
+                "\ncargo xtask run takes the same options; without a kernel it boots the PV \
+                 test kernel's demo (--cpu, --xen, --timeout and -v apply)."
+            );
+            return Ok(());
+        }
+        cli::Command::Version => {
+            println!("xenmsr-runner {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        cli::Command::Boot(options) => options,
     };
+    let mut prov = provisioner();
+    if let Some(source) = &options.xen_src {
+        prov = prov.with_xen_source(Some(source.clone()));
+    }
+    if options.kernel.is_some() {
+        let status = xenmsr_runner::boot::boot_and_report(&prov, &options);
+        if status != 0 {
+            std::process::exit(status);
+        }
+        return Ok(());
+    }
+    run_demo(&prov, &options)
+}
+
+/// `cargo xtask run`: the demo. Boots the PV test kernel as dom0 with `suite=demo` under
+/// Xen 4.17 (or `--xen 4.20|4.22|4.22-debug`) and shows the table of what the library did
+/// for each MSR.
+fn run_demo(prov: &Provisioner, options: &BootOptions) -> XtaskResult<()> {
+    let defaults = BootOptions::default();
+    if options.vcpus != defaults.vcpus
+        || options.pcpus.is_some()
+        || options.vpmu
+        || !options.xen_args.is_empty()
+        || !options.kernel_args.is_empty()
+        || options.domu
+    {
+        return Err(
+            "the demo takes --cpu, --xen, --timeout and -v; the other options are for \
+                    a kernel of your own (--kernel ELF)"
+                .into(),
+        );
+    }
+    let release = options.xen;
+    let kernel = kernel::build()?;
+    let qemu = prov.qemu()?;
+    let xen = prov.xen_binary(release)?;
+    let run = pvkernel_run(
+        "demo".to_string(),
+        release,
+        &options.cpu,
+        1,
+        vec![],
+        &format!("suite=demo cpu={} vpmu=0", options.cpu),
+        options.timeout.unwrap_or(DOM0_DEADLINE),
+    );
     eprintln!(
         "xtask: booting Xen {} ({}) + the PV test kernel as dom0 (QEMU TCG, -cpu {})",
         release.label(),
         release.origin(),
-        o.cpu
+        options.cpu
     );
-    let echo = if o.verbose { Echo::All } else { Echo::Guest };
-    let report = qemu::run_dom0(&qemu, &xen, &kernel, &run, echo)?;
+    let echo = if options.verbose {
+        Echo::All
+    } else {
+        Echo::Guest
+    };
+    let report = qemu::run_dom0(prov, &qemu, &xen, &kernel, &run, echo)?;
     eprintln!(
         "xtask: demo finished in {:.1} s (QEMU exit {})",
         report.wall.as_secs_f64(),
@@ -242,50 +322,6 @@ fn cmd_run(args: &[String]) -> XtaskResult<()> {
     } else {
         report.print_failure();
         Err("the demo run failed".into())
-    }
-}
-
-/// `cargo xtask run --kernel ELF`: boots a kernel of the user's own (for example one
-/// written from `docs/integrating.md`) as dom0, shows its console, and succeeds when the
-/// domain shuts itself down before the deadline.
-fn run_own_kernel(o: &Options, release: Xen, kernel: &Path) -> XtaskResult<()> {
-    if !kernel.is_file() {
-        return Err(format!("--kernel: {} is not a file", kernel.display()).into());
-    }
-    let qemu = provision::qemu()?;
-    let xen = release.binary()?;
-    let run = Dom0Run {
-        name: "own-kernel".to_string(),
-        cpu: o.cpu.clone(),
-        smp: 1,
-        xen_args: vec![],
-        kernel_args: String::new(),
-        deadline: o.deadline,
-        xen: release,
-    };
-    eprintln!(
-        "xtask: booting Xen {} + {} as dom0 (QEMU TCG, -cpu {})",
-        release.label(),
-        kernel.display(),
-        o.cpu
-    );
-    let echo = if o.verbose { Echo::All } else { Echo::Console };
-    let report = qemu::run_dom0(&qemu, &xen, kernel, &run, echo)?;
-    match report.exit_code {
-        Some(code) => {
-            eprintln!(
-                "xtask: the domain shut down after {:.1} s (QEMU exit {code}); serial log {}",
-                report.wall.as_secs_f64(),
-                report.log_path.display()
-            );
-            Ok(())
-        }
-        None => Err(format!(
-            "the kernel did not shut down within {} s; serial log {}",
-            o.deadline.as_secs(),
-            report.log_path.display()
-        )
-        .into()),
     }
 }
 
@@ -336,14 +372,7 @@ fn upcall_note(log: &guestlog::GuestLog) -> String {
 /// `cargo xtask test`: host tests, the dom0 suites on three CPU models under two Xen
 /// releases, the xl path.
 fn cmd_test(args: &[String]) -> XtaskResult<()> {
-    let o = parse_options(args)?;
-    if o.xen.is_some() {
-        return Err(
-            "--xen is an option of run; test runs every release and build (--only xen4.22 \
-                    selects the 4.22 suites, --only 4.22-debug the debug ones)"
-                .into(),
-        );
-    }
+    let o = parse_test_options(args)?;
     let wanted = |name: &str| o.only.as_deref().is_none_or(|only| name.contains(only));
     let mut results: Vec<SuiteResult> = Vec::new();
 
@@ -403,6 +432,10 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
             results.push(minimal_kernel_test(name, xen, o.deadline));
         }
     }
+    // Its in-guest tests as `cargo test` builds and the runner boots them (guesttests.rs).
+    if guesttests::any_wanted(&wanted) {
+        results.extend(guesttests::run(&wanted, o.deadline));
+    }
 
     print_summary(&results);
     let failed: Vec<&str> = results
@@ -432,13 +465,14 @@ fn dom0_tests(
     if suites.is_empty() {
         return Ok(());
     }
-    let qemu = provision::qemu()?;
+    let prov = provisioner();
+    let qemu = prov.qemu()?;
     // Each release's binary once. One that cannot be provisioned fails its own suites,
     // loudly, and not the others.
     let mut binaries: Vec<(Xen, Result<PathBuf, String>)> = Vec::new();
     for suite in suites {
         if binaries.iter().all(|(xen, _)| *xen != suite.xen) {
-            let binary = suite.xen.binary().map_err(|e| {
+            let binary = prov.xen_binary(suite.xen).map_err(|e| {
                 eprintln!("xtask: error: Xen {}: {e}", suite.xen.label());
                 format!(
                     "no Xen {} to boot: provisioning it failed (the error is above)",
@@ -465,7 +499,7 @@ fn dom0_tests(
         let mut smp_report = Vec::new();
         let run = binary
             .map_err(Into::into)
-            .and_then(|xen| qemu::run_dom0(&qemu, &xen, kernel, suite, echo));
+            .and_then(|xen| qemu::run_dom0(&prov, &qemu, &xen, kernel, suite, echo));
         let outcome = match run {
             Ok(report) => {
                 report.print_failure();
@@ -535,28 +569,36 @@ fn minimal_kernel_test(name: String, release: Xen, deadline: Duration) -> SuiteR
     let start = Instant::now();
     let outcome = (|| -> XtaskResult<String> {
         let kernel = kernel::build_package(kernel::MINIMAL)?;
-        let qemu_bin = provision::qemu()?;
-        let xen = release.binary()?;
+        let prov = provisioner();
+        let qemu_bin = prov.qemu()?;
+        let xen = prov.xen_binary(release)?;
+        // Booted as `xenmsr-runner` boots a user's kernel: an empty command line, one
+        // vCPU, and the domain's end read from Xen's console.
         let run = Dom0Run {
             name: name.clone(),
             cpu: "qemu64".to_string(),
             smp: 1,
-            xen_args: vec![],
+            xen_args: vec!["dom0_max_vcpus=1".to_string()],
             kernel_args: String::new(),
             deadline,
             xen: release,
+            banner: None,
         };
         eprintln!(
             "xtask: {name}: the minimal example kernel as dom0 under Xen {}",
             release.label()
         );
-        let report = qemu::run_dom0(&qemu_bin, &xen, &kernel, &run, Echo::Guest)?;
+        let report = qemu::run_dom0(&prov, &qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
         // The minimal kernel prints no test lines, so of the run's verdict only the
-        // build check applies.
+        // build check applies; it must end well (a poweroff, or a reboot request).
         report.xen_build.clone()?;
-        if report.exit_code.is_none() {
+        if !report.outcome.succeeded() {
+            for line in &report.tail {
+                eprintln!("{line}");
+            }
             return Err(format!(
-                "killed at the deadline; serial log {}",
+                "{}; serial log {}",
+                report.outcome,
                 report.log_path.display()
             )
             .into());
@@ -596,63 +638,64 @@ fn domu_test(kernel: &Path) -> SuiteResult {
     eprintln!("xtask: {name}: kernel as a domU under a Linux dom0 (xl create)");
     let start = Instant::now();
     let mut smp_report = Vec::new();
-    let outcome = match xl::run_domu_suite(kernel, DOMU_ARGS, DOMU_VCPUS, XL_DEADLINE) {
-        Err(e) => Err(e.to_string()),
-        Ok(run) => {
-            let log = guestlog::GuestLog::parse(&run.console_log);
-            let log_path = cache_dir().join("logs").join("domU-xl.console.log");
-            if std::fs::create_dir_all(cache_dir().join("logs"))
-                .and_then(|()| std::fs::write(&log_path, &run.console_log))
-                .is_ok()
-            {
-                eprintln!("xtask: {name}: console log in {}", log_path.display());
-            }
-            smp_report = log.smp_report();
-            let note = upcall_note(&log);
-            for t in &log.tests {
-                println!(
-                    "[{name}] test {} ... {}",
-                    t.name,
-                    if t.ok { "ok" } else { "FAILED" }
-                );
-            }
-            match log.verdict() {
-                Ok(()) => Ok(format!(
-                    "{} tests ok{note} ({:?})",
-                    log.tests.len(),
-                    run.guest_end
-                )),
-                Err(why) => {
-                    eprintln!("----- {name}: domU console log -----");
-                    for line in run
-                        .console_log
-                        .lines()
-                        .rev()
-                        .take(qemu::TAIL_LINES)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                    {
-                        eprintln!("{line}");
+    let outcome =
+        match xl::run_domu_suite(&provisioner(), kernel, DOMU_ARGS, DOMU_VCPUS, XL_DEADLINE) {
+            Err(e) => Err(e.to_string()),
+            Ok(run) => {
+                let log = guestlog::GuestLog::parse(&run.console_log);
+                let log_path = cache_dir().join("logs").join("domU-xl.console.log");
+                if std::fs::create_dir_all(cache_dir().join("logs"))
+                    .and_then(|()| std::fs::write(&log_path, &run.console_log))
+                    .is_ok()
+                {
+                    eprintln!("xtask: {name}: console log in {}", log_path.display());
+                }
+                smp_report = log.smp_report();
+                let note = upcall_note(&log);
+                for t in &log.tests {
+                    println!(
+                        "[{name}] test {} ... {}",
+                        t.name,
+                        if t.ok { "ok" } else { "FAILED" }
+                    );
+                }
+                match log.verdict() {
+                    Ok(()) => Ok(format!(
+                        "{} tests ok{note} ({:?})",
+                        log.tests.len(),
+                        run.guest_end
+                    )),
+                    Err(why) => {
+                        eprintln!("----- {name}: domU console log -----");
+                        for line in run
+                            .console_log
+                            .lines()
+                            .rev()
+                            .take(qemu::TAIL_LINES)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                        {
+                            eprintln!("{line}");
+                        }
+                        for t in log.failures() {
+                            eprintln!(
+                                "  failed: {} ({})",
+                                t.name,
+                                t.reason.as_deref().unwrap_or("")
+                            );
+                        }
+                        let failed: Vec<&str> = log.failures().map(|t| t.name.as_str()).collect();
+                        let names = if failed.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; failed: {}", failed.join(", "))
+                        };
+                        Err(format!("{why} (domU ended: {:?}){names}", run.guest_end))
                     }
-                    for t in log.failures() {
-                        eprintln!(
-                            "  failed: {} ({})",
-                            t.name,
-                            t.reason.as_deref().unwrap_or("")
-                        );
-                    }
-                    let failed: Vec<&str> = log.failures().map(|t| t.name.as_str()).collect();
-                    let names = if failed.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; failed: {}", failed.join(", "))
-                    };
-                    Err(format!("{why} (domU ended: {:?}){names}", run.guest_end))
                 }
             }
-        }
-    };
+        };
     SuiteResult {
         name,
         wall: start.elapsed(),
@@ -732,10 +775,10 @@ fn cmd_bench(args: &[String]) -> XtaskResult<()> {
 /// then the ABI cross-check once more, against Xen 4.22.0's public headers (the workspace
 /// run checks Debian's 4.17 ones).
 fn host_tests() -> XtaskResult<()> {
-    provision::host_test_tools()?;
+    host_test_tools()?;
     eprintln!("xtask: host tests");
     run_checked(cargo().args(["test", "--workspace", "--exclude", "xenmsr-pvkernel"]))?;
-    let include = provision::xen422_public_headers()?;
+    let include = provisioner().xen422_public_headers()?;
     eprintln!(
         "xtask: the ABI layouts and constants against Xen 4.22.0's public headers ({})",
         include.display()
@@ -762,11 +805,36 @@ pub fn root_dir() -> PathBuf {
 }
 
 /// The download and build cache, under `target/` so a clean clone rebuilds it and
-/// repeated runs reuse it.
+/// repeated runs reuse it (the project's CI caches downloads there; the runner binary
+/// caches per user instead).
 pub fn cache_dir() -> PathBuf {
     let dir = root_dir().join("target").join("xenmsr-cache");
     let _ = std::fs::create_dir_all(&dir);
     dir
+}
+
+/// The provisioner of the checkout's tasks: the cache under `target/`, and Xen 4.22's
+/// source from `$XENMSR_XEN_SRC`, else `shared/xen/` beside the checkout (where the
+/// workplace and CI put it).
+pub fn provisioner() -> Provisioner {
+    let source = std::env::var_os("XENMSR_XEN_SRC")
+        .map(PathBuf::from)
+        .or_else(|| {
+            root_dir()
+                .parent()
+                .map(|parent| parent.join("shared").join("xen").join(XEN_422_TARBALL))
+        });
+    Provisioner::new(cache_dir())
+        .with_xen_source(source)
+        .with_tool_name("xtask")
+}
+
+/// What the host tests need beyond Rust: gcc and Debian's Xen headers (`libxen-dev`) for
+/// the ABI layout cross-check.
+fn host_test_tools() -> XtaskResult<()> {
+    let prov = provisioner();
+    prov.apt_install(&["gcc"], Path::new("/usr/bin/gcc"))?;
+    prov.apt_install(&["libxen-dev"], Path::new("/usr/include/xen/xen.h"))
 }
 
 /// An inner `cargo` with the variables of the outer invocation removed, so that the

@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::provision::{self, Xen};
-use crate::qemu::{self, Dom0Run, Echo};
-use crate::{XtaskResult, kernel};
+use crate::provision::Xen;
+use crate::qemu::{self, Echo};
+use crate::{XtaskResult, kernel, provisioner, pvkernel_run};
 
 /// vCPUs and physical CPUs of the SMP benchmark runs (as in `cargo xtask test`).
 const VCPUS: u32 = 4;
@@ -54,8 +54,9 @@ pub fn parse_ratio(line: &str) -> Option<ScalingRatio> {
 /// Runs the SMP benchmark on every model and returns its Markdown subsection.
 pub fn run() -> XtaskResult<String> {
     let kernel = kernel::build()?;
-    let qemu_bin = provision::qemu()?;
-    let xen = provision::xen_binary()?;
+    let prov = provisioner();
+    let qemu_bin = prov.qemu()?;
+    let xen = prov.xen_binary(Xen::V4_17)?;
     let mut md = String::new();
     writeln!(md, "### Scaling across vCPUs")?;
     writeln!(md)?;
@@ -78,17 +79,17 @@ pub fn run() -> XtaskResult<String> {
     )?;
     writeln!(md, "|---|---|---|---|---|")?;
     for model in MODELS {
-        let run = Dom0Run {
-            name: format!("smpbench/{model}"),
-            cpu: model.to_string(),
-            smp: PCPUS,
-            xen_args: vec![format!("dom0_max_vcpus={VCPUS}")],
-            kernel_args: format!("suite=smpbench cpu={model} vpmu=0 vcpus={VCPUS}"),
-            deadline: DEADLINE,
-            xen: Xen::V4_17,
-        };
+        let run = pvkernel_run(
+            format!("smpbench/{model}"),
+            Xen::V4_17,
+            model,
+            PCPUS,
+            vec![format!("dom0_max_vcpus={VCPUS}")],
+            &format!("suite=smpbench cpu={model} vpmu=0 vcpus={VCPUS}"),
+            DEADLINE,
+        );
         eprintln!("xtask: bench: {}: {VCPUS} vCPUs on {PCPUS} CPUs", run.name);
-        let report = qemu::run_dom0(&qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
+        let report = qemu::run_dom0(&prov, &qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
         if !report.passed() {
             report.print_failure();
             return Err(format!("{} failed", run.name).into());

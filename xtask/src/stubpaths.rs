@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::XtaskResult;
-use crate::initramfs::output_timeout;
+use crate::process::output_timeout;
 
 /// One decoded instruction.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,10 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::XtaskResult;
-use crate::kernel;
 use crate::provision::{self, Xen};
-use crate::qemu::{self, Dom0Run, Echo};
+use crate::qemu::{self, Echo};
+use crate::{XtaskResult, kernel, provisioner, pvkernel_run};
 
 /// MSRs whose value changes from one read to the next (time-stamp counter, APERF/MPERF),
 /// compared by whether they read, not by value.
@@ -47,22 +46,23 @@ pub fn cmd_sweep(args: &[String]) -> XtaskResult<()> {
         cpus = vec!["qemu64".into(), "Skylake-Client".into(), "EPYC".into()];
     }
     let kernel = kernel::build()?;
-    let qemu_bin = provision::qemu()?;
+    let prov = provisioner();
+    let qemu_bin = prov.qemu()?;
     let mut total_differences = 0;
     for cpu in &cpus {
         let mut seen: Vec<BTreeMap<u32, Seen>> = Vec::new();
         for &xen in &xens {
-            let binary = xen.binary()?;
-            let run = Dom0Run {
-                name: format!("sweep-xen{}-{cpu}", xen.label()),
-                cpu: cpu.clone(),
-                smp: 1,
-                xen_args: if vpmu { vec!["vpmu=1".into()] } else { vec![] },
-                kernel_args: format!("suite=sweep cpu={cpu} vpmu={}", u8::from(vpmu)),
-                deadline: Duration::from_secs(300),
+            let binary = prov.xen_binary(xen)?;
+            let run = pvkernel_run(
+                format!("sweep-xen{}-{cpu}", xen.label()),
                 xen,
-            };
-            let report = qemu::run_dom0(&qemu_bin, &binary, &kernel, &run, Echo::Tests)?;
+                cpu,
+                1,
+                if vpmu { vec!["vpmu=1".into()] } else { vec![] },
+                &format!("suite=sweep cpu={cpu} vpmu={}", u8::from(vpmu)),
+                Duration::from_secs(300),
+            );
+            let report = qemu::run_dom0(&prov, &qemu_bin, &binary, &kernel, &run, Echo::Tests)?;
             if !report.passed() {
                 report.print_failure();
                 return Err(format!("the sweep under Xen {} failed", xen.label()).into());

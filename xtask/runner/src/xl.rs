@@ -1,24 +1,48 @@
-//! The `xl create` path: the test kernel as a PV domU under a Linux dom0, all under Xen
+//! The `xl create` path: a PV kernel as a domU under a Linux dom0, all under Xen 4.17
 //! in QEMU TCG.
 //!
 //! Xen boots Debian's Linux as dom0 with the initramfs of [`crate::initramfs`]. Its
-//! `/init` starts the toolstack, runs the test kernel with `xl create`, waits for it to
-//! end, and prints xenconsoled's log of the domU's console ring to dom0's console (hvc0,
-//! which Xen writes to the serial port QEMU gives us on stdout). This module drives QEMU
-//! with a hard deadline and parses that output.
+//! `/init` starts the toolstack, runs the kernel with `xl create`, waits for it to end,
+//! and prints xenconsoled's log of the domU's console ring to dom0's console (hvc0, which
+//! Xen writes to the serial port QEMU gives us on stdout), then xl's log of the domain
+//! (its shutdown reason). This module drives QEMU with a hard deadline and parses that
+//! output.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::RunnerResult;
 use crate::initramfs::{self, DIAG_LINE, DOMU_LINE, GuestSpec, MARK, STOP_LINE, XL_LOG_LINE};
-use crate::{XtaskResult, cache_dir, provision, root_dir};
+use crate::outcome::{Outcome, ShutdownReason, is_guest_panic_line, parse_xl_shutdown_line};
+use crate::process::TempFile;
+use crate::provision::Provisioner;
 
-/// Xen's command line for the xl path.
+/// Xen's command line for the xl path, before the caller's additions.
 const XEN_CMDLINE: &str = "console=com1 dom0_mem=768M,max:768M";
+
+/// Xen's whole command line on the xl path, with `extra` words after the path's own.
+pub fn xen_cmdline(extra: &[String]) -> String {
+    std::iter::once(XEN_CMDLINE.to_string())
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The error of a run whose deadline passed before the guest's end was known.
+#[derive(Debug)]
+pub struct TimedOut(pub String);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
 /// dom0 Linux's command line (after the image name Xen drops).
 const DOM0_CMDLINE: &str = "console=hvc0 quiet";
 /// How many serial lines to show when something fails.
@@ -27,7 +51,8 @@ const TAIL_LINES: usize = 60;
 /// How the domU ended, as the dom0 saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestEnd {
-    /// The domain went away (poweroff, reboot or watchdog; all are `destroy`).
+    /// The domain went away (poweroff, reboot or watchdog; all are `destroy`; xl's log
+    /// says which: [`DomuRun::shutdown_reason`]).
     Gone,
     /// The domain crashed (kept by `on_crash = "preserve"`, then destroyed).
     Crashed,
@@ -60,6 +85,38 @@ impl DomuRun {
         self.test_result() == Some(true) && self.guest_end == GuestEnd::Gone
     }
 
+    /// The shutdown reason xl logged for the domain, if it logged one.
+    pub fn shutdown_reason(&self) -> Option<ShutdownReason> {
+        self.xl_log.lines().find_map(parse_xl_shutdown_line)
+    }
+
+    /// How the domU ended, as the runner judges it (`deadline` is the run's, for a
+    /// timeout): a panic line in its console, else the crashed state the dom0 found, else
+    /// xl's shutdown reason.
+    pub fn outcome(&self, deadline: Duration) -> Outcome {
+        if let Some(line) = self.console_log.lines().find(|l| is_guest_panic_line(l)) {
+            return Outcome::Panicked {
+                line: line.trim().to_string(),
+            };
+        }
+        match (self.guest_end, self.shutdown_reason()) {
+            (GuestEnd::TimedOut, _) => Outcome::TimedOut { after: deadline },
+            (GuestEnd::Crashed, _) => Outcome::Shutdown {
+                reason: ShutdownReason::Crash,
+                crashed_by_xen: None,
+            },
+            (GuestEnd::Gone, Some(reason)) => Outcome::Shutdown {
+                reason,
+                crashed_by_xen: None,
+            },
+            // Gone, but xl logged no reason: nothing says it ended well.
+            (GuestEnd::Gone, None) => Outcome::Shutdown {
+                reason: ShutdownReason::Unknown(u32::MAX),
+                crashed_by_xen: None,
+            },
+        }
+    }
+
     /// The verdict the test kernel printed last: `Some(true)` for `Test result: SUCCESS`,
     /// `Some(false)` for any other `Test result:` line, `None` if it printed none.
     pub fn test_result(&self) -> Option<bool> {
@@ -74,7 +131,7 @@ impl DomuRun {
 /// Options of one xl-path run beyond the kernel.
 #[derive(Debug, Clone)]
 pub struct DomuOptions {
-    /// The domU command line.
+    /// The domU command line (`extra=` in its xl config), whole: nothing is added.
     pub args: String,
     /// Hard deadline for the QEMU run (provisioning is not counted).
     pub deadline: Duration,
@@ -84,19 +141,28 @@ pub struct DomuOptions {
     pub vcpus: u32,
     /// Echo every serial line (otherwise only the dom0's progress lines).
     pub verbose: bool,
+    /// Echo the domU's console lines as they arrive.
+    pub echo_console: bool,
+    /// QEMU's `-cpu` model (`None`: QEMU's default, qemu64).
+    pub cpu: Option<String>,
+    /// Words added to Xen's command line (`vpmu=1`, ...).
+    pub xen_args: Vec<String>,
 }
 
 /// Boots `kernel` as a PV domU with command line `args` under a Linux dom0 (`xl create`)
 /// and returns its console log. Provisions (and caches) everything first; `deadline`
 /// bounds the QEMU run only. Errors are infrastructure failures (dom0 or toolstack
-/// broken, deadline exceeded); the test verdict is in [`DomuRun::test_result`].
+/// broken, deadline exceeded: [`TimedOut`]); the test verdict is in
+/// [`DomuRun::test_result`].
 pub fn run_domu_suite(
+    prov: &Provisioner,
     kernel: &Path,
     args: &str,
     vcpus: u32,
     deadline: Duration,
-) -> XtaskResult<DomuRun> {
+) -> RunnerResult<DomuRun> {
     run_domu(
+        prov,
         kernel,
         &DomuOptions {
             args: args.to_string(),
@@ -104,15 +170,18 @@ pub fn run_domu_suite(
             memory_mib: 64,
             vcpus,
             verbose: std::env::var_os("XENMSR_XL_VERBOSE").is_some(),
+            echo_console: false,
+            cpu: None,
+            xen_args: Vec::new(),
         },
     )
 }
 
 /// [`run_domu_suite`] with all the options.
-pub fn run_domu(kernel: &Path, opts: &DomuOptions) -> XtaskResult<DomuRun> {
-    let qemu = provision::qemu()?;
-    let xen = provision::xen_binary()?;
-    let image = initramfs::dom0_image()?;
+pub fn run_domu(prov: &Provisioner, kernel: &Path, opts: &DomuOptions) -> RunnerResult<DomuRun> {
+    let qemu = prov.qemu()?;
+    let xen = prov.xen417_binary()?;
+    let image = initramfs::dom0_image(prov)?;
 
     let secs = opts.deadline.as_secs();
     let guest = initramfs::guest_cpio(&GuestSpec {
@@ -124,7 +193,7 @@ pub fn run_domu(kernel: &Path, opts: &DomuOptions) -> XtaskResult<DomuRun> {
         max_polls: secs.saturating_mul(25),
     })?;
     static RUNS: AtomicUsize = AtomicUsize::new(0);
-    let initrd = TempFile(cache_dir().join("xl-dom0").join(format!(
+    let initrd = TempFile(prov.cache_dir().join("xl-dom0").join(format!(
         "run-{}-{}.cpio",
         std::process::id(),
         RUNS.fetch_add(1, Ordering::Relaxed)
@@ -144,11 +213,14 @@ pub fn run_domu(kernel: &Path, opts: &DomuOptions) -> XtaskResult<DomuRun> {
     }
     let mut cmd = Command::new(&qemu);
     cmd.args(["-nographic", "-no-reboot", "-smp", "2", "-m", "1536"])
-        .args(["-monitor", "none", "-serial", "stdio"])
-        .arg("-kernel")
+        .args(["-monitor", "none", "-serial", "stdio"]);
+    if let Some(cpu) = &opts.cpu {
+        cmd.arg("-cpu").arg(crate::qemu::qemu_cpu(cpu));
+    }
+    cmd.arg("-kernel")
         .arg(&xen)
         .arg("-append")
-        .arg(XEN_CMDLINE)
+        .arg(xen_cmdline(&opts.xen_args))
         .arg("-initrd")
         .arg(format!(
             "{} {DOM0_CMDLINE},{}",
@@ -158,21 +230,21 @@ pub fn run_domu(kernel: &Path, opts: &DomuOptions) -> XtaskResult<DomuRun> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    eprintln!(
-        "xtask: xl path: booting Xen + Linux dom0, domU {} (deadline {} s)",
+    prov.say(format_args!(
+        "xl path: booting Xen + Linux dom0, domU {} (deadline {} s)",
         kernel.display(),
         secs
-    );
-    let result = drive_qemu(&mut cmd, opts);
+    ));
+    let result = drive_qemu(prov, &mut cmd, opts);
     if let Err(e) = &result {
-        eprintln!("xtask: xl path failed: {e}");
+        prov.say(format_args!("xl path failed: {e}"));
     }
     result
 }
 
 /// Runs QEMU, reads its output line by line until the dom0 says it is done (or the
 /// deadline passes), and parses the markers.
-fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
+fn drive_qemu(prov: &Provisioner, cmd: &mut Command, opts: &DomuOptions) -> RunnerResult<DomuRun> {
     let start = Instant::now();
     let mut guard = QemuGuard(Some(
         cmd.spawn().map_err(|e| format!("starting {cmd:?}: {e}"))?,
@@ -191,10 +263,12 @@ fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
     let mut parser = Parser::default();
     let mut done_at: Option<Instant> = None;
     let mut stdin_keep = None;
+    let mut timed_out = false;
     let outcome: Result<(), String> = loop {
         let now = Instant::now();
         let elapsed = now - start;
         if elapsed >= opts.deadline {
+            timed_out = true;
             break Err(format!(
                 "deadline of {} s passed (QEMU killed)",
                 opts.deadline.as_secs()
@@ -205,11 +279,11 @@ fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
             && !parser.console_complete
             && let Some(mut input) = stdin.take()
         {
-            eprintln!(
-                "xtask: [{:5.1} s] the domU is still running; asking the dom0 to stop \
-                 waiting and report",
+            prov.say(format_args!(
+                "[{:5.1} s] the domU is still running; asking the dom0 to stop waiting and \
+                 report",
                 elapsed.as_secs_f64()
-            );
+            ));
             let _ = writeln!(input, "{STOP_LINE}");
             let _ = input.flush();
             // Dropping `input` would close QEMU's stdin; keep it open.
@@ -232,10 +306,14 @@ fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
             Ok(line) => {
                 if opts.verbose {
                     eprintln!("  | {line}");
+                } else if opts.echo_console
+                    && let Some((_, console)) = line.split_once(DOMU_LINE)
+                {
+                    println!("{console}");
                 }
                 if let Some(progress) = parser.feed(&line) {
                     if !opts.verbose {
-                        eprintln!("xtask: [{:5.1} s] {progress}", elapsed.as_secs_f64());
+                        prov.say(format_args!("[{:5.1} s] {progress}", elapsed.as_secs_f64()));
                     }
                     if progress.starts_with("domU created") {
                         parser.domu_started = Some(elapsed);
@@ -255,7 +333,7 @@ fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
     drop(stdin_keep);
     let wall = start.elapsed();
     let serial_log = serial.join("\n");
-    let log_path = cache_dir().join("xl-last-serial.log");
+    let log_path = prov.cache_dir().join("xl-last-serial.log");
     let _ = std::fs::write(&log_path, &serial_log);
 
     let failure = match (&outcome, &parser) {
@@ -268,28 +346,33 @@ fn drive_qemu(cmd: &mut Command, opts: &DomuOptions) -> XtaskResult<DomuRun> {
         _ => None,
     };
     if let Some(failure) = failure {
-        eprintln!(
-            "xtask: xl path: last {TAIL_LINES} serial lines (whole log: {}):",
+        prov.say(format_args!(
+            "xl path: last {TAIL_LINES} serial lines (whole log: {}):",
             log_path.display()
-        );
+        ));
         for line in serial.iter().skip(serial.len().saturating_sub(TAIL_LINES)) {
             eprintln!("  | {line}");
         }
         if !parser.console.is_empty() {
-            eprintln!("xtask: xl path: the domU console up to the failure:");
+            prov.say(format_args!("xl path: the domU console up to the failure:"));
             for line in &parser.console {
                 eprintln!("  domU| {line}");
             }
         }
-        return Err(format!("xl path: {failure} after {:.1} s", wall.as_secs_f64()).into());
+        let message = format!("xl path: {failure} after {:.1} s", wall.as_secs_f64());
+        return Err(if timed_out {
+            Box::new(TimedOut(message))
+        } else {
+            message.into()
+        });
     }
-    eprintln!(
-        "xtask: xl path: QEMU run took {:.1} s (domU started at {})",
+    prov.say(format_args!(
+        "xl path: QEMU run took {:.1} s (domU started at {})",
         wall.as_secs_f64(),
         parser
             .domu_started
             .map_or("?".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
-    );
+    ));
     Ok(DomuRun {
         console_log: parser.console.join("\n"),
         guest_end: parser.guest_end.unwrap_or(GuestEnd::TimedOut),
@@ -400,109 +483,6 @@ impl Drop for QemuGuard {
     }
 }
 
-/// A file removed when dropped.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The default domU kernel of `cargo xtask xl`.
-pub fn default_kernel() -> PathBuf {
-    root_dir().join("target/x86_64-unknown-none/release/xenmsr-pvkernel")
-}
-
-/// `cargo xtask xl [KERNEL] [--args "..."] [--timeout SECS] [--verbose]`: runs one ELF
-/// as a domU on the xl path, prints its console log and the timings, and fails unless it
-/// printed `Test result: SUCCESS`. Without KERNEL it takes the release PV test kernel
-/// (which must already be built).
-pub fn cmd_xl(args: &[String]) -> XtaskResult<()> {
-    let mut kernel: Option<PathBuf> = None;
-    let mut opts = DomuOptions {
-        args: String::new(),
-        deadline: Duration::from_secs(180),
-        memory_mib: 64,
-        vcpus: 1,
-        verbose: std::env::var_os("XENMSR_XL_VERBOSE").is_some(),
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--args" => opts.args = it.next().ok_or("--args needs a value")?.clone(),
-            "--timeout" => {
-                let v = it.next().ok_or("--timeout needs seconds")?;
-                opts.deadline = Duration::from_secs(
-                    v.parse()
-                        .map_err(|_| format!("--timeout: not a number: {v}"))?,
-                );
-            }
-            "--memory" => {
-                let v = it.next().ok_or("--memory needs MiB")?;
-                opts.memory_mib = v
-                    .parse()
-                    .map_err(|_| format!("--memory: not a number: {v}"))?;
-            }
-            "--vcpus" => {
-                let v = it.next().ok_or("--vcpus needs a count")?;
-                opts.vcpus = v
-                    .parse()
-                    .map_err(|_| format!("--vcpus: not a number: {v}"))?;
-            }
-            "-v" | "--verbose" => opts.verbose = true,
-            other if other.starts_with('-') => {
-                return Err(format!(
-                    "xl: unknown option {other}; usage: cargo xtask xl [KERNEL] \
-                     [--args ARGS] [--timeout SECS] [--memory MIB] [--vcpus N] [--verbose]"
-                )
-                .into());
-            }
-            path => kernel = Some(PathBuf::from(path)),
-        }
-    }
-    let kernel = kernel.unwrap_or_else(default_kernel);
-    if !kernel.exists() {
-        return Err(format!(
-            "no domU kernel at {} (build the PV test kernel first, or pass a path)",
-            kernel.display()
-        )
-        .into());
-    }
-    let start = Instant::now();
-    let run = run_domu(&kernel, &opts)?;
-    println!("----- domU console ({:?}) -----", run.guest_end);
-    println!("{}", run.console_log);
-    println!("----- end of domU console -----");
-    if !run.xl_log.is_empty() && opts.verbose {
-        println!("----- xl log -----\n{}", run.xl_log);
-    }
-    eprintln!(
-        "xtask: xl: QEMU {:.1} s (domU started at {}), total {:.1} s, {} serial lines",
-        run.wall.as_secs_f64(),
-        run.domu_started
-            .map_or("?".to_string(), |d| format!("{:.1} s", d.as_secs_f64())),
-        start.elapsed().as_secs_f64(),
-        run.serial_log.lines().count()
-    );
-    if run.passed() {
-        return Ok(());
-    }
-    match run.test_result() {
-        Some(true) => Err(format!(
-            "the domU reported SUCCESS but then did not shut down cleanly ({:?})",
-            run.guest_end
-        )
-        .into()),
-        Some(false) => Err("the domU reported Test result: FAILURE".into()),
-        None => Err(format!(
-            "the domU printed no `Test result:` line (it ended {:?})",
-            run.guest_end
-        )
-        .into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +516,43 @@ mod tests {
             domu_started: None,
         };
         assert_eq!(run.test_result(), Some(true));
+    }
+
+    fn run_with(guest_end: GuestEnd, console: &str, xl_log: &str) -> DomuRun {
+        DomuRun {
+            console_log: console.to_string(),
+            guest_end,
+            xl_log: xl_log.to_string(),
+            serial_log: String::new(),
+            wall: Duration::ZERO,
+            domu_started: None,
+        }
+    }
+
+    #[test]
+    fn outcome_from_xl() {
+        let deadline = Duration::from_secs(300);
+        let log = |code: u32| {
+            format!(
+                "Waiting for domain xenmsr-domu (domid 1) to die [pid 127]\n\
+                 Domain 1 has shut down, reason code {code} 0x{code:x}\n\
+                 Action for shutdown reason code {code} is destroy"
+            )
+        };
+        let status = |run: DomuRun| run.outcome(deadline).exit_status();
+        assert_eq!(status(run_with(GuestEnd::Gone, "hello", &log(0))), 0);
+        assert_eq!(status(run_with(GuestEnd::Gone, "hello", &log(1))), 0);
+        assert_eq!(status(run_with(GuestEnd::Gone, "hello", &log(4))), 1);
+        assert_eq!(status(run_with(GuestEnd::Crashed, "hello", &log(3))), 1);
+        assert_eq!(status(run_with(GuestEnd::Gone, "hello", "")), 1);
+        assert_eq!(status(run_with(GuestEnd::TimedOut, "hello", "")), 3);
+        assert_eq!(
+            status(run_with(
+                GuestEnd::Gone,
+                "k: panic: panicked at x.rs:1:1:",
+                &log(0)
+            )),
+            1
+        );
     }
 }

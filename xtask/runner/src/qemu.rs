@@ -1,11 +1,15 @@
-//! Booting the PV test kernel as dom0, directly under Xen in QEMU (TCG), with a deadline.
+//! Booting a PV kernel as dom0, directly under Xen in QEMU (TCG), with a deadline.
 //!
-//! Xen is QEMU's multiboot `-kernel`; the test kernel is the first multiboot module, whose
+//! Xen is QEMU's multiboot `-kernel`; the PV kernel is the first multiboot module, whose
 //! string (`"path arg arg"`) Xen hands to dom0 as its command line minus the first word.
-//! The kernel reports on the serial line (through `console_io`) and leaves its verdict in
-//! QEMU's exit status through `isa-debug-exit` (33 = success, 35 = failure). The verdict
-//! needs both: the status alone cannot tell a lost test from a pass, and the log alone
-//! cannot tell a complete run from one cut short.
+//! The kernel prints on the serial line (through `console_io`). How the run ended is
+//! judged by [`crate::outcome::Dom0Judge`] from Xen's console: the hardware domain's
+//! shutdown line, a crash, a panic; or from QEMU's exit status when the kernel wrote to
+//! `isa-debug-exit` (the PV test kernel's 33 = success, 35 = failure).
+//!
+//! The xenmsr PV test kernel's suites are judged on top of that by their test lines
+//! ([`RunReport::verdict`]): the status alone cannot tell a lost test from a pass, and the
+//! log alone cannot tell a complete run from one cut short.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -14,23 +18,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::XtaskResult;
+use crate::RunnerResult;
 use crate::guestlog::{GuestLog, LineKind, clean};
-use crate::provision::Xen;
+use crate::outcome::{DEBUG_EXIT_FAILURE, DEBUG_EXIT_SUCCESS, Dom0Judge, Outcome, Watch};
+use crate::process::TempFile;
+use crate::provision::{Provisioner, Xen};
 
-/// QEMU's exit status after the kernel wrote 0x10 to `isa-debug-exit`.
-pub const EXIT_SUCCESS: i32 = 33;
-/// QEMU's exit status after the kernel wrote 0x11 to `isa-debug-exit`.
-pub const EXIT_FAILURE: i32 = 35;
 /// How many serial lines to show when a run fails.
 pub const TAIL_LINES: usize = 60;
-/// How the kernel's first line starts.
-const BANNER: &str = "xenmsr-pvkernel:";
+/// Xen's line just before it unpauses dom0 (`*** Serial input to DOM0 (type ...)`): the
+/// guest runs from here on, unless [`Dom0Run::banner`] names the guest's own first line.
+const DOM0_STARTS: &str = "*** Serial input to DOM";
 
-/// One dom0 boot of the test kernel.
+/// One dom0 boot of a PV kernel.
 #[derive(Clone, Debug)]
 pub struct Dom0Run {
-    /// A short name for reports (`dom0/qemu64`).
+    /// A short name for reports and the saved log's file name (`dom0/qemu64`).
     pub name: String,
     /// QEMU's `-cpu`.
     pub cpu: String,
@@ -38,14 +41,17 @@ pub struct Dom0Run {
     pub smp: u32,
     /// Extra Xen command-line options (e.g. `vpmu=1`).
     pub xen_args: Vec<String>,
-    /// The kernel's command line (without `xen=`, which comes from [`Dom0Run::xen`]).
+    /// The kernel's whole command line: nothing is added to it.
     pub kernel_args: String,
     /// Hard deadline for the QEMU run.
     pub deadline: Duration,
-    /// The Xen release booted (the caller passes its binary to [`run_dom0`]); the kernel
-    /// is told with `xen=<major.minor> xenbuild=<release|debug>` at the end of its command
-    /// line, and checks the release (the harness checks the build from Xen's banner).
+    /// The Xen release booted (the caller passes its binary to [`run_dom0`]); the run
+    /// checks the build against Xen's banner.
     pub xen: Xen,
+    /// How the kernel's first line starts (the PV test kernel's `xenmsr-pvkernel:`), if
+    /// it prints a known one: the demo's echo starts there, and Xen's complaints after it
+    /// are the guest's. `None`: from Xen's hand-over to dom0.
+    pub banner: Option<String>,
 }
 
 /// What to echo while the run goes.
@@ -56,11 +62,14 @@ pub enum Echo {
     /// Every line the kernel prints from its banner on (not Xen's, not the firmware's),
     /// without the run-name prefix: the demo's view.
     Guest,
-    /// Every line a kernel of the user's own prints (`run --kernel`): every line after
-    /// Xen's first that is not Xen's.
+    /// A kernel of the user's own (the runner): every line after Xen's first that is not
+    /// Xen's, and Xen's own lines once the run is ending (a crash's register dump, the
+    /// shutdown line, a panic).
     Console,
-    /// Everything, Xen's lines too.
+    /// Everything, Xen's lines too, each prefixed with the run's name.
     All,
+    /// Everything, as it comes.
+    Serial,
 }
 
 /// The outcome of one run.
@@ -70,9 +79,13 @@ pub struct RunReport {
     pub name: String,
     /// Wall time of the QEMU run.
     pub wall: Duration,
-    /// QEMU's exit status (`None` if it was killed).
+    /// QEMU's exit status (`None` if it was killed: at the deadline, or after the
+    /// domain's end because a halted machine never exits).
     pub exit_code: Option<i32>,
-    /// `Ok` if the run passed; otherwise why not.
+    /// How the guest ended.
+    pub outcome: Outcome,
+    /// The PV test kernel's verdict: `Ok` if it reported success in its test lines, its
+    /// `isa-debug-exit` status and Xen's banner and log; otherwise why not.
     pub verdict: Result<(), String>,
     /// What the kernel reported.
     pub log: GuestLog,
@@ -119,6 +132,13 @@ fn is_xen_complaint(line: &str) -> bool {
     .iter()
     .any(|marker| line.contains(marker))
         || (line.contains("Selftest") && line.contains("failed"))
+}
+
+/// Whether a line of QEMU's is its warning that TCG lacks a feature of the CPU model
+/// (EPYC and Skylake-Client each give a dozen, on every run): noise to a user, kept in
+/// the log.
+fn is_qemu_cpu_model_warning(line: &str) -> bool {
+    line.contains("warning: TCG doesn't support requested feature")
 }
 
 impl RunReport {
@@ -192,13 +212,13 @@ impl Drop for KillOnDrop {
 /// limited, so its WARNs and assertions all show.
 pub const DEBUG_GUEST_LOGLVL: &str = "guest_loglvl=error/all";
 
-/// The Xen command line of a dom0 run.
-fn xen_cmdline(xen: Xen, extra: &[String]) -> String {
+/// The Xen command line of a dom0 run: the logging the runs rely on, then `extra`.
+pub fn xen_cmdline(xen: Xen, extra: &[String]) -> String {
     // No `noreboot`: a dom0 crash must reboot so that `-no-reboot` ends QEMU (in 5 s)
     // instead of halting until the deadline. No `sync_console` either: it would make each
-    // run ~5 s slower; the kernel instead yields to Xen before its `isa-debug-exit` write
-    // so the serial buffer drains, and a lost line fails the run (the summary must match
-    // the test lines), it cannot fake a pass.
+    // run ~5 s slower; the test kernel instead yields to Xen before its `isa-debug-exit`
+    // write so the serial buffer drains, and a lost line fails the run (the summary must
+    // match the test lines), it cannot fake a pass.
     let guest_loglvl = if xen.debug() {
         DEBUG_GUEST_LOGLVL
     } else {
@@ -224,24 +244,55 @@ pub fn qemu_cpu(model: &str) -> String {
     }
 }
 
-/// Boots Xen with the test kernel as dom0 and waits for the verdict or the deadline.
+/// The multiboot module string QEMU's `-initrd` takes for the kernel: its path, then its
+/// command line. QEMU splits modules at `,` (a doubled `,,` is a literal comma) and uses
+/// the text up to the first space as the file name, so the path must have no space.
+fn module_string(kernel: &str, args: &str) -> String {
+    let escaped = |text: &str| text.replace(',', ",,");
+    if args.is_empty() {
+        escaped(kernel)
+    } else {
+        format!("{} {}", escaped(kernel), escaped(args))
+    }
+}
+
+/// Boots Xen with `kernel` as dom0 and follows the serial line until the domain's end,
+/// QEMU's exit or the deadline. Logs go to the provisioner's `logs/`.
 pub fn run_dom0(
+    prov: &Provisioner,
     qemu: &Path,
     xen: &Path,
     kernel: &Path,
     run: &Dom0Run,
     echo: Echo,
-) -> XtaskResult<RunReport> {
-    let kernel_str = kernel.to_str().ok_or("kernel path is not UTF-8")?;
-    // QEMU splits multiboot modules at ',' and Xen the module string at spaces.
-    if kernel_str.contains([',', ' ']) || run.kernel_args.contains(',') {
+) -> RunnerResult<RunReport> {
+    // QEMU takes the module's file name up to the first space: a kernel whose path has
+    // one boots from a copy.
+    let staged;
+    let kernel = if kernel.to_string_lossy().contains(' ') {
+        let dir = prov.cache_dir().join("kernels");
+        std::fs::create_dir_all(&dir)?;
+        staged = TempFile(dir.join(format!("kernel-{}.elf", std::process::id())));
+        std::fs::copy(kernel, &staged.0).map_err(|e| {
+            format!(
+                "copying {} to {}: {e}",
+                kernel.display(),
+                staged.0.display()
+            )
+        })?;
+        staged.0.as_path()
+    } else {
+        kernel
+    };
+    let kernel_str = kernel.to_str().ok_or("the kernel's path is not UTF-8")?;
+    let xen_str = xen.to_str().ok_or("the Xen binary's path is not UTF-8")?;
+    if xen_str.contains([',', ' ']) {
         return Err(format!(
-            "the kernel path and arguments must not contain ',' (or spaces in the path): {kernel_str} {}",
-            run.kernel_args
+            "QEMU's -kernel cannot take a path with ',' or ' ': {xen_str} (set another cache \
+             directory)"
         )
         .into());
     }
-    let xen_str = xen.to_str().ok_or("Xen path is not UTF-8")?;
     let args: Vec<String> = [
         "-nographic",
         "-no-reboot",
@@ -260,12 +311,7 @@ pub fn run_dom0(
         "-kernel",
         xen_str,
         "-initrd",
-        &format!(
-            "{kernel_str} {} xen={} xenbuild={}",
-            run.kernel_args,
-            run.xen.version(),
-            if run.xen.debug() { "debug" } else { "release" }
-        ),
+        &module_string(kernel_str, &run.kernel_args),
         "-append",
         &xen_cmdline(run.xen, &run.xen_args),
     ]
@@ -274,8 +320,8 @@ pub fn run_dom0(
     .collect();
     let command = std::iter::once(qemu.display().to_string())
         .chain(args.iter().map(|a| {
-            if a.contains(' ') {
-                format!("'{a}'")
+            if a.contains([' ', '\'', '"']) {
+                format!("'{}'", a.replace('\'', r"'\''"))
             } else {
                 a.clone()
             }
@@ -301,29 +347,52 @@ pub fn run_dom0(
     let err_thread = std::thread::spawn(move || forward_lines(stderr, &tx_err, "qemu: "));
 
     let mut log = GuestLog::default();
+    let mut judge = Dom0Judge::default();
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES + 1);
     let mut whole: Vec<String> = Vec::new();
     let deadline = start + run.deadline;
+    // Set once the domain's end is seen: read until then, and stop QEMU.
+    let mut stop_at: Option<Instant> = None;
+    let mut stopped_after_end = false;
     let mut timed_out = false;
-    let mut seen_banner = false;
+    // Xen's lines are echoed to a user (Echo::Console) from the first that tells how the
+    // run ends: a crash's register dump follows its first line.
+    let mut xen_ending = false;
+    let mut guest_started = false;
     let mut seen_xen = false;
     let mut xen_banner = None;
     let mut xen_complaints = Vec::new();
     let mut xen_suppressed = 0u64;
     loop {
         let now = Instant::now();
+        if stop_at.is_some_and(|at| now >= at) {
+            stopped_after_end = true;
+            break;
+        }
         if now >= deadline {
             timed_out = true;
             break;
         }
-        match rx.recv_timeout(deadline - now) {
+        let until = stop_at.map_or(deadline, |at| at.min(deadline));
+        match rx.recv_timeout(until - now) {
             Ok(line) => {
                 let kind = log.feed(&line);
-                seen_banner |= line.starts_with(BANNER);
+                match &run.banner {
+                    Some(banner) => guest_started |= line.starts_with(banner.as_str()),
+                    None => guest_started |= kind == LineKind::Xen && line.contains(DOM0_STARTS),
+                }
                 seen_xen |= kind == LineKind::Xen;
                 // Xen's lines can follow the firmware's on one serial line ("Booting from
                 // ROM..(XEN) ..."), so look for Xen's prefix anywhere in the line.
-                if kind == LineKind::Xen || line.contains("(XEN)") {
+                let from_xen = kind == LineKind::Xen || line.contains("(XEN)");
+                // The guest's own lines: after Xen's first, not Xen's, not QEMU's stderr.
+                let from_guest = seen_xen && !from_xen && !line.starts_with("qemu: ");
+                xen_ending |= from_xen && crate::outcome::parse_xen_line(&line).is_some();
+                if let Watch::StopAfter(grace) = judge.feed(&line, from_guest) {
+                    let at = Instant::now() + grace;
+                    stop_at = Some(stop_at.map_or(at, |earlier| earlier.min(at)));
+                }
+                if from_xen {
                     if xen_banner.is_none() && line.contains("Xen version ") {
                         xen_banner = Some(line.clone());
                     }
@@ -338,14 +407,22 @@ pub fn run_dom0(
                     if is_xen_complaint(&line) {
                         xen_complaints.push(XenComplaint {
                             line: line.clone(),
-                            while_guest_ran: seen_banner,
+                            while_guest_ran: guest_started,
                         });
                     }
                 }
                 match echo {
                     Echo::All => println!("[{}] {line}", run.name),
-                    Echo::Guest if seen_banner && kind != LineKind::Xen => println!("{line}"),
-                    Echo::Console if seen_xen && kind != LineKind::Xen => println!("{line}"),
+                    Echo::Serial => println!("{line}"),
+                    Echo::Guest if guest_started && !from_xen => println!("{line}"),
+                    Echo::Console
+                        if from_guest
+                            || (line.starts_with("qemu: ")
+                                && !is_qemu_cpu_model_warning(&line))
+                            || (from_xen && xen_ending) =>
+                    {
+                        println!("{line}")
+                    }
                     Echo::Tests
                         if matches!(
                             kind,
@@ -365,10 +442,8 @@ pub fn run_dom0(
                     tail.pop_front();
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                break;
-            }
+            // The deadline, or the end's grace: the loop's head tells which.
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             // Both pipes closed: QEMU has exited (or is about to).
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -376,6 +451,9 @@ pub fn run_dom0(
 
     let exit_code = if timed_out {
         None
+    } else if stopped_after_end {
+        // A halted machine never exits; a crashed one would reboot after 5 s.
+        child.0.try_wait()?.and_then(|status| status.code())
     } else {
         wait_until(&mut child.0, deadline)?
     };
@@ -383,6 +461,7 @@ pub fn run_dom0(
     drop(child); // kills QEMU if it is still running
     let _ = out_thread.join();
     let _ = err_thread.join();
+    let outcome = judge.finish(exit_code, timed_out, run.deadline);
 
     // The hypervisor that ran must be the build the run asked for (Xen's banner says
     // `debug=y` or `debug=n`): a cached binary of the wrong build would otherwise pass
@@ -417,34 +496,37 @@ pub fn run_dom0(
             guest_time.join(" | ")
         ))
     };
-    let verdict = if timed_out || exit_code.is_none() {
-        Err(format!(
+    let verdict = match (exit_code, &outcome) {
+        (_, Outcome::TimedOut { .. }) => Err(format!(
             "deadline of {} s exceeded; QEMU killed",
             run.deadline.as_secs()
-        ))
-    } else {
-        let code = exit_code.unwrap_or_default();
-        match (log.verdict(), code) {
-            (Ok(()), EXIT_SUCCESS) => Ok(()),
+        )),
+        (None, outcome) => Err(match log.verdict() {
+            Ok(()) => format!("the log says SUCCESS, but then {outcome}"),
+            Err(why) => format!("{why} ({outcome})"),
+        }),
+        (Some(code), _) => match (log.verdict(), code) {
+            (Ok(()), DEBUG_EXIT_SUCCESS) => Ok(()),
             (Ok(()), code) => Err(format!(
-                "the log says SUCCESS but QEMU exited with {code}, not {EXIT_SUCCESS}"
+                "the log says SUCCESS but QEMU exited with {code}, not {DEBUG_EXIT_SUCCESS}"
             )),
-            (Err(why), EXIT_FAILURE) => {
+            (Err(why), DEBUG_EXIT_FAILURE) => {
                 Err(format!("{why} (QEMU exit {code}: kernel reported failure)"))
             }
             (Err(why), code) => Err(format!("{why} (QEMU exit {code})")),
-        }
-        .and(build_check.clone())
-        .and(complaints_check)
-    };
-    let log_dir = crate::cache_dir().join("logs");
-    let _ = std::fs::create_dir_all(&log_dir);
-    let log_path = log_dir.join(format!("{}.serial.log", run.name.replace(['/', '+'], "-")));
+        },
+    }
+    .and(build_check.clone())
+    .and(complaints_check);
+    let log_path = prov
+        .logs_dir()
+        .join(format!("{}.serial.log", run.name.replace(['/', '+'], "-")));
     let _ = std::fs::write(&log_path, whole.join("\n") + "\n");
     Ok(RunReport {
         name: run.name.clone(),
         wall,
         exit_code,
+        outcome,
         verdict,
         log,
         tail: tail.into(),
@@ -476,7 +558,7 @@ fn forward_lines(pipe: impl Read, tx: &mpsc::Sender<String>, prefix: &str) {
 }
 
 /// Waits for the child to exit until `deadline`; `None` if it did not.
-fn wait_until(child: &mut Child, deadline: Instant) -> XtaskResult<Option<i32>> {
+fn wait_until(child: &mut Child, deadline: Instant) -> RunnerResult<Option<i32>> {
     loop {
         if let Some(status) = child.try_wait()? {
             // A signal (no code) counts as "no verdict".
