@@ -20,6 +20,8 @@ pub fn build() -> XtaskResult<PathBuf> {
 pub const PVKERNEL: &str = "xenmsr-pvkernel";
 /// The minimal example kernel's package (and binary) name.
 pub const MINIMAL: &str = "xenmsr-minimal-kernel";
+/// The SMP example kernel's package (and binary) name.
+pub const SMP: &str = "xenmsr-smp-kernel";
 
 /// Builds the kernel package `package` (release, for [`TARGET`]) and returns its image.
 pub fn build_package(package: &str) -> XtaskResult<PathBuf> {

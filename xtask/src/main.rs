@@ -425,11 +425,13 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
         }
     }
 
-    // The minimal kernel under the default release and under the newest.
-    for xen in [Xen::V4_17, Xen::V4_22] {
-        let name = minimal_kernel_name(xen);
-        if wanted(&name) {
-            results.push(minimal_kernel_test(name, xen, o.deadline));
+    // The example kernels under the default release and under the newest.
+    for example in [&MINIMAL_KERNEL, &SMP_KERNEL] {
+        for xen in [Xen::V4_17, Xen::V4_22] {
+            let name = example_kernel_name(example, xen);
+            if wanted(&name) {
+                results.push(example_kernel_test(example, name, xen, o.deadline));
+            }
         }
     }
     // Its in-guest tests as `cargo test` builds and the runner boots them (guesttests.rs).
@@ -545,51 +547,95 @@ fn dom0_tests(
     Ok(())
 }
 
-/// What the minimal example kernel (`tests/minimal-kernel`, the one `docs/integrating.md`
-/// walks through) must print, in order, when it boots as dom0.
-const MINIMAL_EXPECTED: [&str; 4] = [
-    "minimal: init: ",
-    "minimal: FS_BASE write Ok(()), read back Ok(700000001000)",
-    "minimal: MSR 0x12345678: Err(Fault { vector: 13 })",
-    "minimal: PASS",
-];
+/// An example kernel `docs/integrating.md` walks through, and what its boot must show.
+struct ExampleKernel {
+    /// The summary name's stem.
+    stem: &'static str,
+    /// The cargo package (and binary).
+    package: &'static str,
+    /// Its vCPUs (`dom0_max_vcpus=`), and the QEMU CPUs they share.
+    vcpus: u32,
+    pcpus: u32,
+    /// Lines it must print (each a prefix of a whole line), in this order when
+    /// `in_order`, else in any order (the SMP kernel's vCPUs report as they finish).
+    expected: &'static [&'static str],
+    in_order: bool,
+}
 
-/// The summary name of the minimal kernel's run under `xen`: `minimal-kernel` under the
-/// default 4.17, `minimal-kernel/xen<label>` under the others.
-fn minimal_kernel_name(xen: Xen) -> String {
+/// `tests/minimal-kernel`: one vCPU.
+const MINIMAL_KERNEL: ExampleKernel = ExampleKernel {
+    stem: "minimal-kernel",
+    package: kernel::MINIMAL,
+    vcpus: 1,
+    pcpus: 1,
+    expected: &[
+        "minimal: init: ",
+        "minimal: FS_BASE write Ok(()), read back Ok(700000001000)",
+        "minimal: MSR 0x12345678: Err(Fault { vector: 13 })",
+        "minimal: PASS",
+    ],
+    in_order: true,
+};
+
+/// `tests/smp-kernel`: 4 vCPUs on 2 CPUs, each with its timer.
+const SMP_KERNEL: ExampleKernel = ExampleKernel {
+    stem: "smp-kernel",
+    package: kernel::SMP,
+    vcpus: 4,
+    pcpus: 2,
+    expected: &[
+        "smp: vCPU 0: 50 ticks; before Ok(()), after Ok(())",
+        "smp: vCPU 1: 50 ticks; before Ok(()), after Ok(())",
+        "smp: vCPU 2: 50 ticks; before Ok(()), after Ok(())",
+        "smp: vCPU 3: 50 ticks; before Ok(()), after Ok(())",
+        "smp: 4/4 vCPUs passed: PASS",
+    ],
+    in_order: false,
+};
+
+/// The summary name of an example kernel's run under `xen`: the stem under the default
+/// 4.17, `<stem>/xen<label>` under the others.
+fn example_kernel_name(example: &ExampleKernel, xen: Xen) -> String {
     match xen {
-        Xen::V4_17 => "minimal-kernel".to_string(),
-        other => format!("minimal-kernel/xen{}", other.label()),
+        Xen::V4_17 => example.stem.to_string(),
+        other => format!("{}/xen{}", example.stem, other.label()),
     }
 }
 
-/// Builds the minimal example kernel and boots it as dom0 (qemu64) under `release`: it
-/// must print [`MINIMAL_EXPECTED`] and shut down by itself.
-fn minimal_kernel_test(name: String, release: Xen, deadline: Duration) -> SuiteResult {
+/// Builds an example kernel and boots it as dom0 (qemu64) under `release`: it must print
+/// its expected lines and end well (a poweroff, or a reboot request).
+fn example_kernel_test(
+    example: &ExampleKernel,
+    name: String,
+    release: Xen,
+    deadline: Duration,
+) -> SuiteResult {
     let start = Instant::now();
     let outcome = (|| -> XtaskResult<String> {
-        let kernel = kernel::build_package(kernel::MINIMAL)?;
+        let kernel = kernel::build_package(example.package)?;
         let prov = provisioner();
         let qemu_bin = prov.qemu()?;
         let xen = prov.xen_binary(release)?;
-        // Booted as `xenmsr-runner` boots a user's kernel: an empty command line, one
-        // vCPU, and the domain's end read from Xen's console.
+        // Booted as `xenmsr-runner` boots a user's kernel: an empty command line, the
+        // vCPUs asked for, and the domain's end read from Xen's console.
         let run = Dom0Run {
             name: name.clone(),
             cpu: "qemu64".to_string(),
-            smp: 1,
-            xen_args: vec!["dom0_max_vcpus=1".to_string()],
+            smp: example.pcpus,
+            xen_args: vec![format!("dom0_max_vcpus={}", example.vcpus)],
             kernel_args: String::new(),
             deadline,
             xen: release,
             banner: None,
         };
         eprintln!(
-            "xtask: {name}: the minimal example kernel as dom0 under Xen {}",
-            release.label()
+            "xtask: {name}: the example kernel {} as dom0 under Xen {} ({} vCPUs)",
+            example.package,
+            release.label(),
+            example.vcpus
         );
         let report = qemu::run_dom0(&prov, &qemu_bin, &xen, &kernel, &run, Echo::Tests)?;
-        // The minimal kernel prints no test lines, so of the run's verdict only the
+        // The example kernels print no test lines, so of the run's verdict only the
         // build check applies; it must end well (a poweroff, or a reboot request).
         report.xen_build.clone()?;
         if !report.outcome.succeeded() {
@@ -605,20 +651,22 @@ fn minimal_kernel_test(name: String, release: Xen, deadline: Duration) -> SuiteR
         }
         let lines: Vec<&str> = report.log.other.iter().map(String::as_str).collect();
         let mut at = 0;
-        for want in MINIMAL_EXPECTED {
-            match lines[at..].iter().position(|l| l.starts_with(want)) {
-                Some(i) => at += i + 1,
+        for want in example.expected {
+            let from = if example.in_order { at } else { 0 };
+            match lines[from..].iter().position(|l| l.starts_with(want)) {
+                Some(i) => at = from + i + 1,
                 None => {
                     for line in &report.tail {
                         eprintln!("{line}");
                     }
-                    return Err(format!("no line {want:?} (in order) in its output").into());
+                    return Err(format!("no line {want:?} in its output").into());
                 }
             }
         }
         Ok(format!(
-            "{} lines as expected{}",
-            MINIMAL_EXPECTED.len(),
+            "{} lines as expected, {}{}",
+            example.expected.len(),
+            report.outcome,
             xen_note(release, &report)
         ))
     })()

@@ -16,6 +16,7 @@ pub static BRING_UP: &[Test] = &[test!(events_come_up), test!(secondaries_come_u
 
 /// Run on every vCPU at once (after `xenmsr::init`).
 pub static TESTS: &[Test] = &[
+    test!(each_vcpu_registers_its_own_id_once),
     test!(apic_base_bsp_bit_is_per_vcpu),
     test!(segment_bases_stay_on_their_vcpu),
     test!(segment_bases_survive_vcpu_switches),
@@ -68,6 +69,34 @@ fn secondaries_come_up() -> TestResult {
         check_eq!(hv::page().vcpu_is_up(v), Ok(true), "VCPUOP_is_up");
     }
     crate::println!("smp: {want} vCPUs up");
+    Ok(())
+}
+
+/// The library's vCPU-id check against real Xen: `init` registered vCPU 0; each other
+/// vCPU registers under the id this kernel's hook gives it, once (a second registration
+/// is the duplicate a hook that cannot tell vCPUs apart would make); Xen confirms every
+/// running id and has no vCPU at the domain's vCPU count (`ENOENT`).
+fn each_vcpu_registers_its_own_id_once() -> TestResult {
+    use xenmsr::smp::{VcpuError, check_id_with_xen, is_registered, register_this_vcpu};
+    let me = current_vcpu();
+    check_eq!(xenmsr::smp::current_vcpu(), Some(me), "the library's vCPU id");
+    if me != 0 && !is_registered(me) {
+        check_eq!(register_this_vcpu(), Ok(me), "first registration");
+    }
+    check!(is_registered(me), "vCPU {me} is not registered");
+    check_eq!(
+        register_this_vcpu(),
+        Err(VcpuError::IdInUse(me)),
+        "a second vCPU with the same id"
+    );
+    let page = hv::page();
+    check_eq!(check_id_with_xen(page, me), Ok(()), "Xen on the running id");
+    let count = model().vcpus;
+    check_eq!(
+        check_id_with_xen(page, count),
+        Err(VcpuError::NoSuchVcpu(count, xenmsr_hypercall::Errno::ENOENT)),
+        "Xen on the id at the vCPU count"
+    );
     Ok(())
 }
 
