@@ -1,7 +1,8 @@
 //! The exception table: entry format, section access, sort-once and search.
 //!
 //! Every instruction that may fault on purpose (a site's `call`, a stub's native
-//! instruction or its trapping `ud2`, a raw native access) has one [`ExtableEntry`] in the
+//! instruction or its trapping `ud2`, a raw native access, a kernel's own instruction
+//! guarded with [`guarded_asm!`](crate::guarded_asm)) has one [`ExtableEntry`] in the
 //! section `xenmsr_extable`, written by `.pushsection` next to the instruction itself.
 //!
 //! Entries hold 32-bit offsets relative to the address of the field that holds them, so
@@ -44,6 +45,12 @@ pub enum Kind {
     /// A stub's rewind: pop the words above the return address, rewind the return address
     /// by the immediate (`-CALL_LEN`), and dispatch again on the caller's own entry there.
     Rewind = 7,
+    /// A kernel's own guarded instruction ([`guarded_asm!`](crate::guarded_asm)): for any
+    /// exception vector after which resuming is meaningful
+    /// ([`is_resumable_fault`](crate::fixup::is_resumable_fault)), the code of
+    /// `Fault { vector }` into the entry's register, nothing else changed, continue at the
+    /// fixup.
+    Guarded = 8,
 }
 
 impl Kind {
@@ -57,6 +64,7 @@ impl Kind {
             5 => Kind::Rdpmc,
             6 => Kind::RdpmcSafe,
             7 => Kind::Rewind,
+            8 => Kind::Guarded,
             _ => return None,
         })
     }
@@ -64,6 +72,13 @@ impl Kind {
     /// Whether this kind reports the error in a register (the `_safe` kinds).
     pub const fn is_safe(self) -> bool {
         matches!(self, Kind::ReadSafe | Kind::WriteSafe | Kind::RdpmcSafe)
+    }
+
+    /// Whether this kind covers one of the library's MSR accesses (every kind but
+    /// [`Kind::Guarded`]): those are fixed up only for `#GP` and `#UD`, the vectors an
+    /// MSR instruction, Xen's emulation of it, or a stub's trap can raise.
+    pub const fn is_msr_access(self) -> bool {
+        !matches!(self, Kind::Guarded)
     }
 }
 
@@ -157,6 +172,13 @@ impl Data {
             flags::RESTORES_RAX,
             -(crate::CALL_LEN as i16),
         )
+    }
+
+    /// A guarded-instruction entry ([`Kind::Guarded`]) that reports the fault in `reg`,
+    /// which must not be `rsp` (checked at compile time when used in a `const`).
+    pub const fn guarded(reg: u8) -> Data {
+        assert!(reg != reg::RSP, "rsp cannot receive an error code");
+        Data::new(Kind::Guarded, reg, 0, 0)
     }
 
     /// The raw word, for `const` operands of `asm!`.

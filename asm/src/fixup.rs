@@ -1,4 +1,5 @@
-//! Exception fixup: what the kernel's `#GP`/`#UD` handlers call.
+//! Exception fixup: what the kernel's exception handlers call (`#GP` and `#UD` for the
+//! library's MSR accesses; every resumable fault for the kernel's guarded instructions).
 //!
 //! [`fixup_exception`] looks the faulting `rip` up in the extable and applies the entry's
 //! kind, with the semantics of Linux's MSR fixups:
@@ -10,6 +11,17 @@
 //! | `Read`, `Rdpmc` | zeroed as above | warn hook, once per kind | `rip` = fixup |
 //! | `Write` | none | warn hook, once per kind | `rip` = fixup |
 //! | `Rewind` | see below | carried or `Fault` | dispatch again |
+//! | `Guarded` | none | `Fault { vector }` code in the entry's register | `rip` = fixup |
+//!
+//! **Which vectors.** The MSR kinds (every kind but `Guarded`) are fixed up only for `#GP`
+//! and `#UD`: an MSR instruction, Xen's emulation of one and a stub's trap raise nothing
+//! else, so any other vector at such an address is not the library's to answer. A
+//! `Guarded` entry (a kernel's own instruction, [`guarded_asm!`](crate::guarded_asm)) is
+//! fixed up for every vector [`is_resumable_fault`] accepts: a fault, reported before the
+//! instruction changed anything, at the instruction's own address. Interrupts (NMI, and
+//! any event that merely arrives while `rip` is there), traps reported after an
+//! instruction (`#DB`, `#BP`, `#OF`) and aborts (`#DF`, `#MC`) are refused, for every
+//! kind.
 //!
 //! (`RAX_CONTRACT`: a failing constant-index read zeroes `rdx` too, because its site
 //! computes the value as `rax | rdx << 32`.)
@@ -49,7 +61,7 @@ use spin::Once;
 use xenmsr_hypercall::abi::SegmentBase;
 
 use crate::extable::{self, Data, ExtableEntry, Kind, flags, reg};
-use crate::{IMM_SITE_LEN, MsrError, VECTOR_UD};
+use crate::{IMM_SITE_LEN, MsrError, VECTOR_GP, VECTOR_UD};
 
 /// The interrupted context, as the kernel's exception entry saved it.
 #[repr(C)]
@@ -189,6 +201,11 @@ fn should_warn(access: &UncheckedAccess, entry: &ExtableEntry) -> bool {
 /// Until a hook is set, failures are silent and do not use up a warning. The hook runs
 /// inside the exception handler: it must not fault on MSRs itself, block, or allocate
 /// where the kernel cannot.
+///
+/// Safe, unlike a trap handler: the hook gets a copy of the report and nothing of the
+/// interrupted context, so it cannot change where or how the faulting code resumes, and
+/// the fixup holds no lock while it runs (a hook that faults or blocks hangs or stops the
+/// kernel, which is no memory error).
 pub fn set_warn_hook(hook: fn(&UncheckedAccess)) -> bool {
     let mut installed = false;
     WARN_HOOK.call_once(|| {
@@ -203,6 +220,22 @@ pub fn warn_hook_registered() -> bool {
     WARN_HOOK.get().is_some()
 }
 
+/// Whether an exception with `vector` is a *fault* after which execution may continue
+/// somewhere else: the CPU (or Xen, which injects it into a PV guest the same way)
+/// reports it with `rip` at the instruction that raised it, before that instruction
+/// changed any state. These are the vectors a [`Kind::Guarded`] entry answers: `#DE` (0),
+/// `#BR` (5), `#UD` (6), `#NM` (7), `#TS` (10), `#NP` (11), `#SS` (12), `#GP` (13), `#PF`
+/// (14), `#MF` (16), `#AC` (17) and `#XM` (19).
+///
+/// Not: NMI (2), an interrupt that can arrive with `rip` at any instruction, including one
+/// that is guarded but has not run; `#DB` (1), `#BP` (3) and `#OF` (4), reported after an
+/// instruction; `#DF` (8) and `#MC` (18), aborts whose `rip` may not even belong to the
+/// interrupted code; the reserved 9 and 15. (A `#PF`'s faulting address, CR2, which a PV
+/// guest finds in its `vcpu_info`'s `arch.cr2`, plays no part: the entry is found by `rip`.)
+pub const fn is_resumable_fault(vector: u8) -> bool {
+    matches!(vector, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19)
+}
+
 /// How many rewinds one fixup follows before it gives up. A stub's rewind lands on its
 /// caller's site entry, so one is normal; more means a stub called a stub, and a chain
 /// this long is a bug.
@@ -212,16 +245,21 @@ pub const MAX_REWINDS: usize = 4;
 /// with `frame` updated (resume it), or `false` with `frame` untouched (not ours, or a
 /// malformed entry or chain: the kernel should treat the exception as fatal).
 ///
+/// The library's MSR entries are fixed up for `#GP` and `#UD` only; a kernel's guarded
+/// instructions ([`guarded_asm!`](crate::guarded_asm)) for every vector
+/// [`is_resumable_fault`] accepts. Any other vector gives `false`.
+///
 /// # Safety
 ///
 /// `frame` must be the interrupted context of a real exception with vector `vector`
-/// (13 for `#GP`, 6 for `#UD`) raised at `frame.rip`, and `frame.rsp` must be that
-/// context's stack pointer: for rewind entries this reads the interrupted stack at
-/// `frame.rsp` (the words a stub left above its return address).
+/// raised at `frame.rip`, and `frame.rsp` must be that context's stack pointer: for
+/// rewind entries this reads the interrupted stack at `frame.rsp` (the words a stub left
+/// above its return address).
 ///
 /// # Examples
 ///
-/// A kernel's `#GP`/`#UD` handler, called by its entry code with the saved registers:
+/// A kernel's exception handler, called by its entry code with the saved registers (the
+/// fixup itself refuses the vectors it has no business with):
 ///
 /// ```no_run
 /// use xenmsr_asm::fixup::{TrapFrame, fixup_exception};
@@ -229,7 +267,7 @@ pub const MAX_REWINDS: usize = 4;
 /// fn handle_exception(frame: &mut TrapFrame, vector: u8) {
 ///     // SAFETY: `frame` is the interrupted context of this exception; the entry code
 ///     // writes it back (including `rip` and `rsp`) before returning.
-///     if (vector == 13 || vector == 6) && unsafe { fixup_exception(frame, vector) } {
+///     if unsafe { fixup_exception(frame, vector) } {
 ///         return; // resume at the fixed-up `frame.rip`
 ///     }
 ///     panic!("unhandled exception {vector} at {:#x}", frame.rip);
@@ -247,6 +285,9 @@ pub unsafe fn fixup_exception(frame: &mut TrapFrame, vector: u8) -> bool {
 /// As for [`fixup_exception`]; in addition every rewind entry of `table` that can match
 /// `frame.rip` must describe the stack at `frame.rsp` truthfully.
 pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, vector: u8) -> bool {
+    if !is_resumable_fault(vector) {
+        return false;
+    }
     let mut work = *frame;
     let mut carried: Option<MsrError> = None;
     // The error is the exception itself (no stub carried an error code to the site).
@@ -265,8 +306,17 @@ pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, ve
             },
         };
         let data = entry.data();
+        match data.kind() {
+            // A kernel's own instruction: only where the exception was raised (no stub
+            // rewinds onto one), and for any resumable fault.
+            Some(Kind::Guarded) if returned_to.is_none() => {
+                return apply_guarded(frame, entry, data, vector);
+            }
+            Some(kind) if kind.is_msr_access() && (vector == VECTOR_GP || vector == VECTOR_UD) => {}
+            _ => return false,
+        }
         let applied = match data.kind() {
-            None => return false,
+            None | Some(Kind::Guarded) => return false,
             Some(Kind::Rewind) => {
                 // SAFETY: the entry is a rewind entry at the faulting rip, so (caller's
                 // contract) the stack at rsp holds what the entry describes.
@@ -312,7 +362,8 @@ pub unsafe fn fixup_with_table(table: &[ExtableEntry], frame: &mut TrapFrame, ve
 /// before `ret`, and its entry's fixup (the end of the site) is `ret`.
 fn prefixed_call_site(table: &[ExtableEntry], ret: usize) -> Option<&ExtableEntry> {
     let entry = extable::search(table, ret.checked_sub(IMM_SITE_LEN)?)?;
-    let is_site = !matches!(entry.data().kind(), None | Some(Kind::Rewind));
+    let is_site =
+        matches!(entry.data().kind(), Some(kind) if kind.is_msr_access() && kind != Kind::Rewind);
     (is_site && entry.fixup_addr() == ret).then_some(entry)
 }
 
@@ -336,7 +387,9 @@ static FALLBACK_HOOK: Once<fn(&FsGsBaseFallback)> = Once::new();
 
 /// Sets the hook told about the first FS/GS base access the fixup completed without
 /// FSGSBASE (see the module docs). The first call wins and later calls return `false`.
-/// The hook runs inside the exception handler, with the restrictions of the warn hook.
+/// The hook runs inside the exception handler, with the restrictions of the warn hook,
+/// and is safe to set for the same reason: it gets a copy of the report, not the frame,
+/// and is called after the access was completed.
 pub fn set_fsgsbase_fallback_hook(hook: fn(&FsGsBaseFallback)) -> bool {
     let mut installed = false;
     FALLBACK_HOOK.call_once(|| {
@@ -456,6 +509,25 @@ unsafe fn rewind(frame: &mut TrapFrame, data: Data, vector: u8) -> Option<(MsrEr
     Some((error, ret as usize))
 }
 
+/// Applies a [`Kind::Guarded`] entry: the code of `MsrError::Fault { vector }` (what
+/// [`GuardedFault`](crate::guarded::GuardedFault) decodes) into the entry's register,
+/// every other register as the fault left it, and `rip` at the fixup. Returns `false`
+/// (with `frame` untouched) for an entry naming `rsp`.
+fn apply_guarded(frame: &mut TrapFrame, entry: &ExtableEntry, data: Data, vector: u8) -> bool {
+    let target = data.reg();
+    if target == reg::RSP {
+        return false;
+    }
+    let mut work = *frame;
+    match work.gpr_mut(target) {
+        Some(slot) => *slot = MsrError::Fault { vector }.to_code(),
+        None => return false,
+    }
+    work.rip = entry.fixup_addr() as u64;
+    *frame = work;
+    true
+}
+
 /// Applies a site entry of `kind`. Returns `false` for a malformed entry.
 fn apply(
     frame: &mut TrapFrame,
@@ -514,7 +586,7 @@ fn apply(
                 hook(&access);
             }
         }
-        Kind::Rewind => return false,
+        Kind::Rewind | Kind::Guarded => return false,
     }
     frame.rip = entry.fixup_addr() as u64;
     true

@@ -8,7 +8,9 @@
 //!   patch-site record ([`patch`]).
 //! - [`native`]: raw-instruction sites that are never patched.
 //! - [`extable`]: the exception-table entry format, its section, sort-once and search.
-//! - [`fixup`]: [`fixup::fixup_exception`], which the kernel's `#GP`/`#UD` handlers call.
+//! - [`fixup`]: [`fixup::fixup_exception`], which the kernel's exception handlers call.
+//! - [`guarded`]: [`guarded_asm!`], a kernel's own instruction whose fault comes back as
+//!   `Err(GuardedFault)`, through the same table and fixup.
 //!
 //! `docs/abi.md` describes the register contracts, the entry and record formats, and the
 //! rewind rule.
@@ -21,6 +23,7 @@ pub(crate) mod error;
 pub mod extable;
 pub mod fastpath;
 pub mod fixup;
+pub mod guarded;
 pub mod native;
 pub mod patch;
 pub mod pv;

@@ -293,14 +293,13 @@ fn upcall_dispatcher() -> Option<fn()> {
 /// What the common entry path calls: the library's fixup for `#GP`/`#UD` at its MSR
 /// sites and for every resumable fault ([`crate::fixup::is_resumable_fault`]) at a
 /// guarded instruction (unless the handler asked to see everything), then the kernel's
-/// handler; without a handler, an
-/// unfixed trap other than an upcall stops the domain.
+/// handler; without a handler, an unfixed trap other than an upcall stops the domain.
 pub fn dispatch_with_library_fixup(frame: &mut TrapFrame, trap: &Trap) {
     let library_first = LIBRARY_FIRST.load(Ordering::Relaxed) != 0;
     // Every resumable fault: #GP/#UD for the library's MSR entries, any of them for the
     // kernel's guarded instructions (`guarded_asm!`); the fixup refuses the rest itself.
     if library_first
-        && (trap.vector == crate::VECTOR_GP || trap.vector == crate::VECTOR_UD)
+        && crate::fixup::is_resumable_fault(trap.vector)
         // SAFETY: `frame` is the interrupted context of this very exception, saved by the
         // entry with the interrupted `rsp`, and written back before the `iret`.
         && unsafe { crate::fixup::fixup_exception(frame, trap.vector) }

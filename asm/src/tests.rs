@@ -370,3 +370,119 @@ fn rewind_finds_a_constant_index_site_through_its_prefixed_call() {
     assert!(!unsafe { fixup_with_table(&t, &mut f, 6) });
     assert_eq!(f, before);
 }
+
+// ---- Guarded entries (a kernel's own instructions, `guarded_asm!`) ----
+
+/// Every vector the trap table covers, and the two pseudo-vectors of the PV kit.
+const ALL_VECTORS: [u8; 22] = [
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 32, 33,
+];
+
+#[test]
+fn guarded_entry_reports_every_resumable_fault_in_its_register() {
+    use crate::fixup::is_resumable_fault;
+    use crate::guarded::{ENTRY_DATA, ERROR_REG, GuardedFault};
+    let (insn, fixup) = (0x40, 0x43);
+    let (mut t, base) = table(&[
+        (0, CALL_LEN, Data::site(Kind::ReadSafe, 0)),
+        (insn, fixup, Data(ENTRY_DATA)),
+    ]);
+    extable::sort(&mut t);
+    for vector in ALL_VECTORS {
+        let mut f = frame(base + insn, core::ptr::null());
+        let before = f;
+        // SAFETY: a guarded entry reads no stack.
+        let fixed = unsafe { fixup_with_table(&t, &mut f, vector) };
+        assert_eq!(fixed, is_resumable_fault(vector), "vector {vector}");
+        if fixed {
+            let mut expected = before;
+            *expected.gpr_mut(ERROR_REG).expect("a register") =
+                MsrError::Fault { vector }.to_code();
+            expected.rip = (base + fixup) as u64;
+            assert_eq!(f, expected, "only r11 and rip change (vector {vector})");
+            assert_eq!(GuardedFault::result_of(f.r11), Err(GuardedFault { vector }));
+        } else {
+            assert_eq!(f, before, "vector {vector} is refused untouched");
+        }
+    }
+    assert_eq!(GuardedFault::result_of(0), Ok(()));
+}
+
+#[test]
+fn msr_entries_answer_only_gp_and_ud() {
+    for kind in [Kind::ReadSafe, Kind::WriteSafe, Kind::Read, Kind::Write] {
+        let img = image(Data::site(kind, 0));
+        for vector in ALL_VECTORS {
+            let mut f = frame(img.site, core::ptr::null());
+            let before = f;
+            // SAFETY: a site entry reads no stack.
+            let fixed = unsafe { fixup_with_table(&img.table, &mut f, vector) };
+            assert_eq!(
+                fixed,
+                vector == 13 || vector == 6,
+                "{kind:?}, vector {vector}"
+            );
+            if !fixed {
+                assert_eq!(f, before);
+            }
+        }
+        // A #PF at a stub's native instruction is not a rewind either.
+        let stack = [(img.site + CALL_LEN) as u64, 0];
+        let mut f = frame(img.native, stack.as_ptr());
+        // SAFETY: `stack` holds the return address the native entry describes.
+        assert!(!unsafe { fixup_with_table(&img.table, &mut f, 14) });
+    }
+}
+
+#[test]
+fn a_rewind_never_lands_on_a_guarded_entry() {
+    // A stub's rewind whose return address leads to a guarded entry (nothing emits that)
+    // is refused rather than reported in the guarded register.
+    let (guarded, native) = (0, 0x1000);
+    let (mut t, base) = table(&[
+        (
+            guarded,
+            guarded + CALL_LEN,
+            Data(crate::guarded::ENTRY_DATA),
+        ),
+        (native, native, Data::rewind(0, false)),
+    ]);
+    extable::sort(&mut t);
+    let stack = [(base + guarded + CALL_LEN) as u64, 0];
+    let mut f = frame(base + native, stack.as_ptr());
+    let before = f;
+    // SAFETY: `stack` holds the return address the native entry describes.
+    assert!(!unsafe { fixup_with_table(&t, &mut f, 13) });
+    assert_eq!(f, before);
+}
+
+#[test]
+fn guarded_data_word() {
+    use crate::guarded::{ENTRY_DATA, ERROR_REG};
+    let d = Data(ENTRY_DATA);
+    assert_eq!(d.kind(), Some(Kind::Guarded));
+    assert_eq!(d.reg(), ERROR_REG);
+    assert_eq!(ERROR_REG, reg::R8 + 3, "r11");
+    assert_eq!((d.flags(), d.imm()), (0, 0));
+    assert_eq!(ENTRY_DATA, 8 | 11 << 8);
+    assert!(!Kind::Guarded.is_safe() && !Kind::Guarded.is_msr_access());
+    assert!(Kind::Rewind.is_msr_access() && Kind::ReadSafe.is_msr_access());
+    // An entry naming rsp is refused.
+    let (mut t, base) = table(&[(0, 3, Data::new(Kind::Guarded, reg::RSP, 0, 0))]);
+    extable::sort(&mut t);
+    let mut f = frame(base, core::ptr::null());
+    // SAFETY: a guarded entry reads no stack.
+    assert!(!unsafe { fixup_with_table(&t, &mut f, 13) });
+}
+
+#[test]
+fn guarded_fault_display_and_conversion() {
+    use crate::guarded::GuardedFault;
+    let pf = GuardedFault { vector: 14 };
+    assert_eq!(
+        std::format!("{pf}"),
+        "the instruction raised #PF (vector 14)"
+    );
+    assert_eq!(MsrError::from(pf), MsrError::Fault { vector: 14 });
+    assert_eq!(GuardedFault { vector: 9 }.mnemonic(), "?");
+}

@@ -76,6 +76,10 @@ pub use xenmsr_asm::Outcome;
 pub use xenmsr_asm::cpuid::xen_cpuid;
 pub use xenmsr_asm::extable::init as init_extable;
 pub use xenmsr_asm::fixup::{TrapFrame, UncheckedAccess, fixup_exception};
+/// A kernel's own instructions that may fault, with the fault as a `Result`:
+/// [`guarded_asm!`] and ready-made helpers (`guarded::rdmsr`, `read_u64`, `rdfsbase`...).
+pub use xenmsr_asm::guarded;
+pub use xenmsr_asm::guarded_asm;
 pub use xenmsr_asm::pv_entry;
 pub use xenmsr_asm::site::{
     rdmsr, rdmsr_const, rdmsr_const_safe, rdmsr_safe, rdpmc, rdpmc_safe, wrmsr, wrmsr_ns,

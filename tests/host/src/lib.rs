@@ -4,9 +4,11 @@
 //!   sorts the extable, and installs SIGILL/SIGSEGV handlers that run the production
 //!   [`fixup_exception`] on the interrupted context. On the host, user space is ring 3, so
 //!   a real RDMSR/WRMSR (and RDPMC unless CR4.PCE is set) raises `#GP`, which Linux
-//!   delivers as SIGSEGV; a stub's `ud2` raises `#UD`, delivered as SIGILL. If the fixup
-//!   declines, the handler restores the default action and returns, so the instruction
-//!   faults again and the test process dies loudly.
+//!   delivers as SIGSEGV; a stub's `ud2` raises `#UD`, delivered as SIGILL. The vector
+//!   given to the fixup is the `trapno` of the signal context (a page fault, 14, is a
+//!   SIGSEGV too); SIGFPE and SIGBUS are handled as well, for guarded instructions. If
+//!   the fixup declines, the handler restores the default action and returns, so the
+//!   instruction faults again and the test process dies loudly.
 //! - The backend's behaviour is per thread ([`set_script`]), so tests running in parallel
 //!   threads do not see each other's scripts; it records every call ([`last_call`]).
 //! - [`RegState`] and [`call_stub`]: call a stub exactly as a site does, with every GPR
@@ -53,6 +55,7 @@ struct ThreadState {
     last: Cell<Option<Call>>,
     fixups_sigill: Cell<u64>,
     fixups_sigsegv: Cell<u64>,
+    fixups_other: Cell<u64>,
     warnings: RefCell<Vec<UncheckedAccess>>,
     probe: Cell<Option<fn()>>,
 }
@@ -65,6 +68,7 @@ thread_local! {
             last: Cell::new(None),
             fixups_sigill: Cell::new(0),
             fixups_sigsegv: Cell::new(0),
+            fixups_other: Cell::new(0),
             warnings: RefCell::new(Vec::new()),
             probe: Cell::new(None),
         }
@@ -201,25 +205,34 @@ fn frame_into(frame: &TrapFrame, gregs: &mut [libc::greg_t; 23]) {
     s(libc::REG_EFL, frame.rflags);
 }
 
+/// The exception vector behind a synchronous signal: the `trapno` Linux saves in the
+/// signal context (so a SIGSEGV tells `#GP`, 13, from `#PF`, 14), or, where that holds no
+/// vector, the one the signal stands for (`#UD` for SIGILL, `#DE` for SIGFPE, `#GP`
+/// otherwise).
+fn vector_of(sig: libc::c_int, gregs: &[libc::greg_t; 23]) -> u8 {
+    match u8::try_from(gregs[libc::REG_TRAPNO as usize]) {
+        Ok(trapno) if trapno < 32 => trapno,
+        _ if sig == libc::SIGILL => VECTOR_UD,
+        _ if sig == libc::SIGFPE => 0,
+        _ => VECTOR_GP,
+    }
+}
+
 extern "C" fn on_fault(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let vector = if sig == libc::SIGILL {
-        VECTOR_UD
-    } else {
-        VECTOR_GP
-    };
     // SAFETY: the kernel passes a valid `ucontext_t` as the third argument of an
     // SA_SIGINFO handler, and nothing else refers to it while the handler runs.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let vector = vector_of(sig, &uc.uc_mcontext.gregs);
     let mut frame = frame_from(&uc.uc_mcontext.gregs);
     // SAFETY: the frame is the interrupted context of the synchronous fault that raised
     // this signal, on this thread's stack, which stays mapped while we run on it.
     if unsafe { fixup_exception(&mut frame, vector) } {
         frame_into(&frame, &mut uc.uc_mcontext.gregs);
         STATE.with(|s| {
-            let counter = if sig == libc::SIGILL {
-                &s.fixups_sigill
-            } else {
-                &s.fixups_sigsegv
+            let counter = match sig {
+                libc::SIGILL => &s.fixups_sigill,
+                libc::SIGSEGV => &s.fixups_sigsegv,
+                _ => &s.fixups_other,
             };
             counter.set(counter.get() + 1);
         });
@@ -271,6 +284,10 @@ pub fn install_fault_handlers() {
         extable::init();
         install_handler(libc::SIGILL);
         install_handler(libc::SIGSEGV);
+        // Guarded instructions: a divide error (#DE) arrives as SIGFPE, an alignment
+        // check (#AC) as SIGBUS.
+        install_handler(libc::SIGFPE);
+        install_handler(libc::SIGBUS);
     });
 }
 
@@ -292,6 +309,12 @@ pub fn calls() -> u64 {
 /// Fixups performed on this thread so far: `(SIGILL, SIGSEGV)`.
 pub fn fixups() -> (u64, u64) {
     STATE.with(|s| (s.fixups_sigill.get(), s.fixups_sigsegv.get()))
+}
+
+/// Fixups of signals other than SIGILL and SIGSEGV (SIGFPE, SIGBUS: guarded
+/// instructions) performed on this thread so far.
+pub fn other_fixups() -> u64 {
+    STATE.with(|s| s.fixups_other.get())
 }
 
 /// Takes the warnings recorded on this thread.
