@@ -18,7 +18,7 @@ pub fn boot_and_report(prov: &Provisioner, options: &BootOptions) -> i32 {
     match boot(prov, options) {
         Ok(outcome) => outcome.exit_status(),
         Err(e) if e.is::<TimedOut>() => {
-            prov.say(format_args!("{e}"));
+            prov.say(format_args!("{e}; exit status {}", exit_status::TIMED_OUT));
             exit_status::TIMED_OUT
         }
         Err(e) => {

@@ -208,6 +208,8 @@ pub enum Outcome {
         /// Xen's panic line.
         line: String,
     },
+    /// A domU went away without `xl` logging why.
+    DomainGone,
     /// QEMU exited without any of the above (status, or `None` if a signal ended it).
     QemuExited {
         /// QEMU's exit status.
@@ -269,6 +271,7 @@ impl fmt::Display for Outcome {
             ),
             Self::Panicked { line } => write!(f, "the guest panicked ({line:?})"),
             Self::XenPanicked { line } => write!(f, "Xen panicked ({line:?})"),
+            Self::DomainGone => write!(f, "the domain went away without xl logging why"),
             Self::QemuExited { status: Some(code) } => write!(
                 f,
                 "QEMU exited (status {code}) without Xen reporting how the domain ended"

@@ -110,10 +110,7 @@ impl DomuRun {
                 crashed_by_xen: None,
             },
             // Gone, but xl logged no reason: nothing says it ended well.
-            (GuestEnd::Gone, None) => Outcome::Shutdown {
-                reason: ShutdownReason::Unknown(u32::MAX),
-                crashed_by_xen: None,
-            },
+            (GuestEnd::Gone, None) => Outcome::DomainGone,
         }
     }
 
@@ -235,11 +232,8 @@ pub fn run_domu(prov: &Provisioner, kernel: &Path, opts: &DomuOptions) -> Runner
         kernel.display(),
         secs
     ));
-    let result = drive_qemu(prov, &mut cmd, opts);
-    if let Err(e) = &result {
-        prov.say(format_args!("xl path failed: {e}"));
-    }
-    result
+    // A failure has printed its serial tail; the caller says what failed.
+    drive_qemu(prov, &mut cmd, opts)
 }
 
 /// Runs QEMU, reads its output line by line until the dom0 says it is done (or the
