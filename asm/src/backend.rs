@@ -57,7 +57,38 @@ static BACKEND: Once<&'static dyn MsrBackend> = Once::new();
 /// return `false` and change nothing, so the routing of a running kernel cannot be
 /// swapped underneath it. From then on the read stub asks the backend about every read,
 /// until [`crate::fastpath::install_read_filter`] names the reads it needs.
-pub fn set_backend(backend: &'static dyn MsrBackend) -> bool {
+///
+/// # Safety
+///
+/// From now on every access that reaches a generic stub is what `backend` decides: its
+/// [`Outcome::Done`] is the value a read site returns and the end of a write, its
+/// [`Outcome::Failed`] the error the caller sees. The backend must therefore answer each
+/// access as the platform would carry it out (a read with the MSR's value as the kernel
+/// may rely on it, a write done or deliberately dropped as the platform drops it), as
+/// `xenmsr`'s Xen PV policy does; a backend that, say, reported a segment-base write done
+/// without making it would leave the kernel using the old base.
+///
+/// ```compile_fail,E0133
+/// use xenmsr_asm::backend::{MsrBackend, set_backend};
+/// # fn backend() -> &'static dyn MsrBackend { unimplemented!() }
+/// set_backend(backend());
+/// ```
+///
+/// ```
+/// use xenmsr_asm::{MsrBackend, Outcome};
+///
+/// /// Executes every access natively, as the stubs do without a backend.
+/// struct Native;
+/// impl MsrBackend for Native {
+///     unsafe fn read(&self, _: u32) -> Outcome { Outcome::Native }
+///     unsafe fn write(&self, _: u32, _: u64) -> Outcome { Outcome::Native }
+///     unsafe fn rdpmc(&self, _: u32) -> Outcome { Outcome::Native }
+/// }
+/// static NATIVE: Native = Native;
+/// // SAFETY: every access is carried out by the native instruction, as without a backend.
+/// assert!(unsafe { xenmsr_asm::backend::set_backend(&NATIVE) });
+/// ```
+pub unsafe fn set_backend(backend: &'static dyn MsrBackend) -> bool {
     let mut installed = false;
     BACKEND.call_once(|| {
         installed = true;

@@ -11,9 +11,15 @@
 //! | [`xenmsr_stub_rdpmc`] | `ecx` = counter | `edx:eax`, upper halves zero |
 //! | [`xenmsr_stub_rdmsr_rax`] | `ecx` = MSR | `rax` = value, `rdx` = high half |
 //!
-//! A stub saves the caller-saved registers it must, aligns the stack to 16 bytes itself
-//! (so a caller whose own stack is only 8-byte aligned is still safe), and calls the C-ABI
-//! handler in [`crate::backend`]. On "done" it loads the outputs and returns; on "native"
+//! A stub saves the caller-saved registers it must and calls the C-ABI handler in
+//! [`crate::backend`]. It does not align the stack itself: it relies on the site's `call`
+//! being made with `rsp` 16-byte aligned (every `asm!` block without `nostack` guarantees
+//! it, and `tests/host/tests/sites.rs` checks every emitted site), so `rsp` is 8 mod 16 at
+//! its first instruction and an odd number of pushes (7 in the read and RDPMC stubs, 9 in
+//! the write stub) aligns it for the handler's `call`, with no `and $-16, %rsp`. Entered
+//! from a misaligned stack, a stub would call the handler misaligned too. (The
+//! segment-base stubs and the write stub's segment-base path call no Rust, only the
+//! hypercall page, and do not care.) On "done" it loads the outputs and returns; on "native"
 //! it restores everything and executes the real instruction, whose extable entry is a
 //! rewind entry (a fault there is reported at the caller's call site); on failure it
 //! restores everything, leaves the error code on the stack and traps at a `ud2` whose
@@ -63,7 +69,6 @@ global_asm!(
     include_str!("stubs/rdmsr.S"),
     handler = sym xenmsr_handle_read,
     filter = sym crate::fastpath::xenmsr_read_filter,
-    divert = const crate::fastpath::READ_FILTER_DIVERT,
     mul = const crate::fastpath::READ_FILTER_MUL,
     keys = const crate::fastpath::READ_FILTER_KEYS,
     kinds = const crate::fastpath::READ_FILTER_KINDS,
@@ -129,7 +134,28 @@ static xenmsr_segbase_entry: AtomicUsize = AtomicUsize::new(0);
 
 /// Makes the segment-base stubs call `set_segment_base` through `page`. Until this has
 /// run, the patcher keeps constant-index segment-base sites on the generic write stub.
-pub fn set_segbase_hypercall_page(page: HypercallPage) {
+///
+/// # Safety
+///
+/// From now on every `FS_BASE`, `GS_BASE` and `KERNEL_GS_BASE` write through a site (the
+/// write stub's segment-base path, the segment-base stubs) is this page's
+/// `set_segment_base` call instead of the backend or the WRMSR, and the fixup completes
+/// FSGSBASE accesses that raise `#UD` through it, taking the kernel for a Xen PV guest.
+/// So the kernel must be a 64-bit Xen PV guest and `page` its hypercall page (Xen's), so
+/// that the call writes the base the site's caller means; or, in a test over the mock page
+/// (`xenmsr_hypercall::mock`), nothing may rely on those writes reaching a base.
+///
+/// ```compile_fail,E0133
+/// # fn page() -> xenmsr_hypercall::HypercallPage { unimplemented!() }
+/// xenmsr_asm::stubs::set_segbase_hypercall_page(page());
+/// ```
+///
+/// ```no_run
+/// # fn page() -> xenmsr_hypercall::HypercallPage { unimplemented!() }
+/// // SAFETY: a Xen PV kernel's own hypercall page (`HypercallPage::xen()`).
+/// unsafe { xenmsr_asm::stubs::set_segbase_hypercall_page(page()) };
+/// ```
+pub unsafe fn set_segbase_hypercall_page(page: HypercallPage) {
     SEGBASE_PAGE.store(page.as_ptr().cast_mut(), Ordering::Release);
     xenmsr_segbase_entry.store(
         page.entry(xenmsr_hypercall::nr::SET_SEGMENT_BASE) as usize,

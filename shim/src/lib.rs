@@ -550,7 +550,10 @@ unsafe fn init_claimed(
         let layout = layout.unwrap_or(pmu::PmuLayout::None);
         // Checked above; the hook answers the same on the same vCPU.
         let _ = smp::init_boot_vcpu(vcpu_id, hypercalls);
-        xenmsr_asm::stubs::set_segbase_hypercall_page(hypercalls);
+        // SAFETY: this is a 64-bit Xen PV guest and `hypercalls` its hypercall page
+        // (`Platform::XenPv`, this function's contract), so the segment-base writes made
+        // through the page are the ones their sites' callers mean.
+        unsafe { xenmsr_asm::stubs::set_segbase_hypercall_page(hypercalls) };
         let vpmu = pmu::install(pmu::VpmuConfig {
             hypercalls,
             layout,
@@ -566,11 +569,28 @@ unsafe fn init_claimed(
             .call_once(|| XenPvPolicy::new(hypercalls, vcpu_id, RawMsr, Some(vpmu), index));
         // From here every read goes to the policy, until the filter names the few that
         // need it; the others then pass through the read stub without entering Rust.
-        xenmsr_asm::backend::set_backend(policy);
-        xenmsr_asm::fastpath::set_fsgsbase_enabled(use_fsgsbase);
+        // SAFETY: the Xen PV policy answers every access as Xen PV carries it out (the
+        // routing table, the vPMU: `docs/msr-semantics.md`), on this Xen PV guest.
+        unsafe { xenmsr_asm::backend::set_backend(policy) };
+        // SAFETY: on only if CR4.FSGSBASE stuck on this vCPU, and `FsGsBase::Use` (the
+        // kernel's opt-in) requires it on every other vCPU before it runs a site; on one
+        // that missed it, the `#UD` is completed by the fixup through the page stored
+        // above.
+        unsafe { xenmsr_asm::fastpath::set_fsgsbase_enabled(use_fsgsbase) };
         let keys = dispatch::read_filter_keys(&layout, use_fsgsbase);
-        read_filter = xenmsr_asm::fastpath::install_read_filter(keys.as_slice())
-            .map(|()| keys.as_slice().len());
+        // Built in the library's storage next to the stub's pointer (this runs once:
+        // INIT_STATE), and kept for the kernel's life.
+        read_filter = match xenmsr_asm::fastpath::build_read_filter_once(keys.as_slice()) {
+            Ok(filter) => {
+                // SAFETY: the keys are the policy's own classification
+                // (`read_filter_keys`): every MSR whose read the policy answers is a
+                // `Policy` key, and FS_BASE/GS_BASE read by instruction only when FSGSBASE
+                // is on, under the same conditions as the write switch above.
+                unsafe { xenmsr_asm::fastpath::install_read_filter(filter) };
+                Ok(keys.as_slice().len())
+            }
+            Err(error) => Err(error),
+        };
     }
     let write_text = config.write_text;
     let mut write = |address: usize, bytes: &[u8]| {

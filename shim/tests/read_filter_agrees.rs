@@ -8,7 +8,7 @@
 use xenmsr::dispatch::{Class, read_filter_keys, reference_class};
 use xenmsr::pmu::{AmdLayout, IntelLayout, PmuLayout};
 use xenmsr::routes::{self, ReadRoute};
-use xenmsr_asm::fastpath::{ReadKind, install_read_filter, read_filter_lookup};
+use xenmsr_asm::fastpath::{ReadFilter, ReadKind};
 
 fn layouts() -> Vec<(&'static str, PmuLayout)> {
     let intel = |arch, fixed, version| {
@@ -70,14 +70,14 @@ fn the_filter_passes_through_exactly_the_reads_the_policy_would_pass_through() {
     for (name, layout) in layouts() {
         for fsgsbase in [false, true] {
             let keys = read_filter_keys(&layout, fsgsbase);
-            install_read_filter(keys.as_slice())
+            let filter = ReadFilter::new(keys.as_slice())
                 .unwrap_or_else(|e| panic!("{name}: the filter does not build: {e:?}"));
             let mut special = 0;
             for msr in swept() {
                 let want = expected(&layout, fsgsbase, msr);
                 special += usize::from(want.is_some());
                 assert_eq!(
-                    read_filter_lookup(msr),
+                    filter.lookup(msr),
                     want,
                     "{name}, fsgsbase {fsgsbase}: MSR {msr:#x}"
                 );
@@ -88,7 +88,7 @@ fn the_filter_passes_through_exactly_the_reads_the_policy_would_pass_through() {
                 "{name}: every key lies in the swept ranges"
             );
             // The user GS base never reads by instruction: a PV kernel cannot swapgs.
-            assert_eq!(read_filter_lookup(routes::MSR_KERNEL_GS_BASE), None);
+            assert_eq!(filter.lookup(routes::MSR_KERNEL_GS_BASE), None);
         }
     }
 }

@@ -10,9 +10,12 @@
  *
  * Entered only by the 5-byte `call` of a site that has its own extable entry.
  *
- * Fast path, no Rust: the read filter (fastpath.rs). Unless it diverts every read, or the
- * MSR is one of its keys, the stub executes RDMSR itself (Xen traps and emulates it). A
- * fault there is reported at the caller's call site (REWIND entry, skip 0, Fault).
+ * Fast path, no Rust: the read filter (fastpath.rs). The stub loads the filter pointer
+ * once and reads the multiplier, the key and the kind from that one table (filters are
+ * immutable and published whole, so a racing re-install cannot mix two). A null pointer
+ * diverts every read to the policy. Unless the MSR is one of the filter's keys, the stub
+ * executes RDMSR itself (Xen traps and emulates it). A fault there is reported at the
+ * caller's call site (REWIND entry, skip 0, Fault).
  * A key's kind 1 or 2 reads the FS or kernel GS base with RDFSBASE/RDGSBASE (a #UD, were
  * CR4.FSGSBASE off on this CPU, is reported the same way); kind 0 asks the policy:
  *
@@ -32,19 +35,19 @@
 	.type xenmsr_stub_rdmsr,@function
 xenmsr_stub_rdmsr:
 	.cfi_startproc
-	cmpb $0, {filter}+{divert}(%rip)
-	jne .Lxenmsr_rdmsr_policy
+	mov {filter}(%rip), %rdx
+	test %rdx, %rdx
+	jz .Lxenmsr_rdmsr_policy
 	mov %ecx, %eax
-	imull {filter}+{mul}(%rip), %eax
+	imull {mul}(%rdx), %eax
 	shr ${shift}, %eax
-	lea {filter}+{keys}(%rip), %rdx
-	cmp %ecx, (%rdx,%rax,4)
+	cmp %ecx, {keys}(%rdx,%rax,4)
 	je .Lxenmsr_rdmsr_hit
 .Lxenmsr_rdmsr_native:
 	rdmsr
 	ret
 .Lxenmsr_rdmsr_hit:
-	movzbl {kinds}-{keys}(%rdx,%rax), %eax
+	movzbl {kinds}(%rdx,%rax), %eax
 	test %eax, %eax
 	jz .Lxenmsr_rdmsr_policy
 	cmp $1, %eax

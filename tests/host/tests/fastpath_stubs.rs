@@ -6,12 +6,14 @@
 //!
 //! The filter and the switches are process-wide, so the tests here take one lock.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Barrier, Mutex};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use xenmsr_asm::fastpath::{
-    FilterError, ReadKind, install_read_filter, read_filter_lookup, set_fsgsbase_enabled,
+    FilterError, ReadFilter, ReadKind, divert_all_reads, install_read_filter, read_filter_lookup,
+    set_fsgsbase_enabled, slot_of,
 };
 use xenmsr_asm::stubs::{Stub, set_segbase_hypercall_page};
 use xenmsr_asm::{MsrError, Outcome};
@@ -58,6 +60,28 @@ fn rdfsbase() -> u64 {
     v
 }
 
+/// Builds the filter of `keys` (kept for the process's life, as an installed filter must
+/// be) and makes the read stub use it.
+fn publish(keys: &[(u32, ReadKind)]) -> &'static ReadFilter {
+    for &(msr, kind) in keys {
+        let by_instruction = match kind {
+            ReadKind::Policy => continue,
+            ReadKind::RdFsBase => msr == MSR_FS_BASE,
+            ReadKind::RdGsBase => msr == MSR_GS_BASE,
+        };
+        assert!(
+            by_instruction && host_has_fsgsbase(),
+            "{msr:#x}: {kind:?} outside install_read_filter's contract"
+        );
+    }
+    let filter: &'static ReadFilter = Box::leak(Box::new(ReadFilter::new(keys).unwrap()));
+    // SAFETY: the scripted test backend needs no read (nothing in this process relies on
+    // an MSR's real value: ring 3 cannot read one), and the loop above checked that only
+    // FS_BASE/GS_BASE read by instruction, on a host whose Linux sets CR4.FSGSBASE.
+    unsafe { install_read_filter(filter) };
+    filter
+}
+
 /// A state with recognisable values in every GPR and `msr` in rcx, `value` in edx:eax.
 fn state(msr: u32, value: u64) -> RegState {
     let mut input = [0u64; 16];
@@ -93,7 +117,7 @@ fn filter_passes_reads_through_without_the_policy() {
     let _l = lock();
     install();
     set_script(Outcome::Done(0xfee0_0900));
-    install_read_filter(&[(MSR_APIC_BASE, ReadKind::Policy)]).unwrap();
+    publish(&[(MSR_APIC_BASE, ReadKind::Policy)]);
 
     // A filtered MSR goes to the policy.
     let before = calls();
@@ -138,44 +162,148 @@ fn filter_lookup_is_exact_for_random_key_sets() {
             |(keys, probes)| {
                 let keys: Vec<(u32, ReadKind)> =
                     keys.into_iter().map(|k| (k, ReadKind::Policy)).collect();
-                install_read_filter(&keys).unwrap();
+                let filter = ReadFilter::new(&keys).unwrap();
                 for &(k, _) in &keys {
-                    prop_assert_eq!(read_filter_lookup(k), Some(ReadKind::Policy));
+                    prop_assert_eq!(filter.lookup(k), Some(ReadKind::Policy));
                 }
                 for p in probes {
                     let expected = keys
                         .iter()
                         .any(|&(k, _)| k == p)
                         .then_some(ReadKind::Policy);
-                    prop_assert_eq!(read_filter_lookup(p), expected);
+                    prop_assert_eq!(filter.lookup(p), expected);
                 }
+                let mut listed: Vec<u32> = filter.keys().map(|(k, _)| k).collect();
+                let mut wanted: Vec<u32> = keys.iter().map(|&(k, _)| k).collect();
+                listed.sort_unstable();
+                wanted.sort_unstable();
+                prop_assert_eq!(listed, wanted);
                 Ok(())
             },
         )
         .unwrap();
 }
 
+/// A filter that cannot be built is an error (`init` then leaves every read diverted to
+/// the policy, as `set_backend` left it), and a diverted read stub asks the policy about
+/// every read.
 #[test]
-fn a_filter_that_cannot_be_built_diverts_every_read_to_the_policy() {
+fn a_filter_that_cannot_be_built_is_refused_and_a_diverted_stub_asks_the_policy() {
     let _l = lock();
     install();
     set_script(Outcome::Done(5));
     let too_many: Vec<(u32, ReadKind)> = (0..65).map(|k| (k, ReadKind::Policy)).collect();
     assert_eq!(
-        install_read_filter(&too_many),
+        ReadFilter::new(&too_many).map(drop),
         Err(FilterError::TooManyKeys(65))
     );
+    assert_eq!(
+        ReadFilter::new(&[(7, ReadKind::Policy), (7, ReadKind::RdFsBase)]).map(drop),
+        Err(FilterError::DuplicateKey(7))
+    );
+    divert_all_reads();
     assert_eq!(read_filter_lookup(MSR_TSC), Some(ReadKind::Policy));
     let before = calls();
     let mut s = state(MSR_TSC, 0);
     call_stub_with_current_backend(Stub::Rdmsr, &mut s, false);
     assert_eq!(calls() - before, 1, "the policy answered");
     assert_eq!(s.output[r::RAX], 5);
-    assert_eq!(
-        install_read_filter(&[(7, ReadKind::Policy), (7, ReadKind::RdFsBase)]),
-        Err(FilterError::DuplicateKey(7))
-    );
-    assert_eq!(read_filter_lookup(MSR_TSC), Some(ReadKind::Policy));
+}
+
+/// Filters published while other threads read through the real stub: every read answers
+/// from one whole filter. Both filters hold the same keys (plus one of their own, chosen
+/// to collide under the first filter's multiplier, so the second needs another and the
+/// shared keys sit in other slots), so a read that took the
+/// multiplier of one filter and the keys of the other would miss a shared key and execute
+/// RDMSR (a `#GP` here) instead of asking the policy. With FSGSBASE on the host, FS_BASE
+/// is a shared key read with RDFSBASE in both, so a kind taken from the wrong slot would
+/// send it to the policy.
+#[test]
+fn a_reinstall_racing_reads_answers_from_one_whole_filter() {
+    const READERS: usize = 2;
+    const READS: usize = 50_000;
+    const ANSWER: u64 = 0x0123_4567_89ab_cdef;
+    let _l = lock();
+    install();
+    let fsgsbase = host_has_fsgsbase();
+    let mut shared: Vec<(u32, ReadKind)> = (0..40u32)
+        .map(|i| (0x0000_0200 + 0x1001 * i, ReadKind::Policy))
+        .collect();
+    if fsgsbase {
+        shared.push((MSR_FS_BASE, ReadKind::RdFsBase));
+    }
+    let with = |extra: u32| {
+        let mut keys = shared.clone();
+        keys.push((extra, ReadKind::Policy));
+        keys
+    };
+    let a = publish(&with(0x4000_0000));
+    let taken = slot_of(shared[0].0, a.multiplier());
+    let colliding = (0x4000_0001..)
+        .find(|&msr| slot_of(msr, a.multiplier()) == taken)
+        .expect("a colliding key");
+    let b = publish(&with(colliding));
+    assert_ne!(a.multiplier(), b.multiplier(), "the two filters hash alike");
+    let moved = shared
+        .iter()
+        .filter(|&&(msr, _)| slot_of(msr, a.multiplier()) != slot_of(msr, b.multiplier()))
+        .count();
+    assert!(moved > shared.len() / 2, "only {moved} shared keys moved");
+
+    let stop = AtomicBool::new(false);
+    let start = Barrier::new(READERS + 1);
+    let swaps = std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..READERS)
+            .map(|t| {
+                let (shared, start) = (&shared, &start);
+                scope.spawn(move || {
+                    set_script(Outcome::Done(ANSWER));
+                    start.wait();
+                    let fs_base = rdfsbase_if(fsgsbase);
+                    for i in 0..READS {
+                        let (msr, kind) = shared[(i * 7 + t) % shared.len()];
+                        let (segv0, calls0) = (fixups().1, calls());
+                        let mut s = state(msr, 0);
+                        call_stub_with_current_backend(Stub::Rdmsr, &mut s, false);
+                        let value = s.output[r::RDX] << 32 | s.output[r::RAX];
+                        assert_eq!(fixups().1, segv0, "{msr:#x}: read as a miss (RDMSR ran)");
+                        match kind {
+                            ReadKind::Policy => {
+                                assert_eq!(calls() - calls0, 1, "{msr:#x}: not the policy's");
+                                assert_eq!(value, ANSWER, "{msr:#x}");
+                            }
+                            _ => {
+                                assert_eq!(calls(), calls0, "{msr:#x}: sent to the policy");
+                                assert_eq!(value, fs_base, "{msr:#x}: not RDFSBASE's");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let mut swaps = 0u64;
+        while !readers.iter().all(|r| r.is_finished()) && !stop.load(Ordering::Relaxed) {
+            for filter in [a, b] {
+                // SAFETY: as in `publish`: both filters were built and checked there.
+                unsafe { install_read_filter(filter) };
+            }
+            swaps += 2;
+        }
+        for reader in readers {
+            if reader.join().is_err() {
+                stop.store(true, Ordering::Relaxed);
+                panic!("a reader saw a mixed filter");
+            }
+        }
+        swaps
+    });
+    assert!(swaps > 1000, "only {swaps} re-installs raced the reads");
+}
+
+/// This thread's FS base (0 when the host has no FSGSBASE: then no key reads it).
+fn rdfsbase_if(fsgsbase: bool) -> u64 {
+    if fsgsbase { rdfsbase() } else { 0 }
 }
 
 #[test]
@@ -186,11 +314,10 @@ fn filter_reads_segment_bases_with_rdfsbase_and_rdgsbase() {
     }
     let _l = lock();
     install();
-    install_read_filter(&[
+    publish(&[
         (MSR_FS_BASE, ReadKind::RdFsBase),
         (MSR_GS_BASE, ReadKind::RdGsBase),
-    ])
-    .unwrap();
+    ]);
     let saved_gs = rdgsbase();
     let gs = 0x0000_7123_4567_8000;
     wrgsbase(gs);
@@ -221,8 +348,11 @@ fn segment_base_writes_call_the_hypercall_page_directly() {
     let _l = lock();
     install();
     let m = mock::session();
-    set_segbase_hypercall_page(m.page());
-    set_fsgsbase_enabled(false);
+    // SAFETY: a test over the mock page: nothing here relies on a segment-base write
+    // reaching a base (the mock records the calls).
+    unsafe { set_segbase_hypercall_page(m.page()) };
+    // SAFETY: turning the switch off has no requirement.
+    unsafe { set_fsgsbase_enabled(false) };
     set_script(Outcome::Native);
     let value = 0x0000_7ffe_1234_5000;
     for (msr, which) in [(MSR_FS_BASE, 0), (MSR_GS_BASE, 2), (MSR_KERNEL_GS_BASE, 1)] {
@@ -292,8 +422,11 @@ fn fsgsbase_writes_use_the_instructions() {
     let _l = lock();
     install();
     let m = mock::session();
-    set_segbase_hypercall_page(m.page());
-    set_fsgsbase_enabled(true);
+    // SAFETY: as above.
+    unsafe { set_segbase_hypercall_page(m.page()) };
+    // SAFETY: this host's Linux sets CR4.FSGSBASE on every CPU (checked above), so the
+    // instructions reach the bases the writes mean.
+    unsafe { set_fsgsbase_enabled(true) };
     let saved_gs = rdgsbase();
 
     let gs = 0x0000_7001_2345_6000;
@@ -331,6 +464,7 @@ fn fsgsbase_writes_use_the_instructions() {
     call_stub_with_current_backend(Stub::Wrmsr, &mut s, false);
     mock::assert_calls(&[mock::MockCall::new(nr::SET_SEGMENT_BASE, [1, gs, 0, 0, 0])]);
     assert_preserved(&s, &[], "KERNEL_GS_BASE write");
-    set_fsgsbase_enabled(false);
+    // SAFETY: turning the switch off has no requirement.
+    unsafe { set_fsgsbase_enabled(false) };
     drop(m);
 }

@@ -251,10 +251,17 @@ fn fsgsbase_ud_falls_back_to_the_hypercall_and_the_trapped_rdmsr() {
     assert_eq!(xenmsr::fsgsbase::fallbacks(), 4);
 
     // The stubs' own FSGSBASE instructions (run-time-index sites), made to #UD.
-    xenmsr_asm::fastpath::set_fsgsbase_enabled(true);
+    // SAFETY: the mock Xen PV platform `init` set up (segment-base page stored), whose
+    // fault handler runs the fixup on this #UD: the write is completed by the hypercall.
+    unsafe { xenmsr_asm::fastpath::set_fsgsbase_enabled(true) };
     let layout = xenmsr::pmu::PmuLayout::from_cpuid(xenmsr::pmu::raw_cpuid);
     let keys = xenmsr::dispatch::read_filter_keys(&layout, true);
-    xenmsr_asm::fastpath::install_read_filter(keys.as_slice()).expect("filter");
+    let filter = Box::leak(Box::new(
+        xenmsr_asm::fastpath::ReadFilter::new(keys.as_slice()).expect("filter"),
+    ));
+    // SAFETY: the policy's own keys with FSGSBASE; the RDFSBASE #UD reaches the fixup
+    // (this binary's SIGILL handler), which completes the read with a trapped RDMSR.
+    unsafe { xenmsr_asm::fastpath::install_read_filter(filter) };
     let wrfsbase = stub_insn(REWIND_RESTORE_RAX.bits(), &WRFSBASE_RAX);
     let rdfsbase = stub_insn(REWIND_NATIVE.bits(), &RDFSBASE_RAX);
     for insn in [wrfsbase, rdfsbase] {
@@ -290,5 +297,6 @@ fn fsgsbase_ud_falls_back_to_the_hypercall_and_the_trapped_rdmsr() {
         // SAFETY: as above.
         unsafe { write_text_mprotect(addr, bytes) };
     }
-    xenmsr_asm::fastpath::set_fsgsbase_enabled(false);
+    // SAFETY: turning the switch off has no requirement.
+    unsafe { xenmsr_asm::fastpath::set_fsgsbase_enabled(false) };
 }

@@ -26,7 +26,9 @@ static OTHER: Other = Other;
 #[test]
 fn init_refuses_when_another_backend_was_registered_first() {
     let _session = mock::session();
-    assert!(set_backend(&OTHER));
+    // SAFETY: `Other` executes every access natively, as the stubs do with no backend.
+    let registered = unsafe { set_backend(&OTHER) };
+    assert!(registered);
     let config = xenmsr_host_tests::mock_xen_pv_config();
     // SAFETY: refused before any site is written.
     let r = unsafe { xenmsr::init(config) };
