@@ -7,6 +7,7 @@
 
 use core::fmt;
 use core::mem::offset_of;
+use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
 use crate::abi::{StartInfo, XenconsInterface};
@@ -94,17 +95,91 @@ const OUT_PROD_OFF: usize = offset_of!(XenconsInterface, out_prod);
 /// (the ring has one producer index).
 #[derive(Debug)]
 pub enum PvConsole {
-    /// `console_io(CONSOLEIO_write)`.
+    /// `console_io(CONSOLEIO_write)`. Safe to make from any hypercall page: it only asks
+    /// Xen to print.
     Hypervisor(HypercallPage),
-    /// The domU console ring.
-    Ring {
-        /// Hypercalls (`evtchn_send`, `sched_yield`).
-        hypercalls: HypercallPage,
-        /// The ring's virtual address.
-        ring: usize,
-        /// The console event channel.
-        port: u32,
-    },
+    /// The domU console ring: made by [`PvConsole::from_start_info`] or
+    /// [`ConsoleRing::new`], both `unsafe`, since the writes go to the ring's address.
+    Ring(ConsoleRing),
+}
+
+/// A domU console ring: where its page is, its event channel and the hypercalls that kick
+/// it. The fields are private: writing to the console stores into the page, so only
+/// [`ConsoleRing::new`] (whose caller vouches for the address) makes one.
+///
+/// Safe code cannot point a ring at memory of its choosing:
+///
+/// ```compile_fail,E0451
+/// use xenmsr_hypercall::HypercallPage;
+/// use xenmsr_hypercall::pv::ConsoleRing;
+/// # fn page() -> HypercallPage { unimplemented!() }
+/// let ring = ConsoleRing { hypercalls: page(), ring: core::ptr::NonNull::dangling(), port: 1 };
+/// ```
+///
+/// ```compile_fail,E0133
+/// use xenmsr_hypercall::HypercallPage;
+/// use xenmsr_hypercall::pv::ConsoleRing;
+/// # fn page() -> HypercallPage { unimplemented!() }
+/// let ring = ConsoleRing::new(page(), core::ptr::NonNull::dangling(), 1);
+/// ```
+#[derive(Debug)]
+pub struct ConsoleRing {
+    /// Hypercalls (`evtchn_send`, `sched_yield`).
+    hypercalls: HypercallPage,
+    /// The ring's page (a `struct xencons_interface`).
+    ring: NonNull<u8>,
+    /// The console event channel.
+    port: u32,
+}
+
+// SAFETY: a `ConsoleRing` only stores into the ring through `&mut self` and reads it with
+// volatile loads, so moving it to another CPU, or sharing it for `drain` (reads only), is
+// as sound as on the CPU that made it; the page stays mapped for the domain's life
+// (`new`'s contract).
+unsafe impl Send for ConsoleRing {}
+// SAFETY: as above: through `&ConsoleRing` the ring is only read.
+unsafe impl Sync for ConsoleRing {}
+
+impl ConsoleRing {
+    /// The console ring whose page (a `struct xencons_interface`) is mapped at `ring`,
+    /// kicked through event channel `port`.
+    ///
+    /// # Safety
+    ///
+    /// `ring` must be this domain's console page, mapped readable and writable for as long
+    /// as the returned value (or a [`PvConsole`] holding it) is used, and shared only with
+    /// the console backend: nothing else may write its output half (`out`, `out_prod`) while
+    /// this value writes to it (another `ConsoleRing` of the same page included: keep one
+    /// and share it behind a lock). No Rust reference may point into the page.
+    ///
+    /// ```
+    /// use core::ptr::NonNull;
+    /// use xenmsr_hypercall::HypercallPage;
+    /// use xenmsr_hypercall::pv::{ConsoleRing, PvConsole};
+    ///
+    /// fn domu_console(hypercalls: HypercallPage, page: NonNull<u8>, port: u32) -> PvConsole {
+    ///     // SAFETY: `page` is this domain's console page, mapped for the domain's life,
+    ///     // and this is the kernel's only writer of it.
+    ///     PvConsole::Ring(unsafe { ConsoleRing::new(hypercalls, page, port) })
+    /// }
+    /// ```
+    pub const unsafe fn new(hypercalls: HypercallPage, ring: NonNull<u8>, port: u32) -> Self {
+        ConsoleRing {
+            hypercalls,
+            ring,
+            port,
+        }
+    }
+
+    /// The ring page's address.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ring.as_ptr()
+    }
+
+    /// The console event channel.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
 }
 
 impl PvConsole {
@@ -118,7 +193,8 @@ impl PvConsole {
     /// `start_info` must be this domain's, and for a domU `virt_base` must be the image's
     /// `VIRT_BASE` (0 for an image linked at its physical address, as `xenmsr-pv.ld`
     /// does), with the start-of-day mapping still in place: the console page is then
-    /// mapped there for the domain's life.
+    /// mapped there for the domain's life. For a domU, as for [`ConsoleRing::new`]: no
+    /// other writer of the ring (each call makes a new writer of the same ring; keep one).
     pub unsafe fn from_start_info(
         hypercalls: HypercallPage,
         start_info: &StartInfo,
@@ -131,39 +207,34 @@ impl PvConsole {
         // SAFETY: Xen maps the M2P table read-only for every PV guest, one entry per
         // machine frame; the console frame is the domain's own.
         let pfn = unsafe { entry.read_volatile() };
-        PvConsole::Ring {
-            hypercalls,
-            ring: (virt_base + (pfn << 12)) as usize,
-            port: start_info.console_evtchn,
-        }
+        let address = virt_base.wrapping_add(pfn << 12) as usize;
+        let Some(ring) = NonNull::new(core::ptr::with_exposed_provenance_mut(address)) else {
+            // Only a corrupt M2P entry gives page 0 (never mapped): print through Xen.
+            return PvConsole::Hypervisor(hypercalls);
+        };
+        // SAFETY: the caller's contract: the start-of-day mapping puts the domain's console
+        // page there for the domain's life, and this is the kernel's one writer of it.
+        PvConsole::Ring(unsafe { ConsoleRing::new(hypercalls, ring, start_info.console_evtchn) })
     }
 
     /// Writes `bytes`. On the ring, waits (yielding) while the ring is full, and gives up
     /// after a long time with nobody draining it (`Err(EAGAIN)`) rather than hang.
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), Errno> {
-        match *self {
+        match self {
             PvConsole::Hypervisor(page) => page.console_write(bytes).map(drop),
-            PvConsole::Ring {
-                hypercalls,
-                ring,
-                port,
-            } => ring_write(hypercalls, ring as *mut u8, port, bytes),
+            PvConsole::Ring(ring) => ring_write(ring.hypercalls, ring.ring, ring.port, bytes),
         }
     }
 
     /// Waits (yielding, bounded) until the backend has consumed everything written, so
     /// that output is not lost when the domain shuts down next.
     pub fn drain(&self) {
-        if let PvConsole::Ring {
-            hypercalls, ring, ..
-        } = *self
-        {
-            let ring = ring as *mut u8;
+        if let PvConsole::Ring(ring) = self {
             for _ in 0..100_000 {
-                if read_u32(ring, OUT_CONS_OFF) == read_u32(ring, OUT_PROD_OFF) {
+                if read_u32(ring.ring, OUT_CONS_OFF) == read_u32(ring.ring, OUT_PROD_OFF) {
                     return;
                 }
-                let _ = hypercalls.sched_yield();
+                let _ = ring.hypercalls.sched_yield();
             }
         }
     }
@@ -175,26 +246,32 @@ impl fmt::Write for PvConsole {
     }
 }
 
-fn read_u32(ring: *mut u8, offset: usize) -> u32 {
-    // SAFETY: `ring` is the console page (constructor's contract) and `offset` one of its
-    // aligned index fields; the backend writes it, so it is read volatile, never through
-    // a reference.
-    unsafe { ring.wrapping_add(offset).cast::<u32>().read_volatile() }
+fn read_u32(ring: NonNull<u8>, offset: usize) -> u32 {
+    // SAFETY: `ring` is the console page (`ConsoleRing::new`'s contract) and `offset` one
+    // of its aligned index fields; the backend writes it, so it is read volatile, never
+    // through a reference.
+    unsafe {
+        ring.as_ptr()
+            .wrapping_add(offset)
+            .cast::<u32>()
+            .read_volatile()
+    }
 }
 
 fn ring_write(
     hypercalls: HypercallPage,
-    ring: *mut u8,
+    ring: NonNull<u8>,
     port: u32,
     mut bytes: &[u8],
 ) -> Result<(), Errno> {
+    let page = ring.as_ptr();
     let mut waits = 0u32;
     while !bytes.is_empty() {
         let cons = read_u32(ring, OUT_CONS_OFF);
         let mut prod = read_u32(ring, OUT_PROD_OFF);
         fence(Ordering::Acquire);
         while prod.wrapping_sub(cons) < XenconsInterface::OUT_SIZE && !bytes.is_empty() {
-            let slot = ring.wrapping_add(OUT_OFF + XenconsInterface::out_pos(prod));
+            let slot = page.wrapping_add(OUT_OFF + XenconsInterface::out_pos(prod));
             // SAFETY: a byte of the ring's `out` array (index masked by `out_pos`), which
             // the backend only reads between `out_cons` and `out_prod`.
             unsafe { slot.write_volatile(bytes[0]) };
@@ -204,7 +281,7 @@ fn ring_write(
         fence(Ordering::Release);
         // SAFETY: the producer index of the console page, written only by the guest.
         unsafe {
-            ring.wrapping_add(OUT_PROD_OFF)
+            page.wrapping_add(OUT_PROD_OFF)
                 .cast::<u32>()
                 .write_volatile(prod)
         };
