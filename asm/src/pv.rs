@@ -14,8 +14,11 @@
 //! (offsets: [`TrapFrame::OFFSET_RIP`] and its siblings), calls
 //! `xenmsr_pv_trap_dispatch` on a 16-byte aligned stack, writes the frame's `rip`, `rsp`
 //! and `rflags` back into the bounce frame (a fixup may change all three), restores every
-//! register and returns with `HYPERVISOR_iret`, which also restores the event mask the
-//! interrupted code had.
+//! register and returns with `HYPERVISOR_iret`. Xen sets the event (upcall) mask from the
+//! `rflags.IF` that iret gets (`do_iret()` in Xen's `arch/x86/pv/iret.c`): the frame's
+//! `rflags.IF` is the inverse of the mask Xen saved at delivery, so an unchanged frame
+//! resumes with the mask the interrupted code had, and a handler that changes IF changes
+//! it (see [`Trap::cs`]).
 //!
 //! # The failsafe frame
 //!
@@ -33,7 +36,8 @@
 //! `rcx` and `r11` are the interrupted context's (Xen enters the callback with `sysret`,
 //! which overwrites both); `ds`..`gs` are the four selectors Xen tried to load, zero
 //! extended; `rip`..`ss` is the hardware-like return frame (`cs` carries the saved event
-//! mask in bits 32-39, `rflags.IF` its inverse, as in every bounce frame). There is no
+//! mask in bits 32-39, `rflags.IF` its inverse, as in every bounce frame; the iret
+//! restores the mask from `rflags.IF`). There is no
 //! error code. The frame ends 16-byte aligned.
 //!
 //! The kit's failsafe stub (`xenmsr_pv_failsafe`) turns it into the exception layout: it
@@ -61,7 +65,7 @@
 //! [`Trap`], [`TrapHandler`], [`DataSelectors`] and the constants are everywhere. The
 //! host tests assemble the same stub and common-path text around a fake stack.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::fixup::TrapFrame;
 
@@ -121,8 +125,17 @@ pub struct Trap {
     /// selectors Xen failed to reload, packed as [`DataSelectors::pack`] does (read them
     /// with [`Trap::failsafe_selectors`]).
     pub error_code: u64,
-    /// The interrupted `cs`; bits 32-39 hold the event mask Xen saved (restored by the
-    /// `iret`).
+    /// The interrupted `cs`: bits 0-15 the selector, with RPL 0 when the trap interrupted
+    /// the kernel (Xen clears it to say so) and 3 when it interrupted user space. Bits
+    /// 32-39 hold the event (upcall) mask Xen saved when it delivered the trap
+    /// (`saved_upcall_mask`; both written by `create_bounce_frame` in Xen's
+    /// `arch/x86/x86_64/entry.S`), and the frame's `rflags.IF` is its inverse.
+    ///
+    /// Bits 32-39 are for information only: `HYPERVISOR_iret` ignores them and sets the
+    /// mask from the `rflags.IF` it gets (`do_iret()` in Xen's `arch/x86/pv/iret.c`), which
+    /// the kit takes from [`TrapFrame::rflags`]. A handler that leaves `rflags` alone
+    /// therefore resumes with the saved mask; one that sets or clears IF resumes with
+    /// events unmasked or masked.
     pub cs: u64,
 }
 
@@ -236,34 +249,132 @@ impl DataSelectors {
 }
 
 /// The kernel's handler for every trap: called with the interrupted registers, which it
-/// may change (they are written back before the return). For `#GP` and `#UD` the library
-/// has already tried its own fixup ([`crate::fixup::fixup_exception`]) when a handler is
-/// called through [`dispatch_with_library_fixup`]; see [`set_trap_handler`].
+/// may change (they are written back before the return). Registered with
+/// [`set_trap_handler`], whose registration also says whether the library's fixup
+/// ([`crate::fixup::fixup_exception`]) has already had its turn.
 pub type TrapHandler = fn(&mut TrapFrame, &Trap);
 
-/// The registered handler (a `TrapHandler` as an address; 0: none).
-static HANDLER: AtomicUsize = AtomicUsize::new(0);
-/// Whether the library's fixup runs before the handler.
-static LIBRARY_FIRST: AtomicUsize = AtomicUsize::new(1);
-
-/// Registers the kernel's trap handler (the last call wins). With
-/// `library_fixup_first`, a `#GP` or `#UD` that the library's extable covers is fixed up
-/// before the handler sees anything (the handler then gets only the rest); without it
-/// the handler gets every trap and calls [`crate::fixup::fixup_exception`] itself (for a
-/// kernel that counts or logs every exception).
-pub fn set_trap_handler(handler: TrapHandler, library_fixup_first: bool) {
-    LIBRARY_FIRST.store(usize::from(library_fixup_first), Ordering::Relaxed);
-    HANDLER.store(handler as usize, Ordering::Release);
+/// A kernel's trap handler and whether the library's fixup runs before it: what
+/// [`set_trap_handler`] publishes. One `'static` value holds both, and the kit reads it
+/// through one pointer, so a trap always sees a handler with its own ordering flag, never
+/// the handler of one registration with the flag of another.
+#[derive(Clone, Copy, Debug)]
+pub struct TrapRegistration {
+    handler: TrapHandler,
+    library_fixup_first: bool,
 }
 
-fn handler() -> Option<TrapHandler> {
-    let h = HANDLER.load(Ordering::Acquire);
-    if h == 0 {
-        return None;
+impl TrapRegistration {
+    /// `handler`, called for every trap the library's fixup did not handle
+    /// (`library_fixup_first`: a `#GP` or `#UD` that the library's extable covers is fixed
+    /// up before the handler sees anything), or for every trap (without it: the handler
+    /// calls [`crate::fixup::fixup_exception`] itself, for a kernel that counts or logs
+    /// every exception).
+    pub const fn new(handler: TrapHandler, library_fixup_first: bool) -> Self {
+        TrapRegistration {
+            handler,
+            library_fixup_first,
+        }
     }
-    // SAFETY: only `set_trap_handler` stores a non-zero value, and it stores a
-    // `TrapHandler`; function pointers round-trip through `usize`.
-    Some(unsafe { core::mem::transmute::<usize, TrapHandler>(h) })
+
+    /// The handler.
+    pub const fn handler(&self) -> TrapHandler {
+        self.handler
+    }
+
+    /// Whether the library's fixup runs before the handler.
+    pub const fn library_fixup_first(&self) -> bool {
+        self.library_fixup_first
+    }
+}
+
+/// The registration the kit's dispatcher uses (null: no handler, library fixup first).
+static REGISTRATION: AtomicPtr<TrapRegistration> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Registers the kernel's trap handler with the kit's trap entry (the last call wins),
+/// both its handler and whether the library's fixup runs first ([`TrapRegistration`]),
+/// as one value: a trap that races the registration sees either the previous registration
+/// or this one, whole.
+///
+/// **Nested NMIs.** When Xen delivers an NMI to a PV vCPU it masks further NMIs and
+/// remembers the mask it had (`process_nmi` in Xen's `arch/x86/x86_64/entry.S`), and
+/// every `HYPERVISOR_iret` puts that earlier mask back (`async_exception_cleanup()`,
+/// called by `do_iret()` in `arch/x86/pv/iret.c`): the hypercall cannot tell the iret
+/// that ends the NMI handler from one that ends a trap taken inside it. So a trap the kit
+/// returns from *inside* an NMI handler (a `#GP` the library fixes up, such as a
+/// `rdmsr_safe` of an MSR Xen refuses, or a page fault the kernel resolves) reopens NMIs
+/// before the handler ends, and another NMI may arrive on top of it, on the same stack (a
+/// PV kernel has no IST). An NMI handler that can take a trap must tolerate that: keep a
+/// per-vCPU latch, let a nested NMI that finds it set only record that it happened and
+/// return, and have the outer handler repeat its work for the recorded NMI before it
+/// returns (as Linux's NMI entry does on bare metal, where an `iret` from an exception
+/// in the NMI handler reopens NMIs in the same way). The same holds for a virtual `#MC`.
+///
+/// # Safety
+///
+/// The kit writes the frame the handler leaves (every general register, `rip`, `rsp`
+/// and `rflags`) back into the interrupted context and resumes it there with
+/// `HYPERVISOR_iret`, whatever it holds. For every trap it returns from, the handler must
+/// leave a frame the interrupted code can soundly continue from: the frame as it came,
+/// the frame as [`crate::fixup::fixup_exception`] changed it, or a context the kernel
+/// made to be resumed (its own exception-table landing point with the registers that
+/// code expects, another task's saved context on that task's stack). Its `rflags.IF`
+/// decides whether events are masked after the return ([`Trap::cs`]).
+///
+/// # Examples
+///
+/// ```
+/// use xenmsr_asm::fixup::TrapFrame;
+/// use xenmsr_asm::pv::{Trap, TrapRegistration, set_trap_handler};
+///
+/// fn on_trap(frame: &mut TrapFrame, trap: &Trap) {
+///     // Only looks: the frame resumes as it came.
+///     let _ = (frame.rip, trap.vector);
+/// }
+///
+/// static TRAPS: TrapRegistration = TrapRegistration::new(on_trap, true);
+/// // SAFETY: `on_trap` leaves every frame as it came.
+/// unsafe { set_trap_handler(&TRAPS) };
+/// ```
+///
+/// Safe code cannot register a handler, since the frame it leaves is where execution
+/// resumes:
+///
+/// ```compile_fail,E0133
+/// use xenmsr_asm::fixup::TrapFrame;
+/// use xenmsr_asm::pv::{Trap, TrapRegistration, set_trap_handler};
+///
+/// fn redirect(frame: &mut TrapFrame, _: &Trap) {
+///     frame.rip = 0xdead_beef;
+/// }
+/// static TRAPS: TrapRegistration = TrapRegistration::new(redirect, false);
+/// set_trap_handler(&TRAPS);
+/// ```
+///
+/// nor run the kit's dispatcher (and with it the library's fixup) on a frame of its own
+/// making:
+///
+/// ```compile_fail,E0603
+/// use xenmsr_asm::fixup::TrapFrame;
+/// use xenmsr_asm::pv::Trap;
+///
+/// let mut frame = TrapFrame { rip: 0x1000, rsp: 0x2000, ..TrapFrame::default() };
+/// let trap = Trap { vector: 13, error_code: 0, cs: 0xe030 };
+/// xenmsr_asm::pv::dispatch_with_library_fixup(&mut frame, &trap);
+/// ```
+pub unsafe fn set_trap_handler(registration: &'static TrapRegistration) {
+    REGISTRATION.store(
+        core::ptr::from_ref(registration).cast_mut(),
+        Ordering::Release,
+    );
+}
+
+/// The registration [`set_trap_handler`] stored last, if any.
+fn registration() -> Option<&'static TrapRegistration> {
+    let registration = REGISTRATION.load(Ordering::Acquire);
+    // SAFETY: only `set_trap_handler` stores here, a pointer from a
+    // `&'static TrapRegistration` (which has no interior mutability); or it is null.
+    unsafe { registration.cast_const().as_ref() }
 }
 
 /// The kit's event dispatcher (`xenmsr::events`), as an address (0: none): when set, it
@@ -294,8 +405,14 @@ fn upcall_dispatcher() -> Option<fn()> {
 /// sites and for every resumable fault ([`crate::fixup::is_resumable_fault`]) at a
 /// guarded instruction (unless the handler asked to see everything), then the kernel's
 /// handler; without a handler, an unfixed trap other than an upcall stops the domain.
-pub fn dispatch_with_library_fixup(frame: &mut TrapFrame, trap: &Trap) {
-    let library_first = LIBRARY_FIRST.load(Ordering::Relaxed) != 0;
+///
+/// Private: it runs the library's fixup, which trusts the frame to be a real exception's
+/// (the kit's entry is the only caller).
+#[cfg_attr(not(any(test, target_os = "none")), allow(dead_code))]
+fn dispatch_with_library_fixup(frame: &mut TrapFrame, trap: &Trap) {
+    // One load: the handler and its ordering flag come from the same registration.
+    let registration = registration();
+    let library_first = registration.is_none_or(TrapRegistration::library_fixup_first);
     // Every resumable fault: #GP/#UD for the library's MSR entries, any of them for the
     // kernel's guarded instructions (`guarded_asm!`); the fixup refuses the rest itself.
     if library_first
@@ -312,7 +429,7 @@ pub fn dispatch_with_library_fixup(frame: &mut TrapFrame, trap: &Trap) {
         dispatch_events();
         return;
     }
-    match handler() {
+    match registration.map(TrapRegistration::handler) {
         Some(h) => h(frame, trap),
         None if trap.vector == VECTOR_UPCALL => {}
         None => unhandled(frame, trap),
@@ -800,6 +917,145 @@ pub unsafe fn keep_start_info(
 /// The `start_info` copy [`keep_start_info`] made, if the kit's entry ran.
 pub fn start_info() -> Option<&'static xenmsr_hypercall::abi::StartInfo> {
     START_INFO.get()
+}
+
+/// The handler registration with the kit's real dispatcher and the library's real fixup,
+/// on the host: whatever registration a trap sees, it sees that registration's handler
+/// with that registration's ordering flag, even while another thread re-registers.
+#[cfg(all(test, not(target_os = "none")))]
+mod registration_tests {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Barrier;
+    use std::vec::Vec;
+
+    use super::{Trap, TrapFrame, TrapRegistration, dispatch_with_library_fixup, set_trap_handler};
+    use crate::extable::{Data, Kind};
+
+    /// The address of an instruction this image's extable covers with a read-safe entry,
+    /// and its fixup. The instruction never runs: a `#GP` "raised" there is one the
+    /// library's fixup handles.
+    #[inline(never)]
+    fn covered_instruction() -> (u64, u64) {
+        let (insn, fixup): (u64, u64);
+        // SAFETY: computes two addresses; the jump skips the covered `ud2`, and the entry
+        // (insn, fixup, read-safe with the error in rsi) describes it truthfully.
+        unsafe {
+            core::arch::asm!(
+                "lea 2f(%rip), {insn}",
+                "lea 3f(%rip), {fixup}",
+                "jmp 3f",
+                "2: ud2",
+                "3:",
+                ".pushsection xenmsr_extable,\"awR\",@progbits",
+                ".balign 4",
+                ".long 2b - .",
+                ".long 3b - .",
+                ".long {data}",
+                ".popsection",
+                insn = out(reg) insn,
+                fixup = out(reg) fixup,
+                data = const Data::site(Kind::ReadSafe, 0).bits(),
+                options(att_syntax, nomem, nostack)
+            );
+        }
+        (insn, fixup)
+    }
+
+    /// Calls of [`after_library`]: it is registered with the library's fixup first, so it
+    /// must never see the covered fault.
+    static AFTER_LIBRARY_CALLS: AtomicU64 = AtomicU64::new(0);
+    /// Calls of [`sees_all`], which sees every trap before the fixup.
+    static SEES_ALL_CALLS: AtomicU64 = AtomicU64::new(0);
+
+    fn after_library(_: &mut TrapFrame, _: &Trap) {
+        AFTER_LIBRARY_CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sees_all(_: &mut TrapFrame, _: &Trap) {
+        SEES_ALL_CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    static AFTER_LIBRARY: TrapRegistration = TrapRegistration::new(after_library, true);
+    static SEES_ALL: TrapRegistration = TrapRegistration::new(sees_all, false);
+
+    /// A `#GP` at the covered instruction: whether the fixup handled it.
+    fn dispatch_gp(insn: u64, fixup: u64) -> bool {
+        let mut frame = TrapFrame {
+            rip: insn,
+            rsp: 0x7fff_0000,
+            rsi: 0x5a5a,
+            ..TrapFrame::default()
+        };
+        let trap = Trap {
+            vector: crate::VECTOR_GP,
+            error_code: 0,
+            cs: 0xe030,
+        };
+        dispatch_with_library_fixup(&mut frame, &trap);
+        match frame.rip {
+            rip if rip == fixup => true,
+            rip if rip == insn => false,
+            rip => panic!("the frame resumes at {rip:#x}"),
+        }
+    }
+
+    #[test]
+    fn a_trap_sees_one_registration_whole() {
+        const THREADS: usize = 2;
+        const TRAPS: u64 = 200_000;
+        let (insn, fixup) = covered_instruction();
+
+        // SAFETY: both handlers leave every frame as it came; the frames are this test's
+        // and never resumed.
+        unsafe { set_trap_handler(&AFTER_LIBRARY) };
+        assert!(
+            dispatch_gp(insn, fixup),
+            "library first: the fixup handles it"
+        );
+        assert_eq!(AFTER_LIBRARY_CALLS.load(Ordering::Relaxed), 0);
+        // SAFETY: as above.
+        unsafe { set_trap_handler(&SEES_ALL) };
+        assert!(
+            !dispatch_gp(insn, fixup),
+            "handler first: it gets the fault as raised"
+        );
+        assert_eq!(SEES_ALL_CALLS.load(Ordering::Relaxed), 1);
+
+        // Re-registrations racing traps on other threads.
+        let start = Barrier::new(THREADS + 1);
+        let unfixed = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        start.wait();
+                        (0..TRAPS).filter(|_| !dispatch_gp(insn, fixup)).count() as u64
+                    })
+                })
+                .collect();
+            start.wait();
+            while !threads.iter().all(|t| t.is_finished()) {
+                for registration in [&AFTER_LIBRARY, &SEES_ALL] {
+                    // SAFETY: as above.
+                    unsafe { set_trap_handler(registration) };
+                }
+            }
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("dispatching thread"))
+                .sum::<u64>()
+        });
+        assert_eq!(
+            AFTER_LIBRARY_CALLS.load(Ordering::Relaxed),
+            0,
+            "a handler registered after the library ran before it (another registration's flag)"
+        );
+        assert_eq!(
+            SEES_ALL_CALLS.load(Ordering::Relaxed),
+            1 + unfixed,
+            "a fault left unfixed without the handler that asked for it"
+        );
+    }
 }
 
 /// The entry's frame handling, run on the host: the failsafe stub, two exception stubs

@@ -85,10 +85,18 @@ pub fn trap_table() -> [TrapInfo; VECTORS + 1] {
     pv::trap_table()
 }
 
+/// This kernel's registration with the kit: its handler sees every trap, before any
+/// fixup.
+static TRAPS: pv::TrapRegistration = pv::TrapRegistration::new(pvk_trap_handler, false);
+
 /// Registers this kernel's handler with the kit (every trap, before any fixup) and the
 /// kit's trap table on this vCPU.
 pub fn install() -> Result<(), xenmsr_hypercall::Errno> {
-    pv::set_trap_handler(pvk_trap_handler, false);
+    // SAFETY: `pvk_trap_handler` returns only with the frame as it came (upcalls, the
+    // failsafe suite's expected callbacks), as the library's `fixup_exception` left it,
+    // or moved to one of this kernel's own exception-table landing points with the
+    // registers that code expects (`fixup::fixup`); any other trap stops the kernel.
+    unsafe { pv::set_trap_handler(&TRAPS) };
     pv::install_trap_table()
 }
 
