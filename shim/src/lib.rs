@@ -42,6 +42,7 @@ pub mod policy;
 #[doc(hidden)]
 pub mod routes;
 pub mod smp;
+pub mod testing;
 
 use core::fmt;
 use core::sync::atomic::{AtomicU8, Ordering};

@@ -6,5 +6,8 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-Txenmsr-pv.ld");
         // Xen loads the image at its link address and relocates nothing.
         println!("cargo:rustc-link-arg-bins=--no-pie");
+        // The same for the in-guest test target (tests/guest.rs), a kernel too.
+        println!("cargo:rustc-link-arg-tests=-Txenmsr-pv.ld");
+        println!("cargo:rustc-link-arg-tests=--no-pie");
     }
 }

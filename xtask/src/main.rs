@@ -434,7 +434,8 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
             }
         }
     }
-    // Its in-guest tests as `cargo test` builds and the runner boots them (guesttests.rs).
+    // The minimal kernel's in-guest tests, as `cargo test` builds them and the runner
+    // boots them (guesttests.rs).
     if guesttests::any_wanted(&wanted) {
         results.extend(guesttests::run(&wanted, o.deadline));
     }
