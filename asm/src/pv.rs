@@ -818,8 +818,10 @@ macro_rules! pv_entry {
         unsafe extern "C" fn xenmsr_pv_rust_entry(
             start_info: *const $crate::__hypercall::abi::StartInfo,
         ) -> ! {
-            // The stack is fresh and no one else runs yet: the registration cannot fail.
-            let _ = $crate::vcpu::register(0, &XENMSR_BOOT_STACK);
+            // SAFETY: the boot vCPU (0) runs on this stack from the entry on, and nothing
+            // else ever does (the static is the macro's own). Nothing else runs yet, so
+            // the registration cannot fail.
+            let _ = unsafe { $crate::vcpu::register(0, &XENMSR_BOOT_STACK) };
             // SAFETY: Xen passed `start_info` in rsi (moved to rdi by the entry): a mapped
             // `struct start_info` that nothing changes after entry.
             let info = unsafe { $crate::pv::keep_start_info(start_info) };

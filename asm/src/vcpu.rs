@@ -128,8 +128,15 @@ static BASES: [AtomicUsize; MAX_VCPUS] = [const { AtomicUsize::new(0) }; MAX_VCP
 static SCAN_END: AtomicUsize = AtomicUsize::new(0);
 
 /// Gives `stack` to vCPU `id`: claims the stack, then the id. On an error nothing is
-/// registered (a stack whose id was taken stays unclaimed).
-pub fn register(id: u32, stack: &'static VcpuStack) -> Result<(), StackError> {
+/// registered (a stack whose id was taken stays unclaimed). The kit's entry and
+/// `xenmsr::smp::start_vcpu` call it; a kernel has no need to.
+///
+/// # Safety
+///
+/// Only vCPU `id` ever runs on `stack`: the registry is what names the running vCPU, and
+/// the library keeps per-vCPU state (the vPMU's page) that two vCPUs with one id would
+/// both use.
+pub unsafe fn register(id: u32, stack: &'static VcpuStack) -> Result<(), StackError> {
     let index = id as usize;
     if index >= MAX_VCPUS {
         return Err(StackError::IdOutOfRange(id));
@@ -201,7 +208,14 @@ mod tests {
         let a = leaked();
         let b = leaked();
         assert_eq!(a.base() % VcpuStack::SIZE, 0);
-        assert_eq!(register(MAX_VCPUS as u32, a), Err(StackError::IdOutOfRange(64)));
+        let register = |id, stack| {
+            // SAFETY: nothing runs on these heap stacks.
+            unsafe { register(id, stack) }
+        };
+        assert_eq!(
+            register(MAX_VCPUS as u32, a),
+            Err(StackError::IdOutOfRange(64))
+        );
         assert!(!a.is_claimed(), "a refused id leaves the stack free");
         assert_eq!(register(40, a), Ok(()));
         assert_eq!(register(41, a), Err(StackError::StackTaken));
@@ -212,7 +226,10 @@ mod tests {
         assert_eq!(owner_of(a.top() - 8), Some(40));
         assert_eq!(owner_of(a.base()), Some(40));
         assert_eq!(owner_of(b.top() - 1), Some(41));
-        assert_eq!(owner_of(a.top()), owner_of(b.base()).filter(|_| a.top() == b.base()));
+        assert_eq!(
+            owner_of(a.top()),
+            owner_of(b.base()).filter(|_| a.top() == b.base())
+        );
         // The test thread's own stack is not a registered one.
         assert_eq!(current(), None);
         assert_eq!(current_or_unknown(), UNKNOWN_VCPU);

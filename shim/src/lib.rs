@@ -158,7 +158,7 @@ pub struct Config {
 impl Config {
     /// The configuration of a Xen PV kernel, and the defaults: vCPU ids from the kit's
     /// stacks ([`smp`]: the boot stack of [`pv_entry!`] is vCPU 0, and
-    /// [`smp::start_vcpu`]'s stacks name theirs; a kernel on stacks of its own gives
+    /// `smp::start_vcpu`'s stacks name theirs; a kernel on stacks of its own gives
     /// [`with_vcpu_id`](Self::with_vcpu_id), or `init` fails with
     /// [`InitError::BootVcpuId`]), Xen's CPUID view ([`xen_cpuid`]), the default vPMU
     /// slots, warn-once with the warnings and the library's messages dropped, text
@@ -421,6 +421,11 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
 /// - `config.write_text` must be able to store into the kernel's text.
 /// - `config.platform` must describe the machine: [`Platform::XenPv`] only in a 64-bit
 ///   Xen PV guest.
+/// - On Xen PV, the vCPU-id hook (the kit's stacks by default, or
+///   `Config::with_vcpu_id`) must give every running vCPU its own id, the same on every
+///   call on that vCPU: the vPMU's per-vCPU page and state are used by whichever vCPU the
+///   id names. The library refuses what it can see ([`InitError::BootVcpuId`],
+///   [`smp::register_this_vcpu`]'s errors), not a hook that changes its answer.
 pub unsafe fn init(config: Config) -> Result<InitReport, InitError> {
     // SAFETY: the caller's contract; the sites are this image's own records.
     unsafe { init_with_sites(config, image_sites()) }

@@ -7,7 +7,7 @@
 //! vPMU state, and a PV guest cannot ask the CPU. The id comes from
 //! `Config::with_vcpu_id`, or, by default, from the kit's stacks
 //! ([`xenmsr_asm::vcpu`]): the boot vCPU runs on the stack [`pv_entry!`](crate::pv_entry)
-//! registers as vCPU 0, and every vCPU [`start_vcpu`] starts runs on the [`VcpuStack`] it
+//! registers as vCPU 0, and every vCPU `start_vcpu` starts runs on the [`VcpuStack`] it
 //! was given, registered under its id before Xen starts it; upcalls and exceptions arrive
 //! on the interrupted stack, so the stack under `rsp` names the vCPU everywhere.
 //!
@@ -17,9 +17,9 @@
 //! - [`init`](crate::init) requires the id 0 on the boot vCPU (Xen always boots a PV
 //!   guest on vCPU 0) and fails with `InitError::BootVcpuId` otherwise (a kernel on its
 //!   own stacks that did not give `Config::with_vcpu_id` gets
-//!   [`UNKNOWN_VCPU`](xenmsr_asm::vcpu::UNKNOWN_VCPU) there);
+//!   [`xenmsr_asm::vcpu::UNKNOWN_VCPU`] there);
 //! - every other vCPU registers once, before it touches an MSR ([`register_this_vcpu`]:
-//!   [`start_vcpu`] does it for the vCPUs it starts): an id another online vCPU holds
+//!   `start_vcpu` does it for the vCPUs it starts): an id another online vCPU holds
 //!   ([`VcpuError::IdInUse`]), an id at or above the domain's vCPU count
 //!   ([`VcpuError::NoSuchVcpu`]) or of a vCPU Xen says is down ([`VcpuError::NotUp`]) is
 //!   refused.
@@ -140,7 +140,7 @@ pub fn is_registered(id: u32) -> bool {
 
 /// Registers the calling vCPU under the id the library's vCPU-id hook gives it (see the
 /// module docs for what is checked). Call it once on every vCPU but the boot one, before
-/// the vCPU touches an MSR; [`start_vcpu`] does it for the vCPUs it starts.
+/// the vCPU touches an MSR; `start_vcpu` (in a PV kernel) does it for the vCPUs it starts.
 pub fn register_this_vcpu() -> Result<u32, VcpuError> {
     let identity = IDENTITY.get().ok_or(VcpuError::NotInitialised)?;
     let id = (identity.vcpu_id)();
@@ -290,7 +290,9 @@ mod start {
             Ok(true) => return Err(StartError::AlreadyUp(id)),
             Err(e) => return Err(StartError::NoSuchVcpu(id, e)),
         }
-        xenmsr_asm::vcpu::register(id, stack).map_err(StartError::Stack)?;
+        // SAFETY: only vCPU `id` will run on `stack`: it is claimed here for good (a
+        // second claim fails), and the context below starts vCPU `id` on it.
+        unsafe { xenmsr_asm::vcpu::register(id, stack) }.map_err(StartError::Stack)?;
         let ctx = context(id, stack, entry);
         // SAFETY: the context starts `xenmsr_pv_secondary_start` (which never returns) on
         // a stack this vCPU alone owns (just claimed), with this kernel's page tables, the

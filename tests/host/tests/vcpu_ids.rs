@@ -38,7 +38,11 @@ fn on_vcpu<R: Send + 'static>(
     std::thread::spawn(move || {
         MY_ID.set(id);
         mock::on(nr::VCPU_OP, move |args| {
-            assert_eq!(args[0], u64::from(nr::VCPUOP_IS_UP), "only VCPUOP_is_up is asked");
+            assert_eq!(
+                args[0],
+                u64::from(nr::VCPUOP_IS_UP),
+                "only VCPUOP_is_up is asked"
+            );
             assert_eq!(args[1], u64::from(id), "Xen is asked about the hook's id");
             match is_up {
                 Ok(up) => i64::from(up),

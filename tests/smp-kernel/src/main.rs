@@ -111,8 +111,10 @@ mod kernel {
         if smp::current_vcpu() != Some(id) {
             return Err("wrong vCPU id");
         }
-        // SAFETY: reading FS_BASE and GS_BASE has no side effects.
-        if unsafe { (Msr::FS_BASE.read_safe(), Msr::GS_BASE.read_safe()) } != (Ok(fs), Ok(gs)) {
+        // SAFETY: reading FS_BASE has no side effects.
+        let fs_now = unsafe { Msr::FS_BASE.read_safe() };
+        // SAFETY: nor has reading GS_BASE.
+        if (fs_now, unsafe { Msr::GS_BASE.read_safe() }) != (Ok(fs), Ok(gs)) {
             return Err("a segment base changed");
         }
         // SAFETY: reading the APIC base has no side effects.

@@ -79,7 +79,11 @@ fn secondaries_come_up() -> TestResult {
 fn each_vcpu_registers_its_own_id_once() -> TestResult {
     use xenmsr::smp::{VcpuError, check_id_with_xen, is_registered, register_this_vcpu};
     let me = current_vcpu();
-    check_eq!(xenmsr::smp::current_vcpu(), Some(me), "the library's vCPU id");
+    check_eq!(
+        xenmsr::smp::current_vcpu(),
+        Some(me),
+        "the library's vCPU id"
+    );
     if me != 0 && !is_registered(me) {
         check_eq!(register_this_vcpu(), Ok(me), "first registration");
     }
@@ -94,7 +98,10 @@ fn each_vcpu_registers_its_own_id_once() -> TestResult {
     let count = model().vcpus;
     check_eq!(
         check_id_with_xen(page, count),
-        Err(VcpuError::NoSuchVcpu(count, xenmsr_hypercall::Errno::ENOENT)),
+        Err(VcpuError::NoSuchVcpu(
+            count,
+            xenmsr_hypercall::Errno::ENOENT
+        )),
         "Xen on the id at the vCPU count"
     );
     Ok(())
