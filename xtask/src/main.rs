@@ -23,6 +23,7 @@ mod kernel;
 mod smpbench;
 mod stubpaths;
 mod sweep;
+mod usercrate;
 mod xlcmd;
 
 use std::path::{Path, PathBuf};
@@ -438,6 +439,11 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
     // boots them (guesttests.rs).
     if guesttests::any_wanted(&wanted) {
         results.extend(guesttests::run(&wanted, o.deadline));
+    }
+    // A user's own crate outside the workspace: cargo run and cargo test through the
+    // installed runner (usercrate.rs).
+    if usercrate::any_wanted(&wanted) {
+        results.extend(usercrate::run(&wanted, o.deadline));
     }
 
     print_summary(&results);
