@@ -17,6 +17,7 @@ pub static BRING_UP: &[Test] = &[test!(events_come_up), test!(secondaries_come_u
 /// Run on every vCPU at once (after `xenmsr::init`).
 pub static TESTS: &[Test] = &[
     test!(each_vcpu_registers_its_own_id_once),
+    test!(start_vcpu_refuses_what_cannot_start),
     test!(apic_base_bsp_bit_is_per_vcpu),
     test!(segment_bases_stay_on_their_vcpu),
     test!(segment_bases_survive_vcpu_switches),
@@ -104,6 +105,35 @@ fn each_vcpu_registers_its_own_id_once() -> TestResult {
         )),
         "Xen on the id at the vCPU count"
     );
+    Ok(())
+}
+
+/// The kit's `start_vcpu` on requests Xen cannot honour: a vCPU that is already up, and
+/// an id at the domain's vCPU count (`ENOENT`, what a dom0 without `dom0_max_vcpus=`
+/// gets); neither claims the stack it was given, so the stack can still start a vCPU.
+fn start_vcpu_refuses_what_cannot_start() -> TestResult {
+    use xenmsr::smp::{StartError, VcpuStack, start_vcpu};
+    static SPARE: VcpuStack = VcpuStack::new();
+    fn never(_: u32) -> ! {
+        crate::exit::crash()
+    }
+    if current_vcpu() != 0 {
+        return Ok(());
+    }
+    let count = model().vcpus;
+    if count > 1 {
+        check_eq!(
+            start_vcpu(1, &SPARE, never),
+            Err(StartError::AlreadyUp(1)),
+            "starting a running vCPU"
+        );
+    }
+    check_eq!(
+        start_vcpu(count, &SPARE, never),
+        Err(StartError::NoSuchVcpu(count, xenmsr_hypercall::Errno::ENOENT)),
+        "starting a vCPU beyond the count"
+    );
+    check!(!SPARE.is_claimed(), "a refused start claimed the stack");
     Ok(())
 }
 
