@@ -130,7 +130,10 @@ fn start_vcpu_refuses_what_cannot_start() -> TestResult {
     }
     check_eq!(
         start_vcpu(count, &SPARE, never),
-        Err(StartError::NoSuchVcpu(count, xenmsr_hypercall::Errno::ENOENT)),
+        Err(StartError::NoSuchVcpu(
+            count,
+            xenmsr_hypercall::Errno::ENOENT
+        )),
         "starting a vCPU beyond the count"
     );
     check!(!SPARE.is_claimed(), "a refused start claimed the stack");
