@@ -65,6 +65,9 @@ pub enum VcpuError {
     NoSuchVcpu(u32, Errno),
     /// Xen says the vCPU with this id is down, so it is not the one running.
     NotUp(u32),
+    /// The vCPU is not registered (`offline_this_vcpu` of a vCPU that never registered or
+    /// already went offline).
+    NotRegistered(u32),
 }
 
 impl core::fmt::Display for VcpuError {
@@ -94,6 +97,7 @@ impl core::fmt::Display for VcpuError {
                     "Xen says vCPU {id} is down, so the running vCPU is not {id}"
                 )
             }
+            VcpuError::NotRegistered(id) => write!(f, "vCPU {id} is not registered"),
         }
     }
 }
@@ -147,7 +151,83 @@ pub fn register_this_vcpu() -> Result<u32, VcpuError> {
     register_checked(id, |id| check_id_with_xen(identity.hypercalls, id))
 }
 
-/// The registration's bookkeeping, with Xen's view of `id` given by `xen_check`.
+/// What [`offline_this_vcpu`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offline {
+    /// The vCPU's id.
+    pub id: u32,
+    /// Whether its vPMU page was registered, and is now parked for [`online_this_vcpu`].
+    pub vpmu_parked: bool,
+}
+
+/// What [`online_this_vcpu`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Online {
+    /// The vCPU's id.
+    pub id: u32,
+    /// Whether CR4.FSGSBASE had to be set again (it is set whenever `init` enabled
+    /// FSGSBASE: the sites use the instructions).
+    pub fsgsbase_restored: bool,
+    /// The vPMU page registered again (`None`: nothing was parked).
+    pub vpmu: Option<Result<(), crate::pmu::PmuError>>,
+}
+
+/// Takes the calling vCPU out of the library's books before it goes down (it then calls
+/// `VCPUOP_down` on itself, or another vCPU takes it down): its vPMU registration is
+/// finished (`XENPMU_finish`, as Linux does for a CPU going offline) and its page parked
+/// for [`online_this_vcpu`], and its id is unregistered. Call it with nothing of the
+/// library's in progress on this vCPU (its upcalls masked, as Linux's CPU hot-unplug
+/// runs). Not for the boot vCPU, which the domain cannot take down.
+pub fn offline_this_vcpu() -> Result<Offline, VcpuError> {
+    let identity = IDENTITY.get().ok_or(VcpuError::NotInitialised)?;
+    let id = (identity.vcpu_id)();
+    if id == UNKNOWN_VCPU {
+        return Err(VcpuError::Unknown);
+    }
+    if !is_registered(id) {
+        return Err(VcpuError::NotRegistered(id));
+    }
+    let vpmu_parked = crate::pmu::park(id).is_ok();
+    ONLINE[(id / 64) as usize].fetch_and(!(1u64 << (id % 64)), Ordering::AcqRel);
+    Ok(Offline { id, vpmu_parked })
+}
+
+/// Puts the calling vCPU back in the library's books when it is up again (on its return
+/// from `VCPUOP_down`): registers its id ([`register_this_vcpu`]'s checks), sets
+/// CR4.FSGSBASE again if `init` enabled FSGSBASE and the bit is gone, and registers
+/// again the vPMU page [`offline_this_vcpu`] parked. Call it before the vCPU touches an
+/// MSR.
+pub fn online_this_vcpu() -> Result<Online, VcpuError> {
+    let id = register_this_vcpu()?;
+    let fsgsbase_restored = restore_fsgsbase();
+    let vpmu = crate::pmu::global()
+        .is_parked(id)
+        .then(|| crate::pmu::unpark(id));
+    Ok(Online {
+        id,
+        fsgsbase_restored,
+        vpmu,
+    })
+}
+
+/// Sets CR4.FSGSBASE on this vCPU if the sites rely on it and it is clear; whether it
+/// did.
+fn restore_fsgsbase() -> bool {
+    #[cfg(target_os = "none")]
+    if crate::fsgsbase::enabled() {
+        // SAFETY: `init` enabled FSGSBASE (the kernel opted in, `FsGsBase::Use`'s
+        // contract), so setting the bit again on this vCPU only restores what the sites
+        // rely on; CR4 reads and writes are emulated by Xen for a PV kernel.
+        let cr4 = unsafe { crate::fsgsbase::read_cr4() };
+        if cr4 & crate::fsgsbase::CR4_FSGSBASE == 0 {
+            // SAFETY: as above.
+            return unsafe { crate::fsgsbase::enable_on_this_vcpu() };
+        }
+    }
+    false
+}
+
+/// The registration's bookkeeping, with Xen's view of `id` given by `xen_check`./// The registration's bookkeeping, with Xen's view of `id` given by `xen_check`.
 fn register_checked(
     id: u32,
     xen_check: impl FnOnce(u32) -> Result<(), VcpuError>,

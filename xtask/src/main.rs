@@ -362,11 +362,21 @@ struct SuiteResult {
 
 /// " on N vCPUs, upcalls inside stubs S, at call sites C" for a run's summary line.
 fn upcall_note(log: &guestlog::GuestLog) -> String {
+    let hotplug = log.hotplug_cycles();
+    let hotplug = if hotplug.is_empty() {
+        String::new()
+    } else {
+        let per_vcpu: Vec<String> = hotplug
+            .iter()
+            .map(|(vcpu, cycles)| format!("v{vcpu} {cycles}"))
+            .collect();
+        format!("; down/up cycles {}", per_vcpu.join(", "))
+    };
     match log.upcall_summary() {
         Some((vcpus, stub, site)) => {
-            format!(" on {vcpus} vCPUs; upcalls inside stubs {stub}, at call sites {site}")
+            format!(" on {vcpus} vCPUs; upcalls inside stubs {stub}, at call sites {site}{hotplug}")
         }
-        None => String::new(),
+        None => hotplug,
     }
 }
 

@@ -97,6 +97,13 @@ pub struct VcpuSlot {
     page: AtomicPtr<u8>,
     /// [`IN_PMI`] and [`FLUSH_REJECTED`]: one word, so an access tests both with one load.
     state: AtomicU8,
+    /// The registered page's machine frame.
+    mfn: AtomicU64,
+    /// A page [`Vpmu::park_vcpu`] unregistered and keeps for [`Vpmu::unpark_vcpu`], or
+    /// null.
+    parked: AtomicPtr<u8>,
+    /// The parked page's machine frame when it was parked.
+    parked_mfn: AtomicU64,
 }
 
 /// [`VcpuSlot`] state: inside [`Vpmu::on_pmi`] (written only by the slot's vCPU, with its
@@ -116,6 +123,9 @@ impl VcpuSlot {
         VcpuSlot {
             page: AtomicPtr::new(core::ptr::null_mut()),
             state: AtomicU8::new(0),
+            mfn: AtomicU64::new(0),
+            parked: AtomicPtr::new(core::ptr::null_mut()),
+            parked_mfn: AtomicU64::new(0),
         }
     }
 
@@ -552,6 +562,7 @@ impl Vpmu {
             return Err(PmuError::AlreadyInitialized);
         }
         slot.set_flush_rejected(false);
+        slot.mfn.store(mfn, Ordering::Release);
         let mut params = XenPmuParams::new(mfn, vcpu);
         let r = self.note(op(config.hypercalls, XenPmuOp::INIT, Some(&mut params)));
         if r.is_err() {
@@ -590,6 +601,97 @@ impl Vpmu {
         let mut params = XenPmuParams::new(0, vcpu);
         self.note(op(config.hypercalls, XenPmuOp::FINISH, Some(&mut params)))
             .map(drop)
+    }
+
+    /// Unregisters `vcpu`'s page like [`finish_vcpu`](Self::finish_vcpu) and keeps it,
+    /// with its frame, for [`unpark_vcpu`](Self::unpark_vcpu): what a vCPU going offline
+    /// needs (Linux finishes the vPMU of a CPU going down, and registers it again when
+    /// the CPU comes back), and what a suspend or a shutdown needs for every vCPU (Xen
+    /// forgets every registration across a save/restore).
+    ///
+    /// The page stays the backend's, not the caller's to free or reuse, until
+    /// `unpark_vcpu` registers it again or [`release_parked`](Self::release_parked) hands
+    /// it back. If Xen fails the `XENPMU_finish`, it may still write the page: it is then
+    /// forgotten (leaked), not parked, and the error returned. With no page registered:
+    /// [`PmuError::NotInitialized`], no hypercall.
+    pub fn park_vcpu(&self, vcpu: u32) -> Result<(), PmuError> {
+        let slot = self.slot(vcpu)?;
+        let page = slot.page.load(Ordering::Acquire);
+        let mfn = slot.mfn.load(Ordering::Acquire);
+        self.finish_vcpu(vcpu)?;
+        slot.parked_mfn.store(mfn, Ordering::Release);
+        slot.parked.store(page, Ordering::Release);
+        Ok(())
+    }
+
+    /// Registers again the page [`park_vcpu`](Self::park_vcpu) kept for `vcpu`, at the
+    /// frame it had (a vCPU back from `VCPUOP_down`: its memory did not move). After a
+    /// restore the page's frame changed: use [`unpark_vcpu_at`](Self::unpark_vcpu_at).
+    /// [`PmuError::NotInitialized`] when nothing is parked; on any other error the page
+    /// stays parked.
+    pub fn unpark_vcpu(&self, vcpu: u32) -> Result<(), PmuError> {
+        let mfn = self.slot(vcpu)?.parked_mfn.load(Ordering::Acquire);
+        // SAFETY: the frame is the one the page had when `init_vcpu` took it (whose
+        // caller vouched for it), and a parked page stays the backend's: nothing else
+        // uses it until it is registered again.
+        unsafe { self.unpark_vcpu_at(vcpu, mfn) }
+    }
+
+    /// [`unpark_vcpu`](Self::unpark_vcpu) at machine frame `mfn`.
+    ///
+    /// # Safety
+    ///
+    /// `mfn` must be the parked page's machine frame now (Xen maps that frame and writes
+    /// the vCPU's PMU state into it).
+    pub unsafe fn unpark_vcpu_at(&self, vcpu: u32, mfn: u64) -> Result<(), PmuError> {
+        let slot = self.slot(vcpu)?;
+        let page = slot.parked.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        let Some(page) = NonNull::new(page) else {
+            return Err(PmuError::NotInitialized);
+        };
+        // SAFETY: the page came to `init_vcpu` aligned and valid, and stayed the
+        // backend's while parked; `mfn` is its frame (caller).
+        let r = unsafe { self.init_vcpu(vcpu, page, mfn) };
+        if r.is_err() {
+            slot.parked.store(page.as_ptr(), Ordering::Release);
+        }
+        r
+    }
+
+    /// Whether `vcpu` has a parked page.
+    pub fn is_parked(&self, vcpu: u32) -> bool {
+        self.slot(vcpu)
+            .is_ok_and(|s| !s.parked.load(Ordering::Acquire).is_null())
+    }
+
+    /// Hands back the page parked for `vcpu` (the caller may free it), if any.
+    pub fn release_parked(&self, vcpu: u32) -> Option<NonNull<u8>> {
+        let slot = self.slot(vcpu).ok()?;
+        NonNull::new(slot.parked.swap(core::ptr::null_mut(), Ordering::AcqRel))
+    }
+
+    /// Parks every registered vCPU's page ([`park_vcpu`](Self::park_vcpu)), as a kernel
+    /// does before its final `SCHEDOP_shutdown` (Linux's `xen_reboot` finishes every
+    /// CPU's vPMU) or before a suspend. Returns how many were parked, or the first
+    /// error (the other vCPUs are still tried).
+    pub fn park_all(&self) -> Result<u32, PmuError> {
+        let Ok(config) = self.config() else {
+            return Ok(0);
+        };
+        let mut parked = 0;
+        let mut first_error = None;
+        for vcpu in 0..config.slots.len() as u32 {
+            if !self.is_initialized(vcpu) {
+                continue;
+            }
+            match self.park_vcpu(vcpu) {
+                Ok(()) => parked += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(parked), Err)
     }
 
     /// `XENPMU_mode_get`: the mode and the interface version `(major, minor)` Xen reports.
@@ -979,6 +1081,22 @@ pub unsafe fn init(vcpu: u32, page: NonNull<u8>, mfn: u64) -> Result<(), PmuErro
 /// [`Vpmu::finish_vcpu`] on the global backend (`vcpu` may be any vCPU of the domain).
 pub fn finish(vcpu: u32) -> Result<(), PmuError> {
     VPMU.finish_vcpu(vcpu)
+}
+
+/// [`Vpmu::park_vcpu`] on the global backend.
+pub fn park(vcpu: u32) -> Result<(), PmuError> {
+    VPMU.park_vcpu(vcpu)
+}
+
+/// [`Vpmu::unpark_vcpu`] on the global backend.
+pub fn unpark(vcpu: u32) -> Result<(), PmuError> {
+    VPMU.unpark_vcpu(vcpu)
+}
+
+/// [`Vpmu::park_all`] on the global backend: call it before the domain's final
+/// `SCHEDOP_shutdown`.
+pub fn park_all() -> Result<u32, PmuError> {
+    VPMU.park_all()
 }
 
 /// [`Vpmu::on_pmi`] on the global backend, for the calling vCPU. Call it from the

@@ -291,6 +291,15 @@ fn arm(vcpu: u32, period: u64) {
     }
 }
 
+/// Arms this vCPU's one-shot tick again if ticking (after the vCPU was down, when its
+/// timer may not have fired).
+pub fn rearm() {
+    let period = TICK_NS.load(Ordering::Acquire);
+    if period != 0 {
+        arm(current_vcpu(), period);
+    }
+}
+
 /// Starts the one-shot tick on this vCPU (re-armed by every timer upcall) and unmasks
 /// upcalls.
 pub fn start_ticking(period_ns: u64) {
@@ -413,6 +422,10 @@ pub fn upcall(frame: &TrapFrame) {
     let timer = port != u32::MAX && test_and_clear_pending(port);
     if timer {
         stats.timer.fetch_add(1, Ordering::Relaxed);
+        // The hotplug churn's vCPUs wait for vCPU 0 to bring them up.
+        if vcpu == 0 && crate::suites::hotplug::active() {
+            crate::suites::hotplug::bring_up_waiting();
+        }
         if HANDLER_WORK.load(Ordering::Acquire) {
             stats.worked.fetch_add(1, Ordering::Relaxed);
             if let Err(code) = kernel_like_work(vcpu)

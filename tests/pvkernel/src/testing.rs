@@ -213,6 +213,12 @@ pub fn record(name: &str, result: TestResult) {
 
 /// Prints the summary and the result line, and ends the run with the verdict.
 pub fn finish() -> ! {
+    // Before the final SCHEDOP_shutdown, every vCPU's vPMU is finished (as Linux's
+    // `xen_reboot` does), checked as a test of its own.
+    record(
+        "shutdown::every_vpmu_is_finished",
+        crate::suites::hotplug::finish_every_vpmu(),
+    );
     let passed = PASSED.load(Ordering::Relaxed);
     let failed = FAILED.load(Ordering::Relaxed);
     crate::println!("{passed} passed, {failed} failed");

@@ -134,7 +134,10 @@ impl GuestLog {
             .filter(|l| {
                 l.starts_with("smp: ")
                     || l.starts_with("upcalls: ")
-                    || (l.starts_with("stress: vCPU") && !l.contains("seed"))
+                    || l.starts_with("hotplug: ")
+                    || l.starts_with("shutdown: ")
+                    || ((l.starts_with("stress: vCPU") || l.starts_with("hotplug stress: vCPU"))
+                        && !l.contains("seed"))
             })
             .cloned()
             .collect()
@@ -154,6 +157,22 @@ impl GuestLog {
             Some((stub.parse().ok()?, site.parse().ok()?))
         })?;
         Some((vcpus, stub, site))
+    }
+
+    /// The down/up cycles of each vCPU the hotplug churn took down, in vCPU order, from
+    /// its `hotplug: vCPU N: C down/up cycles` lines (empty when it did not run).
+    pub fn hotplug_cycles(&self) -> Vec<(u32, u64)> {
+        let mut cycles: Vec<(u32, u64)> = self
+            .other
+            .iter()
+            .filter_map(|l| {
+                let (vcpu, rest) = l.strip_prefix("hotplug: vCPU ")?.split_once(": ")?;
+                let (count, _) = rest.split_once(" down/up cycles")?;
+                Some((vcpu.parse().ok()?, count.parse().ok()?))
+            })
+            .collect();
+        cycles.sort_unstable();
+        cycles
     }
 
     /// Parses a whole log.
@@ -278,6 +297,28 @@ mod tests {
             ]
         );
         assert_eq!(GuestLog::parse("test a ... ok\n").upcall_summary(), None);
+    }
+
+    #[test]
+    fn hotplug_cycles_are_collected_per_vcpu() {
+        let log = GuestLog::parse(
+            "  hotplug stress: vCPU 0: seed 0x5, 10 operations\n  hotplug stress: vCPU 0: 7 ok\n\
+             \x20 hotplug: vCPU 3: 200 down/up cycles, vPMU off\n  hotplug: vCPU 1: 199 down/up cycles, vPMU off\n",
+        );
+        assert_eq!(log.hotplug_cycles(), [(1, 199), (3, 200)]);
+        assert_eq!(
+            log.smp_report(),
+            [
+                "hotplug stress: vCPU 0: 7 ok",
+                "hotplug: vCPU 3: 200 down/up cycles, vPMU off",
+                "hotplug: vCPU 1: 199 down/up cycles, vPMU off"
+            ]
+        );
+        assert!(
+            GuestLog::parse("smp: 4 vCPUs up\n")
+                .hotplug_cycles()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod boot;
 pub mod failsafe;
 pub mod fsgsbase;
+pub mod hotplug;
 pub mod percpu;
 pub mod pmu;
 pub mod pmu_diff;
@@ -217,6 +218,11 @@ pub fn run(suite: &str, info: &'static BootInfo) {
             testing::run(fsgsbase::TESTS);
         }
     });
+    // vCPU hotplug: every vCPU but 0 goes down and up again and again while vCPU 0 runs
+    // the stress, timers ticking.
+    hotplug::arm();
+    smp::run_on_all(|_| testing::run(hotplug::TESTS));
+    hotplug::disarm();
     smp::run_on_all(|_| events::stop_ticking());
     testing::run(percpu::REPORT);
 }

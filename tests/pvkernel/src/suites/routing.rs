@@ -653,11 +653,16 @@ struct Tally {
 /// no crash, and every exception accounted for: each operation's #GP/#UD count, hypercall
 /// count and result must agree with each other.
 fn stress_random_operations() -> TestResult {
+    stress_ops("stress")
+}
+
+/// The stress itself; its report line starts with `what`.
+pub(super) fn stress_ops(what: &str) -> TestResult {
     const OPS: u64 = 100_000;
     let vcpu = crate::smp::current_vcpu();
     let seed =
         0x5eed_0000_0000_0001 ^ crate::boot_info().start_info.nr_pages ^ u64::from(vcpu) << 40;
-    crate::println!("  stress: vCPU {vcpu}: seed {seed:#x}, {OPS} operations");
+    crate::println!("  {what}: vCPU {vcpu}: seed {seed:#x}, {OPS} operations");
     let mut rng = Rng(seed);
     let mut t = Tally::default();
     let (gp_start, ud_start) = (traps::count(13), traps::count(6));
@@ -743,7 +748,7 @@ fn stress_random_operations() -> TestResult {
     }
     let (gp_total, ud_total) = (traps::count(13) - gp_start, traps::count(6) - ud_start);
     crate::println!(
-        "  stress: vCPU {vcpu}: {} ok, {} #GP faults, {} hypercall errors, {} invalid counters, {} unchecked faults; {} hypercalls; traps #GP {gp_total} #UD {ud_total}",
+        "  {what}: vCPU {vcpu}: {} ok, {} #GP faults, {} hypercall errors, {} invalid counters, {} unchecked faults; {} hypercalls; traps #GP {gp_total} #UD {ud_total}",
         t.ok,
         t.gp_faults,
         t.hypercall_errors,
