@@ -813,6 +813,7 @@ macro_rules! pv_entry {
         // The boot vCPU's stack is a kit `VcpuStack`, registered as vCPU 0 before `main`
         // runs, so the kit (and the library's default vCPU-id hook) can tell vCPU 0 from
         // the secondaries `xenmsr::smp::start_vcpu` starts.
+        #[unsafe(export_name = "xenmsr_pv_boot_stack")]
         static XENMSR_BOOT_STACK: $crate::vcpu::VcpuStack = $crate::vcpu::VcpuStack::new();
         #[unsafe(no_mangle)]
         unsafe extern "C" fn xenmsr_pv_rust_entry(
@@ -827,7 +828,7 @@ macro_rules! pv_entry {
             let info = unsafe { $crate::pv::keep_start_info(start_info) };
             $main(info)
         }
-        $crate::pv_entry!(@asm XENMSR_BOOT_STACK, $crate::vcpu::VcpuStack::SIZE);
+        $crate::pv_entry!(@asm "xenmsr_pv_boot_stack", $crate::vcpu::VcpuStack::SIZE);
     };
     ($main:path, stack_size = $size:expr) => {
         $crate::pv_entry!(@entry $main, "xenmsr_pv_stack", $size);
@@ -856,6 +857,10 @@ macro_rules! pv_entry {
             let info = unsafe { $crate::pv::keep_start_info(start_info) };
             $main(info)
         }
+        $crate::pv_entry!(@asm $stack, $size);
+    };
+    // The entry proper: the stack is the `$size` bytes from the symbol `$stack` on.
+    (@asm $stack:literal, $size:expr) => {
         ::core::arch::global_asm!(
             ".pushsection .text.xenmsr_pv_entry, \"ax\", @progbits",
             ".globl xenmsr_pv_start",
@@ -870,28 +875,6 @@ macro_rules! pv_entry {
             "ud2",
             ".size xenmsr_pv_start, . - xenmsr_pv_start",
             ".popsection",
-            size = const $size,
-            entry = sym xenmsr_pv_rust_entry,
-            options(att_syntax)
-        );
-    };
-    // The entry proper, on a stack that is a Rust static.
-    (@asm $stack:ident, $size:expr) => {
-        ::core::arch::global_asm!(
-            ".pushsection .text.xenmsr_pv_entry, \"ax\", @progbits",
-            ".globl xenmsr_pv_start",
-            ".type xenmsr_pv_start, @function",
-            "xenmsr_pv_start:",
-            "cld",
-            "mov %rsi, %rdi",
-            "lea {stack} + {size}(%rip), %rsp",
-            "and $-16, %rsp",
-            "xor %ebp, %ebp",
-            "call {entry}",
-            "ud2",
-            ".size xenmsr_pv_start, . - xenmsr_pv_start",
-            ".popsection",
-            stack = sym $stack,
             size = const $size,
             entry = sym xenmsr_pv_rust_entry,
             options(att_syntax)

@@ -158,16 +158,13 @@ fn churn(me: u32) -> TestResult {
         0x0000_5100_0000_0000 | u64::from(me) << 32,
     );
     // SAFETY: nothing in this kernel addresses memory through FS or GS here.
-    check_eq!(
-        unsafe { wrmsr_safe(MSR_FS_BASE, fs) },
-        Ok(()),
-        "FS_BASE write"
-    );
+    let fs_written = unsafe { wrmsr_safe(MSR_FS_BASE, fs) };
     // SAFETY: as above.
+    let gs_written = unsafe { wrmsr_safe(MSR_GS_BASE, gs) };
     check_eq!(
-        unsafe { wrmsr_safe(MSR_GS_BASE, gs) },
-        Ok(()),
-        "GS_BASE write"
+        (fs_written, gs_written),
+        (Ok(()), Ok(())),
+        "FS/GS base writes"
     );
     let page = hv::page();
     for cycle in 0..CYCLES {
