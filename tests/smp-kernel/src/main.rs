@@ -71,7 +71,7 @@ mod kernel {
         }
         let after = check(id, fs, gs);
         println!(
-            "smp: vCPU {id}: {} ticks; before {before:?}, after {after:?}",
+            "smp: vCPU {id}: before {before:?}, after {after:?} ({} ticks)",
             events::ticks(id)
         );
         if before.is_ok() && after.is_ok() {
