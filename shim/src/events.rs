@@ -122,6 +122,17 @@ pub unsafe fn init(start_info: &StartInfo) -> Result<(), EventError> {
     }
     .map_err(EventError::MapSharedInfo)?;
     SHARED.store(va as *mut SharedInfo, Ordering::Release);
+    // Every port starts masked, as Linux masks them all at boot: a port the toolstack
+    // bound for the domain (a domU's console and xenstore ports) would otherwise raise
+    // upcalls nobody asked for. `start_timer` unmasks the ports it binds.
+    for word in 0..64 {
+        let mask = bitmap_word(offset_of!(SharedInfo, evtchn_mask), word);
+        // SAFETY: an aligned word of the mapped page; `lock or` sets bits atomically
+        // against Xen's own locked updates.
+        unsafe {
+            core::arch::asm!("lock or qword ptr [{m}], {all}", m = in(reg) mask, all = in(reg) u64::MAX, options(nostack))
+        };
+    }
     // SAFETY: `dispatch` takes this vCPU's pending events with locked accesses, calls the
     // kernel's handler for each, and returns.
     unsafe { xenmsr_asm::pv::set_upcall_dispatcher(dispatch) };

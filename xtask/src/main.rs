@@ -445,6 +445,11 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
             }
         }
     }
+    // The SMP kernel as an xl domU too: the kit's console ring, events and vCPU start-up
+    // in an unprivileged domain.
+    if o.xl && wanted("smp-kernel/domU") {
+        results.push(smp_kernel_domu_test());
+    }
     // The minimal kernel's in-guest tests, as `cargo test` builds them and the runner
     // boots them (guesttests.rs).
     if guesttests::any_wanted(&wanted) {
@@ -685,6 +690,40 @@ fn example_kernel_test(
             example.expected.len(),
             report.outcome,
             xen_note(release, &report)
+        ))
+    })()
+    .map_err(|e| e.to_string());
+    SuiteResult {
+        name,
+        wall: start.elapsed(),
+        outcome,
+        report: Vec::new(),
+    }
+}
+
+/// `tests/smp-kernel` as an `xl` domU with 4 vCPUs: every vCPU's line and a poweroff,
+/// as in its dom0 rows.
+fn smp_kernel_domu_test() -> SuiteResult {
+    let name = "smp-kernel/domU".to_string();
+    eprintln!("xtask: {name}: the SMP example kernel as a domU under a Linux dom0 (xl create)");
+    let start = Instant::now();
+    let outcome = (|| -> XtaskResult<String> {
+        let kernel = kernel::build_package(SMP_KERNEL.package)?;
+        let run = xl::run_domu_suite(&provisioner(), &kernel, "", SMP_KERNEL.vcpus, XL_DEADLINE)?;
+        let ended = run.outcome(XL_DEADLINE);
+        let lines: Vec<&str> = run.console_log.lines().map(str::trim).collect();
+        for want in SMP_KERNEL.expected {
+            if !lines.iter().any(|l| l.starts_with(want)) {
+                return Err(format!("no line {want:?} in its console log ({ended})").into());
+            }
+        }
+        if !ended.succeeded() {
+            return Err(format!("{ended}").into());
+        }
+        Ok(format!(
+            "{} lines as expected on {} vCPUs, {ended}",
+            SMP_KERNEL.expected.len(),
+            SMP_KERNEL.vcpus
         ))
     })()
     .map_err(|e| e.to_string());
