@@ -136,6 +136,21 @@ static SCAN_END: AtomicUsize = AtomicUsize::new(0);
 /// Only vCPU `id` ever runs on `stack`: the registry is what names the running vCPU, and
 /// the library keeps per-vCPU state (the vPMU's page) that two vCPUs with one id would
 /// both use.
+///
+/// ```
+/// use xenmsr_asm::vcpu::{VcpuStack, register};
+/// static STACK: VcpuStack = VcpuStack::new();
+/// // SAFETY: nothing runs on STACK in this example, so no other vCPU can.
+/// assert_eq!(unsafe { register(5, &STACK) }, Ok(()));
+/// ```
+///
+/// Safe code cannot name a vCPU's stack:
+///
+/// ```compile_fail,E0133
+/// use xenmsr_asm::vcpu::{VcpuStack, register};
+/// static STACK: VcpuStack = VcpuStack::new();
+/// let _ = register(5, &STACK);
+/// ```
 pub unsafe fn register(id: u32, stack: &'static VcpuStack) -> Result<(), StackError> {
     let index = id as usize;
     if index >= MAX_VCPUS {

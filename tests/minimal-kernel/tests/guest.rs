@@ -29,6 +29,8 @@ mod guest {
             guarded_load_from_an_unmapped_page_is_pf,
             guarded_non_canonical_load_is_gp,
             guarded_division_by_zero_is_de,
+            a_vcpu_the_domain_lacks_does_not_start,
+            events_before_their_init_are_refused,
         ],
     }
 
@@ -114,6 +116,37 @@ mod guest {
         };
         check_eq!(result, Err(GuardedFault { vector: 0 }));
         let _ = (quotient, remainder);
+        Ok(())
+    }
+
+    /// This kernel boots with one vCPU (`dom0_max_vcpus=1`, or a one-vCPU domU): the kit
+    /// refuses to start vCPU 1 with Xen's answer, and does not claim the stack.
+    fn a_vcpu_the_domain_lacks_does_not_start() -> Result<(), Failure> {
+        use xenmsr::smp::{StartError, VcpuStack, start_vcpu};
+        static STACK: VcpuStack = VcpuStack::new();
+        fn never(_: u32) -> ! {
+            panic!("vCPU 1 ran")
+        }
+        let started = start_vcpu(1, &STACK, never);
+        check_eq!(
+            started,
+            Err(StartError::NoSuchVcpu(1, xenmsr::hypercall::Errno::ENOENT))
+        );
+        check!(!STACK.is_claimed(), "a refused start claimed the stack");
+        Ok(())
+    }
+
+    /// The kit's events before `events::init` (this harness never maps the shared info
+    /// page): every call is refused, none touches memory.
+    fn events_before_their_init_are_refused() -> Result<(), Failure> {
+        use xenmsr::events::{self, EventError};
+        check_eq!(
+            events::start_timer(1_000_000),
+            Err(EventError::NotInitialised)
+        );
+        check_eq!(events::enable(), Err(EventError::NotInitialised));
+        check_eq!(events::now_ns(), 0);
+        drop(events::mask());
         Ok(())
     }
 }
