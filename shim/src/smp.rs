@@ -261,7 +261,7 @@ pub fn check_id_with_xen(hypercalls: HypercallPage, id: u32) -> Result<(), VcpuE
 }
 
 #[cfg(target_os = "none")]
-pub use start::{StartError, start_vcpu};
+pub use start::{StartError, initial_context, start_vcpu};
 
 /// Starting a secondary vCPU on the kit's trap entry.
 #[cfg(target_os = "none")]
@@ -396,16 +396,32 @@ mod start {
         Err(StartError::Timeout(id))
     }
 
-    /// The initial context of vCPU `id`.
+    /// The initial context of vCPU `id` for `start_vcpu`: the kit's secondary entry, with
+    /// the id and the kernel's entry function for it.
     fn context(id: u32, stack: &'static VcpuStack, entry: fn(u32) -> !) -> VcpuGuestContext {
-        let mut ctx = VcpuGuestContext::zeroed();
-        let top = stack.top() as u64;
-        ctx.flags =
-            VcpuGuestContext::VGCF_IN_KERNEL | VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS;
-        ctx.user_regs.rip = xenmsr_pv_secondary_start as *const () as usize as u64;
-        ctx.user_regs.rsp = top;
+        let mut ctx = initial_context(
+            xenmsr_pv_secondary_start as *const () as usize as u64,
+            stack.top() as u64,
+        );
         ctx.user_regs.rdi = u64::from(id);
         ctx.user_regs.rsi = entry as *const () as usize as u64;
+        ctx
+    }
+
+    /// The `VCPUOP_initialise` context [`start_vcpu`] gives a vCPU, for a kernel with a
+    /// bring-up of its own: kernel mode at `rip` with `rsp` = `stack_top` (the kernel's
+    /// entry aligns it, as the kit's does), the calling vCPU's page tables (`cr3`), the
+    /// kit's trap table in the 256-entry shape Xen wants, the kit's event and failsafe
+    /// callbacks (`VGCF_failsafe_disables_events`: the failsafe handler runs with events
+    /// masked, as `pv::install_callbacks` arranges on the boot vCPU), the flat kernel
+    /// selectors, CR4.FSGSBASE if `init` enabled it, and events masked. The kernel adds
+    /// its own argument registers (`user_regs.rdi`, ...) before `vcpu_initialise`.
+    pub fn initial_context(rip: u64, stack_top: u64) -> VcpuGuestContext {
+        let mut ctx = VcpuGuestContext::zeroed();
+        ctx.flags =
+            VcpuGuestContext::VGCF_IN_KERNEL | VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS;
+        ctx.user_regs.rip = rip;
+        ctx.user_regs.rsp = stack_top;
         ctx.user_regs.cs = nr::FLAT_KERNEL_CS;
         ctx.user_regs.ss = nr::FLAT_KERNEL_SS;
         // Only the always-set bit: IF clear, so events start masked.
@@ -417,7 +433,7 @@ mod start {
             }
         }
         ctx.kernel_ss = u64::from(nr::FLAT_KERNEL_SS);
-        ctx.kernel_sp = top;
+        ctx.kernel_sp = stack_top;
         ctx.ctrlreg[3] = read_cr3();
         // Xen filters ctrlreg[4] as it does a `mov` to CR4; a vCPU must have FSGSBASE
         // from its first instruction if `init` enabled it (the sites use it).

@@ -25,7 +25,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use xenmsr_hypercall::Errno;
 use xenmsr_hypercall::abi::VcpuGuestContext;
 
-use crate::hv::{self, nr};
+use crate::hv;
 
 /// The most vCPUs the kernel runs.
 pub const MAX_VCPUS: usize = 8;
@@ -146,44 +146,16 @@ impl core::fmt::Display for BringUpError {
     }
 }
 
-/// The kernel's top-level page table in `cr3` format (Xen emulates the read).
-fn read_cr3() -> u64 {
-    let cr3: u64;
-    // SAFETY: `mov %cr3` traps to Xen, which emulates it for a PV kernel (the L4's machine
-    // frame, in cr3 format); no memory is touched.
-    unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
-    cr3
-}
-
-/// The initial context of secondary `vcpu`: kernel mode, its own stack, the kernel's
-/// page tables, trap table and callbacks, and `rdi` = its id.
-fn secondary_context(vcpu: u32, cr3: u64) -> VcpuGuestContext {
-    let mut ctx = VcpuGuestContext::zeroed();
-    let top = stack_top(vcpu as usize) as u64;
-    // The failsafe callback masks events on entry, as `callback_register` with
-    // CALLBACKF_mask_events does for vCPU 0.
-    ctx.flags = VcpuGuestContext::VGCF_IN_KERNEL | VcpuGuestContext::VGCF_FAILSAFE_DISABLES_EVENTS;
-    ctx.user_regs.rip = pvk_secondary_start as *const () as usize as u64;
-    ctx.user_regs.rsp = top;
+/// The initial context of secondary `vcpu`: the kit's (`xenmsr::smp::initial_context`:
+/// kernel mode, the kernel's page tables, the kit's trap table and callbacks, FSGSBASE if
+/// enabled, events masked) at this kernel's entry on the vCPU's own stack slot, with
+/// `rdi` = its id.
+fn secondary_context(vcpu: u32) -> VcpuGuestContext {
+    let mut ctx = xenmsr::smp::initial_context(
+        pvk_secondary_start as *const () as usize as u64,
+        stack_top(vcpu as usize) as u64,
+    );
     ctx.user_regs.rdi = u64::from(vcpu);
-    ctx.user_regs.cs = nr::FLAT_KERNEL_CS;
-    ctx.user_regs.ss = nr::FLAT_KERNEL_SS;
-    ctx.user_regs.rflags = 1 << 1; // the always-set bit; IF clear: events masked
-    ctx.user_regs.saved_upcall_mask = 1;
-    for entry in crate::traps::trap_table() {
-        if entry.address != 0 {
-            ctx.trap_ctxt[usize::from(entry.vector)] = entry;
-        }
-    }
-    ctx.kernel_ss = u64::from(nr::FLAT_KERNEL_SS);
-    ctx.kernel_sp = top;
-    ctx.ctrlreg[3] = cr3;
-    // A vCPU started after `xenmsr::init` enabled FSGSBASE needs it from its first
-    // instruction (Xen filters ctrlreg[4] as it does a `mov` to CR4).
-    ctx.ctrlreg[4] = xenmsr::fsgsbase::secondary_cr4();
-    let (event, failsafe) = crate::traps::callback_entries();
-    ctx.event_callback_eip = event;
-    ctx.failsafe_callback_eip = failsafe;
     ctx
 }
 
@@ -203,9 +175,8 @@ pub fn start_secondaries(count: u32) -> Result<u32, BringUpError> {
         _ if count as usize == MAX_VCPUS => {}
         _ => return Err(BringUpError::Extra(count)),
     }
-    let cr3 = read_cr3();
     for v in 1..count {
-        let ctx = secondary_context(v, cr3);
+        let ctx = secondary_context(v);
         // SAFETY: the context starts `pvk_secondary_start` (which never returns) on vCPU
         // `v`'s own stack slot, with this kernel's page tables, trap stubs and callbacks.
         unsafe { page.vcpu_initialise(v, &ctx) }.map_err(|e| BringUpError::Initialise(v, e))?;

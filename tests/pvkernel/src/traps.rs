@@ -12,7 +12,6 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use xenmsr_asm::pv::{self, Trap};
 
-use crate::hv::TrapInfo;
 use crate::smp::{CacheAligned, MAX_VCPUS, PerVcpu, vcpu_index};
 
 pub use xenmsr_asm::fixup::TrapFrame;
@@ -78,11 +77,6 @@ pub fn set_counts(saved: &[u64; VECTORS]) {
     for (c, v) in row.iter().zip(saved) {
         c.store(*v, Ordering::Relaxed);
     }
-}
-
-/// The trap table every vCPU registers (the kit's: vectors 0-19, then the terminator).
-pub fn trap_table() -> [TrapInfo; VECTORS + 1] {
-    pv::trap_table()
 }
 
 /// This kernel's registration with the kit: its handler sees every trap, before any
