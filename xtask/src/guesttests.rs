@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::qemu::{self, Dom0Run, Echo};
-use crate::{SuiteResult, XtaskResult, cargo, kernel, provisioner};
+use crate::{SuiteResult, XtaskResult, cargo, kernel, provisioner, push_sharing_setup};
 
 /// The package and its `harness = false` test target.
 const PACKAGE: &str = "xenmsr-minimal-kernel";
@@ -113,17 +113,8 @@ pub fn run(wanted: &dyn Fn(&str) -> bool, deadline: Duration) -> Vec<SuiteResult
             Ok(binary) => boot(row, binary, deadline),
             Err(e) => Err(format!("cargo test --no-run ... --test {TEST_TARGET}: {e}")),
         };
-        results.push(SuiteResult {
-            name: row.name.to_string(),
-            // The first row carries the build.
-            wall: if results.is_empty() {
-                start.elapsed()
-            } else {
-                row_start.elapsed()
-            },
-            outcome,
-            report: Vec::new(),
-        });
+        // The first row carries the build.
+        push_sharing_setup(&mut results, row.name, start, row_start, outcome);
     }
     results
 }

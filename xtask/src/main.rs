@@ -360,6 +360,28 @@ struct SuiteResult {
     report: Vec<String>,
 }
 
+/// Adds the result of one of the rows in `results` that share a set-up (a build, an
+/// install) begun at `setup_start`: the first row's wall time includes it.
+fn push_sharing_setup(
+    results: &mut Vec<SuiteResult>,
+    name: &str,
+    setup_start: Instant,
+    row_start: Instant,
+    outcome: Result<String, String>,
+) {
+    let wall = if results.is_empty() {
+        setup_start.elapsed()
+    } else {
+        row_start.elapsed()
+    };
+    results.push(SuiteResult {
+        name: name.to_string(),
+        wall,
+        outcome,
+        report: Vec::new(),
+    });
+}
+
 /// " on N vCPUs, upcalls inside stubs S, at call sites C" for a run's summary line.
 fn upcall_note(log: &guestlog::GuestLog) -> String {
     let hotplug = log.hotplug_cycles();

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{SuiteResult, XtaskResult, cache_dir, cargo, root_dir, run_checked};
+use crate::{
+    SuiteResult, XtaskResult, cache_dir, cargo, push_sharing_setup, root_dir, run_checked,
+};
 
 /// The rows, in the order they run.
 const ROWS: [&str; 3] = [
@@ -47,17 +49,8 @@ pub fn run(wanted: &dyn Fn(&str) -> bool, deadline: Duration) -> Vec<SuiteResult
             Err(e) => Err(format!("setting up the user crate: {e}")),
             Ok(krate) => run_row(name, krate).map_err(|e| e.to_string()),
         };
-        results.push(SuiteResult {
-            name: name.to_string(),
-            // The first row carries the install and the crate's set-up.
-            wall: if results.is_empty() {
-                start.elapsed()
-            } else {
-                row_start.elapsed()
-            },
-            outcome,
-            report: Vec::new(),
-        });
+        // The first row carries the install and the crate's set-up.
+        push_sharing_setup(&mut results, name, start, row_start, outcome);
     }
     results
 }

@@ -17,31 +17,9 @@ use crate::smp::{CacheAligned, MAX_VCPUS, PerVcpu, vcpu_index};
 pub use xenmsr_asm::fixup::TrapFrame;
 pub use xenmsr_asm::pv::{VECTOR_FAILSAFE, VECTOR_UPCALL, VECTORS};
 
-/// Vector names, for reports.
+/// Vector names, for reports (the kit's: `"#GP"`, or `"?"` for a vector without one).
 pub const fn vector_name(vector: u8) -> &'static str {
-    match vector {
-        0 => "#DE",
-        1 => "#DB",
-        2 => "NMI",
-        3 => "#BP",
-        4 => "#OF",
-        5 => "#BR",
-        6 => "#UD",
-        7 => "#NM",
-        8 => "#DF",
-        9 => "CSO",
-        10 => "#TS",
-        11 => "#NP",
-        12 => "#SS",
-        13 => "#GP",
-        14 => "#PF",
-        15 => "RSVD",
-        16 => "#MF",
-        17 => "#AC",
-        18 => "#MC",
-        19 => "#XM",
-        _ => "?",
-    }
+    xenmsr::guarded::GuardedFault { vector }.mnemonic()
 }
 
 /// The entry points of the event callback and the failsafe callback.
