@@ -70,8 +70,9 @@ static BACKEND: Once<&'static dyn MsrBackend> = Once::new();
 ///
 /// ```compile_fail,E0133
 /// use xenmsr_asm::backend::{MsrBackend, set_backend};
-/// # fn backend() -> &'static dyn MsrBackend { unimplemented!() }
-/// set_backend(backend());
+/// fn install(backend: &'static dyn MsrBackend) {
+///     set_backend(backend);
+/// }
 /// ```
 ///
 /// ```

@@ -146,14 +146,17 @@ static xenmsr_segbase_entry: AtomicUsize = AtomicUsize::new(0);
 /// (`xenmsr_hypercall::mock`), nothing may rely on those writes reaching a base.
 ///
 /// ```compile_fail,E0133
-/// # fn page() -> xenmsr_hypercall::HypercallPage { unimplemented!() }
-/// xenmsr_asm::stubs::set_segbase_hypercall_page(page());
+/// fn install(page: xenmsr_hypercall::HypercallPage) {
+///     xenmsr_asm::stubs::set_segbase_hypercall_page(page);
+/// }
 /// ```
 ///
-/// ```no_run
-/// # fn page() -> xenmsr_hypercall::HypercallPage { unimplemented!() }
-/// // SAFETY: a Xen PV kernel's own hypercall page (`HypercallPage::xen()`).
-/// unsafe { xenmsr_asm::stubs::set_segbase_hypercall_page(page()) };
+/// ```
+/// /// `page` is a Xen PV kernel's own hypercall page (`HypercallPage::xen()`).
+/// fn install(page: xenmsr_hypercall::HypercallPage) {
+///     // SAFETY: the kernel's own page, as this function's caller vouches.
+///     unsafe { xenmsr_asm::stubs::set_segbase_hypercall_page(page) };
+/// }
 /// ```
 pub unsafe fn set_segbase_hypercall_page(page: HypercallPage) {
     SEGBASE_PAGE.store(page.as_ptr().cast_mut(), Ordering::Release);

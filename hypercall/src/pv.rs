@@ -112,15 +112,17 @@ pub enum PvConsole {
 /// ```compile_fail,E0451
 /// use xenmsr_hypercall::HypercallPage;
 /// use xenmsr_hypercall::pv::ConsoleRing;
-/// # fn page() -> HypercallPage { unimplemented!() }
-/// let ring = ConsoleRing { hypercalls: page(), ring: core::ptr::NonNull::dangling(), port: 1 };
+/// fn forge(page: HypercallPage) -> ConsoleRing {
+///     ConsoleRing { hypercalls: page, ring: core::ptr::NonNull::dangling(), port: 1 }
+/// }
 /// ```
 ///
 /// ```compile_fail,E0133
 /// use xenmsr_hypercall::HypercallPage;
 /// use xenmsr_hypercall::pv::ConsoleRing;
-/// # fn page() -> HypercallPage { unimplemented!() }
-/// let ring = ConsoleRing::new(page(), core::ptr::NonNull::dangling(), 1);
+/// fn forge(page: HypercallPage) -> ConsoleRing {
+///     ConsoleRing::new(page, core::ptr::NonNull::dangling(), 1)
+/// }
 /// ```
 #[derive(Debug)]
 pub struct ConsoleRing {
