@@ -606,6 +606,21 @@ struct ExampleKernel {
     in_order: bool,
 }
 
+impl ExampleKernel {
+    /// The first expected line `lines` lacks (in order when `in_order`), if any.
+    fn first_missing(&self, lines: &[&str]) -> Option<&'static str> {
+        let mut at = 0;
+        for &want in self.expected {
+            let from = if self.in_order { at } else { 0 };
+            match lines[from..].iter().position(|l| l.starts_with(want)) {
+                Some(i) => at = from + i + 1,
+                None => return Some(want),
+            }
+        }
+        None
+    }
+}
+
 /// `tests/minimal-kernel`: one vCPU.
 const MINIMAL_KERNEL: ExampleKernel = ExampleKernel {
     stem: "minimal-kernel",
@@ -694,18 +709,11 @@ fn example_kernel_test(
             .into());
         }
         let lines: Vec<&str> = report.log.other.iter().map(String::as_str).collect();
-        let mut at = 0;
-        for want in example.expected {
-            let from = if example.in_order { at } else { 0 };
-            match lines[from..].iter().position(|l| l.starts_with(want)) {
-                Some(i) => at = from + i + 1,
-                None => {
-                    for line in &report.tail {
-                        eprintln!("{line}");
-                    }
-                    return Err(format!("no line {want:?} in its output").into());
-                }
+        if let Some(want) = example.first_missing(&lines) {
+            for line in &report.tail {
+                eprintln!("{line}");
             }
+            return Err(format!("no line {want:?} in its output").into());
         }
         Ok(format!(
             "{} lines as expected, {}{}",
@@ -734,10 +742,8 @@ fn smp_kernel_domu_test() -> SuiteResult {
         let run = xl::run_domu_suite(&provisioner(), &kernel, "", SMP_KERNEL.vcpus, XL_DEADLINE)?;
         let ended = run.outcome(XL_DEADLINE);
         let lines: Vec<&str> = run.console_log.lines().map(str::trim).collect();
-        for want in SMP_KERNEL.expected {
-            if !lines.iter().any(|l| l.starts_with(want)) {
-                return Err(format!("no line {want:?} in its console log ({ended})").into());
-            }
+        if let Some(want) = SMP_KERNEL.first_missing(&lines) {
+            return Err(format!("no line {want:?} in its console log ({ended})").into());
         }
         if !ended.succeeded() {
             return Err(format!("{ended}").into());
