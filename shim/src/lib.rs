@@ -34,6 +34,7 @@ pub mod dispatch;
 #[cfg(target_os = "none")]
 pub mod events;
 pub mod fsgsbase;
+pub mod lifecycle;
 mod msr;
 pub mod patch;
 pub mod pmu;
@@ -332,6 +333,9 @@ pub struct InitReport {
 }
 
 struct Settings {
+    /// The domain's view of CPUID on Xen PV (what `init` decided the sites from), for the
+    /// check after a resume; `None` natively.
+    cpuid: Option<fn(u32, u32) -> [u32; 4]>,
     unchecked: UncheckedPolicy,
     warn: fn(&UncheckedAccess),
     log: fn(fmt::Arguments<'_>),
@@ -514,6 +518,10 @@ unsafe fn init_claimed(
     // 2. Commit. Nothing below can fail: the records were checked with the same
     // variant and routings, and the hooks are free (this call owns INIT_STATE).
     SETTINGS.call_once(|| Settings {
+        cpuid: match config.platform {
+            Platform::XenPv { cpuid, .. } => Some(cpuid),
+            Platform::Native => None,
+        },
         unchecked: config.unchecked,
         warn: config.warn,
         log: config.log,
@@ -727,17 +735,35 @@ pub unsafe fn repatch(
     variant: Variant,
     stop_the_world: &mut dyn FnMut(&mut dyn FnMut()),
 ) -> Result<PatchReport, RepatchError> {
+    // SAFETY: forwarded to the caller; the routing is the one the sites have.
+    unsafe { repatch_routed(variant, patch::routing(), &mut || {}, stop_the_world) }
+}
+
+/// [`repatch`] with `routing`, which becomes the library's routing; `commit` runs inside
+/// the stop-the-world just before the sites are written (to switch what must change with
+/// them, as the FSGSBASE fast paths do).
+///
+/// # Safety
+///
+/// As for [`repatch`]; `routing` must suit the machine as `init` would have decided it.
+pub(crate) unsafe fn repatch_routed(
+    variant: Variant,
+    routing: patch::XenRouting,
+    commit: &mut dyn FnMut(),
+    stop_the_world: &mut dyn FnMut(&mut dyn FnMut()),
+) -> Result<PatchReport, RepatchError> {
     if INIT_STATE.load(Ordering::Acquire) != INIT_DONE {
         return Err(RepatchError::NotInitialised);
     }
     let Some(settings) = SETTINGS.get() else {
         return Err(RepatchError::NotInitialised);
     };
-    let routing = patch::routing();
     patch::check_sites(image_sites(), variant, &routing).map_err(RepatchError::Patch)?;
     let write_text = settings.write_text;
     let mut result = None;
     stop_the_world(&mut || {
+        commit();
+        patch::set_routing(routing);
         let mut write = |address: usize, bytes: &[u8]| {
             // SAFETY: `write_sites` only writes inside live patch sites, which no vCPU
             // executes while the world is stopped (this function's contract).

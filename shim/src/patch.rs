@@ -363,20 +363,19 @@ impl XenRouting {
     }
 }
 
-/// The routing `init` decided (or [`XenRouting::stubs_only`] before it).
-static ROUTING: spin::Once<XenRouting> = spin::Once::new();
+/// The routing `init` decided (or [`XenRouting::stubs_only`] before it), changed only by
+/// a resume that found the machine's CPUID changed (`lifecycle::resume`), which re-patches
+/// every site with the new one in the same stop-the-world.
+static ROUTING: spin::Mutex<Option<XenRouting>> = spin::Mutex::new(None);
 
-/// Records the routing of this kernel (once, by `init`).
+/// Records the routing the sites are patched with (`init`, and a resume that re-patches).
 pub(crate) fn set_routing(routing: XenRouting) {
-    ROUTING.call_once(|| routing);
+    *ROUTING.lock() = Some(routing);
 }
 
 /// The routing sites are patched with: `init`'s, or the stubs before it.
 pub fn routing() -> XenRouting {
-    ROUTING
-        .get()
-        .copied()
-        .unwrap_or_else(XenRouting::stubs_only)
+    ROUTING.lock().unwrap_or_else(XenRouting::stubs_only)
 }
 
 /// The stub a site of `op` (constant index `imm`) calls on Xen PV, if its route is a

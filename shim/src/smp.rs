@@ -212,7 +212,7 @@ pub fn online_this_vcpu() -> Result<Online, VcpuError> {
 
 /// Sets CR4.FSGSBASE on this vCPU if the sites rely on it and it is clear; whether it
 /// did.
-fn restore_fsgsbase() -> bool {
+pub(crate) fn restore_fsgsbase() -> bool {
     #[cfg(target_os = "none")]
     if crate::fsgsbase::enabled() {
         // SAFETY: `init` enabled FSGSBASE (the kernel opted in, `FsGsBase::Use`'s

@@ -17,6 +17,7 @@
 //! rows and verdicts, and caches under the checkout's `target/xenmsr-cache/`.
 
 mod bench;
+mod cargo_test_failures;
 mod guestbench;
 mod guesttests;
 mod kernel;
@@ -411,10 +412,11 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
 
     if o.host && wanted("host") {
         let start = Instant::now();
-        // The command's own output above says what failed; the summary stays one line.
+        // The summary names each failed test and the first line of its panic, so a log
+        // cut short still says what failed.
         let outcome = host_tests()
             .map(|()| "ok".to_string())
-            .map_err(|_| "cargo test --workspace --exclude xenmsr-pvkernel failed".to_string());
+            .map_err(|e| e.to_string());
         results.push(SuiteResult {
             name: "host".into(),
             wall: start.elapsed(),
@@ -909,13 +911,13 @@ fn cmd_bench(args: &[String]) -> XtaskResult<()> {
 fn host_tests() -> XtaskResult<()> {
     host_test_tools()?;
     eprintln!("xtask: host tests");
-    run_checked(cargo().args(["test", "--workspace", "--exclude", "xenmsr-pvkernel"]))?;
+    run_cargo_test(cargo().args(["test", "--workspace", "--exclude", "xenmsr-pvkernel"]))?;
     let include = provisioner().xen422_public_headers()?;
     eprintln!(
         "xtask: the ABI layouts and constants against Xen 4.22.0's public headers ({})",
         include.display()
     );
-    run_checked(
+    run_cargo_test(
         cargo()
             .args([
                 "test",
@@ -987,6 +989,30 @@ pub fn cargo() -> Command {
 }
 
 /// Runs a command with inherited stdio and fails with its status if it fails.
+/// Runs `cargo test`, its output passed through as it comes; on failure the error names
+/// every failed test with the first line of what it printed when it failed (its panic).
+fn run_cargo_test(cmd: &mut Command) -> XtaskResult<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let mut failures = cargo_test_failures::Failures::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("{cmd:?}: reading its output: {e}"))?;
+        println!("{line}");
+        failures.see(&line);
+    }
+    let _ = std::io::stdout().flush();
+    let status = child.wait().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}{}", failures.summary()).into())
+    }
+}
+
 pub fn run_checked(cmd: &mut Command) -> XtaskResult<()> {
     let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
     if status.success() {

@@ -664,6 +664,12 @@ impl Vpmu {
             .is_ok_and(|s| !s.parked.load(Ordering::Acquire).is_null())
     }
 
+    /// The page parked for `vcpu`, if any (it stays parked: to find its frame after a
+    /// restore, for [`unpark_vcpu_at`](Self::unpark_vcpu_at)).
+    pub fn parked_page(&self, vcpu: u32) -> Option<NonNull<u8>> {
+        NonNull::new(self.slot(vcpu).ok()?.parked.load(Ordering::Acquire))
+    }
+
     /// Hands back the page parked for `vcpu` (the caller may free it), if any.
     pub fn release_parked(&self, vcpu: u32) -> Option<NonNull<u8>> {
         let slot = self.slot(vcpu).ok()?;

@@ -77,24 +77,11 @@ fn ud2_is_a_ud_and_every_other_register_survives() {
 #[test]
 fn a_load_from_an_unmapped_page_is_a_pf() {
     install_fault_handlers();
-    // A page that was mapped and is not any more, and one mapped without access.
-    // SAFETY: a new anonymous private mapping of one page; it touches no existing memory.
-    let page = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(page, libc::MAP_FAILED);
-    // SAFETY: the mapping made above, which nothing uses. This test makes no allocation
-    // before the load, so nothing is mapped there again meanwhile (another test thread
-    // might map something there: then the load below reads it and the test fails loudly).
-    assert_eq!(unsafe { libc::munmap(page, 4096) }, 0);
-    let unmapped = page as usize;
+    // Addresses nothing can map, whatever other test threads do meanwhile (a page
+    // unmapped here could be mapped again by another thread's allocation before the
+    // load): the last user page (0x7fff_ffff_f000, at and above Linux's TASK_SIZE) and
+    // the first canonical kernel address; and a page mapped without access.
+    let unmappable = [0x7fff_ffff_f000usize, 0xffff_8000_0000_0000];
     // SAFETY: a new anonymous mapping without access; unmapped after the test.
     let no_access = unsafe {
         libc::mmap(
@@ -107,7 +94,7 @@ fn a_load_from_an_unmapped_page_is_a_pf() {
         )
     };
     assert_ne!(no_access, libc::MAP_FAILED);
-    for addr in [unmapped, no_access as usize + 8, 0] {
+    for addr in [unmappable[0], unmappable[1], no_access as usize + 8, 0] {
         // SAFETY: the page is not readable; the load faults before reading.
         let (result, faults) = counting(|| unsafe { guarded::read_u64(addr) });
         assert_eq!(result, Err(PF), "load from {addr:#x}");
