@@ -884,6 +884,10 @@ macro_rules! pv_entry {
 
 /// Where [`keep_start_info`] copies `start_info`.
 static START_INFO: spin::Once<xenmsr_hypercall::abi::StartInfo> = spin::Once::new();
+/// The `start_info` page Xen passed at entry, kept for a suspend (the toolstack rewrites
+/// that page, not the copy, for the new domain).
+static START_INFO_PAGE: core::sync::atomic::AtomicPtr<xenmsr_hypercall::abi::StartInfo> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 
 /// Copies Xen's `start_info` into a static (once) and returns the copy; the entry point of
 /// [`pv_entry!`](crate::pv_entry) calls it.
@@ -894,9 +898,18 @@ static START_INFO: spin::Once<xenmsr_hypercall::abi::StartInfo> = spin::Once::ne
 pub unsafe fn keep_start_info(
     start_info: *const xenmsr_hypercall::abi::StartInfo,
 ) -> &'static xenmsr_hypercall::abi::StartInfo {
+    START_INFO_PAGE.store(start_info.cast_mut(), core::sync::atomic::Ordering::Release);
     // SAFETY: the caller guarantees a mapped `start_info`; it is plain data Xen does not
-    // change after entry, read unaligned-safe into the static.
+    // change while the domain runs, read unaligned-safe into the static.
     START_INFO.call_once(|| unsafe { start_info.read_unaligned() })
+}
+
+/// The `start_info` page itself (not the copy), where Xen put it at entry, if the kit's
+/// entry ran. A suspend passes its machine frame to Xen, and after a restore or a
+/// migration the new domain's shared-info address, event channels and ring frames are
+/// there (the copy keeps the boot values).
+pub fn start_info_page() -> Option<core::ptr::NonNull<xenmsr_hypercall::abi::StartInfo>> {
+    core::ptr::NonNull::new(START_INFO_PAGE.load(core::sync::atomic::Ordering::Acquire))
 }
 
 /// The `start_info` copy [`keep_start_info`] made, if the kit's entry ran.

@@ -136,6 +136,41 @@ impl HypercallPage {
         .map(drop)
     }
 
+    /// `sched_op(SCHEDOP_shutdown, &{SHUTDOWN_suspend})` with the machine frame of the
+    /// domain's `start_info` page in the third argument (`rdx`), which the toolstack reads
+    /// from vCPU 0's saved registers and rewrites for the new domain: the PV suspend.
+    /// Returns `Ok(0)` when the domain runs on in a new domain (restored or migrated),
+    /// `Ok(1)` when the toolstack cancelled it (the same domain runs on), `Err` when Xen
+    /// refused.
+    ///
+    /// # Safety
+    ///
+    /// Only a domU may call it, on vCPU 0, with every other vCPU parked and this vCPU's
+    /// upcalls masked, and the guest's pre-suspend steps done (`start_info`'s store and
+    /// console frames turned into PFNs, the shared-info frame unmapped): across the call
+    /// every machine frame of the domain may change, and memory the toolstack owns
+    /// (`start_info`, the p2m list, the xenstore and console rings) is rewritten under the
+    /// caller. Made by dom0 it halts or reboots the host.
+    pub unsafe fn sched_suspend(self, start_info_mfn: u64) -> Result<u64, Errno> {
+        let arg = SchedShutdown {
+            reason: nr::SHUTDOWN_SUSPEND,
+        };
+        // SAFETY: Xen reads the `SchedShutdown` on this stack frame during the call; the
+        // caller guarantees the rest (its contract above).
+        unsafe {
+            self.call(
+                nr::SCHED_OP,
+                [
+                    u64::from(nr::SCHEDOP_SHUTDOWN),
+                    ptr::from_ref(&arg) as u64,
+                    start_info_mfn,
+                    0,
+                    0,
+                ],
+            )
+        }
+    }
+
     /// `xen_version(XENVER_version, NULL)`: the running hypervisor's version as
     /// `(major, minor)`, which Xen returns as `major << 16 | minor` (4.20 is `0x0004_0014`).
     ///

@@ -182,6 +182,13 @@ impl ConsoleRing {
     pub fn port(&self) -> u32 {
         self.port
     }
+
+    /// Kicks the backend through `port` from now on: after a restore or a migration the
+    /// ring page keeps its place and contents but the domain's console event channel is
+    /// a new one (`start_info.console.domU.evtchn` of the new domain).
+    pub fn set_port(&mut self, port: u32) {
+        self.port = port;
+    }
 }
 
 impl PvConsole {
@@ -217,6 +224,14 @@ impl PvConsole {
         // SAFETY: the caller's contract: the start-of-day mapping puts the domain's console
         // page there for the domain's life, and this is the kernel's one writer of it.
         PvConsole::Ring(unsafe { ConsoleRing::new(hypercalls, ring, start_info.console_evtchn) })
+    }
+
+    /// Points a ring console at a new event channel ([`ConsoleRing::set_port`]); the
+    /// hypervisor console has none.
+    pub fn set_port(&mut self, port: u32) {
+        if let PvConsole::Ring(ring) = self {
+            ring.set_port(port);
+        }
     }
 
     /// Writes `bytes`. On the ring, waits (yielding) while the ring is full, and gives up

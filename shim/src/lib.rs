@@ -44,6 +44,8 @@ pub mod policy;
 pub mod routes;
 pub mod smp;
 pub mod testing;
+/// A minimal xenstore client (no alloc) for suspend acknowledgement and vCPU hotplug.
+pub mod xenstore;
 
 use core::fmt;
 use core::sync::atomic::{AtomicU8, Ordering};

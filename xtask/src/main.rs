@@ -21,6 +21,7 @@ mod cargo_test_failures;
 mod guestbench;
 mod guesttests;
 mod kernel;
+mod lifecycle;
 mod smpbench;
 mod stubpaths;
 mod sweep;
@@ -353,12 +354,12 @@ fn xen_note(release: Xen, report: &qemu::RunReport) -> String {
 }
 
 /// One line of the final summary.
-struct SuiteResult {
-    name: String,
-    wall: Duration,
-    outcome: Result<String, String>,
+pub(crate) struct SuiteResult {
+    pub(crate) name: String,
+    pub(crate) wall: Duration,
+    pub(crate) outcome: Result<String, String>,
     /// The kernel's SMP report (vCPUs, stress totals, where upcalls landed).
-    report: Vec<String>,
+    pub(crate) report: Vec<String>,
 }
 
 /// Adds the result of one of the rows in `results` that share a set-up (a build, an
@@ -430,7 +431,8 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
         .filter(|s| wanted(&s.name))
         .collect();
     let run_xl = o.xl && wanted("domU/xl");
-    if !suites.is_empty() || run_xl {
+    let run_lifecycle = o.xl && wanted(lifecycle::ROW);
+    if !suites.is_empty() || run_xl || run_lifecycle {
         let start = Instant::now();
         let kernel = kernel::build();
         let build_wall = start.elapsed();
@@ -455,6 +457,9 @@ fn cmd_test(args: &[String]) -> XtaskResult<()> {
                 dom0_tests(&kernel, &suites, echo, &mut results)?;
                 if run_xl {
                     results.push(domu_test(&kernel));
+                }
+                if run_lifecycle {
+                    results.push(lifecycle::test(&kernel));
                 }
             }
         }

@@ -28,6 +28,7 @@ pub fn cmd_xl(args: &[String]) -> XtaskResult<()> {
         echo_console: false,
         cpu: None,
         xen_args: Vec::new(),
+        lifecycle: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {

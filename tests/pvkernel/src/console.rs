@@ -24,6 +24,14 @@ pub fn init(info: &crate::boot::BootInfo) {
     });
 }
 
+/// Kicks the console backend through `port` from now on (a restored or migrated domain's
+/// new console event channel).
+pub fn set_port(port: u32) {
+    if let Some(console) = CONSOLE.get() {
+        console.lock().set_port(port);
+    }
+}
+
 /// Waits until a domU's console backend has read everything written (bounded).
 pub fn drain() {
     if let Some(console) = CONSOLE.get() {

@@ -97,6 +97,58 @@ pub fn init_boot(shared_info_maddr: u64) -> Result<(), EventError> {
     init_vcpu(0)
 }
 
+/// Before a suspend (vCPU 0, every vCPU's upcalls masked, the others parked where they
+/// touch neither the shared info page nor a port): takes the shared info frame out of
+/// the page tables by mapping this module's own frame back at its address (the save
+/// refuses a page table entry naming a frame that is not the guest's, and the address
+/// stays readable), and forgets the pointer: [`mask`] and [`masked`] then answer
+/// "masked" without touching the page.
+pub fn unmap_shared_info() -> Result<(), EventError> {
+    let va = (&raw mut SHARED_INFO_PAGE) as u64;
+    SHARED.store(ptr::null_mut(), Ordering::Release);
+    let own_frame = crate::suites::lifecycle::mfn_of(va as usize);
+    // SAFETY: maps the page's own frame back (what it was before `init_boot`); nothing
+    // holds a reference into it, and the pointer to the shared info is gone.
+    unsafe {
+        hv::page().update_va_mapping(
+            va,
+            own_frame << 12 | PTE_FLAGS,
+            nr::UVMF_INVLPG | nr::UVMF_ALL,
+        )
+    }
+    .map_err(EventError::MapSharedInfo)
+}
+
+/// After a suspend: maps the shared info frame at `shared_info_maddr` (the same one
+/// after a cancelled suspend, the new domain's after a restore) at the same address again.
+pub fn remap_shared_info(shared_info_maddr: u64) -> Result<(), EventError> {
+    let va = (&raw mut SHARED_INFO_PAGE) as u64;
+    // SAFETY: as in `init_boot`.
+    unsafe {
+        hv::page().update_va_mapping(
+            va,
+            (shared_info_maddr & !0xfff) | PTE_FLAGS,
+            nr::UVMF_INVLPG | nr::UVMF_ALL,
+        )
+    }
+    .map_err(EventError::MapSharedInfo)?;
+    SHARED.store(va as *mut SharedInfo, Ordering::Release);
+    Ok(())
+}
+
+/// The x86 part of the mapped shared info page (the toolstack's p2m fields), or null
+/// while it is unmapped.
+pub fn arch_shared_info() -> *mut xenmsr_hypercall::abi::ArchSharedInfo {
+    let shared = shared();
+    if shared.is_null() {
+        return ptr::null_mut();
+    }
+    shared
+        .cast::<u8>()
+        .wrapping_add(offset_of!(SharedInfo, arch))
+        .cast()
+}
+
 fn shared() -> *mut SharedInfo {
     SHARED.load(Ordering::Acquire)
 }
@@ -202,6 +254,9 @@ impl Drop for Masked {
 /// Clears this vCPU's mask and, if an event arrived meanwhile, makes a hypercall so that
 /// Xen delivers it on the way back (a PV `sti` has no other way to notice it).
 fn unmask(vcpu: u32) {
+    if shared().is_null() {
+        return;
+    }
     core::sync::atomic::compiler_fence(Ordering::SeqCst);
     write_byte(mask_byte(vcpu), 0);
     core::sync::atomic::fence(Ordering::SeqCst);

@@ -147,6 +147,7 @@ fn boot_domu(prov: &Provisioner, kernel: &Path, options: &BootOptions) -> Runner
         echo_console: true,
         cpu: Some(options.cpu.clone()),
         xen_args: options.domu_xen_args(),
+        lifecycle: None,
     };
     prov.say(format_args!(
         "booting {} as a PV domU (xl create; {} vCPU{}, {} MiB) under a Linux dom0 and Xen \

@@ -99,6 +99,29 @@ pub struct GuestSpec<'a> {
     /// How many times (at least 0.2 s apart) the dom0 polls `xl list` for the domU's
     /// end before it gives up on its own (the host normally stops it first).
     pub max_polls: u64,
+    /// The lifecycle the dom0 drives the domU through, if any.
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// What the dom0 does to the domU once it prints `lifecycle: ready`, in this order:
+/// `cancelled` checkpoints (`xl save -c`: the guest's suspend is cancelled), `saves`
+/// rounds of `xl save` + `xl restore`, `migrations` rounds of `xl migrate` to localhost,
+/// `vcpu_sets` rounds of `xl vcpu-set` down to 1 vCPU and back to 2, each after a random
+/// 0.5-2.5 s of the guest's stress; then `xl shutdown`. Each step waits for the guest's
+/// line that says it resumed (or its vCPU went and came back) before the next. With
+/// `cancelled > 0`, give `saves` or `migrations` too: xl's monitor exits at the
+/// checkpoint's suspend, and only a restore or a migration starts another one (without
+/// one, nothing destroys the domain at its power-off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// `xl save` + `xl restore` rounds.
+    pub saves: u32,
+    /// `xl save -c` rounds.
+    pub cancelled: u32,
+    /// `xl migrate` rounds.
+    pub migrations: u32,
+    /// `xl vcpu-set 1` / `xl vcpu-set 2` rounds.
+    pub vcpu_sets: u32,
 }
 
 /// Builds (or finds in the cache) the dom0 kernel and the large initramfs part.
@@ -179,7 +202,13 @@ pub fn guest_cpio(spec: &GuestSpec<'_>) -> RunnerResult<Vec<u8>> {
         vcpus = spec.vcpus,
         args = spec.args,
     );
-    let settings = format!("MAX_POLLS={}\n", spec.max_polls.max(1));
+    let mut settings = format!("MAX_POLLS={}\n", spec.max_polls.max(1));
+    if let Some(l) = spec.lifecycle {
+        settings.push_str(&format!(
+            "LIFECYCLE=1\nLC_SAVES={}\nLC_CANCELLED={}\nLC_MIGRATIONS={}\nLC_VCPU_SETS={}\n",
+            l.saves, l.cancelled, l.migrations, l.vcpu_sets
+        ));
+    }
     let mut cpio = Cpio::default();
     cpio.file("guest/kernel", 0o644, &kernel);
     cpio.file("guest/guest.cfg", 0o644, cfg.as_bytes());
@@ -635,6 +664,83 @@ stream() {{
         shown=$n
     fi
 }}
+# After `xl migrate` the new domain's console goes to a log named after its temporary
+# name until xenconsoled reopens its logs (SIGHUP): streamed once, then removed.
+incoming_log=/var/log/xen/console/guest-{GUEST_NAME}--incoming.log
+stream_incoming() {{
+    [ -f "$incoming_log" ] || return 0
+    sed 's/^/{DOMU_LINE}/' "$incoming_log"
+    rm -f "$incoming_log"
+}}
+
+# The lifecycle driver (LIFECYCLE=1 in /guest/settings): one step per poll, each xl
+# command synchronous.
+lc_phase=ready
+lc_i=0
+lc_saw() {{ cat "$log" /tmp/lc-incoming.log 2>/dev/null | grep -c "$1"; }}
+lc_pause() {{ usleep $(( (RANDOM % 2000 + 500) * 1000 )); }}
+lc_run() {{
+    what=$1; shift
+    say "lifecycle: $what at $(now) s"
+    t0=$(now)
+    "$@" > /tmp/lc.log 2>&1 || {{ diag < /tmp/lc.log; fail "$what"; }}
+    say "lifecycle: $what done in $(( $(now) - t0 )) s"
+}}
+lifecycle_step() {{
+    case $lc_phase in
+    ready)
+        [ "$(lc_saw 'lifecycle: ready')" -ge 1 ] || return 0
+        lc_phase=cancel; lc_i=0 ;;
+    # The cancelled saves come first: xl's monitor of a domain exits when the domain
+    # suspends, also for `xl save -c`, which then leaves the domain running without one
+    # (nobody would carry out its on_poweroff); each `xl restore` starts a new monitor.
+    cancel)
+        [ "$(lc_saw 'lifecycle: resumed (cancelled)')" -ge "$lc_i" ] || return 0
+        if [ "$lc_i" -ge "$LC_CANCELLED" ]; then lc_phase=save; lc_i=0; return 0; fi
+        lc_pause
+        lc_i=$((lc_i + 1))
+        lc_run "xl save -c #$lc_i" xl save -c {GUEST_NAME} /tmp/guest.chk
+        rm -f /tmp/guest.chk ;;
+    save)
+        [ "$(lc_saw 'lifecycle: resumed (new domain)')" -ge "$lc_i" ] || return 0
+        if [ "$lc_i" -ge "$LC_SAVES" ]; then lc_phase=migrate; lc_i=0; return 0; fi
+        lc_pause
+        lc_i=$((lc_i + 1))
+        lc_run "xl save #$lc_i" xl save {GUEST_NAME} /tmp/guest.chk
+        lc_run "xl restore #$lc_i" xl restore /tmp/guest.chk
+        rm -f /tmp/guest.chk ;;
+    migrate)
+        [ "$(lc_saw 'lifecycle: resumed (new domain)')" -ge $((LC_SAVES + lc_i)) ] || return 0
+        if [ "$lc_i" -ge "$LC_MIGRATIONS" ]; then lc_phase=vcpu_off; lc_i=0; return 0; fi
+        lc_pause
+        lc_i=$((lc_i + 1))
+        stream
+        lc_run "xl migrate #$lc_i" xl migrate -s '' {GUEST_NAME} 'xl migrate-receive'
+        stream
+        kill -HUP "$(cat /run/xenconsoled.pid)"
+        usleep 300000
+        [ -f "$incoming_log" ] && cat "$incoming_log" >> /tmp/lc-incoming.log
+        stream_incoming ;;
+    vcpu_off)
+        [ "$(lc_saw 'lifecycle: vCPU 1 online')" -ge "$lc_i" ] || return 0
+        if [ "$lc_i" -ge "$LC_VCPU_SETS" ]; then lc_phase=shutdown; return 0; fi
+        lc_pause
+        lc_i=$((lc_i + 1))
+        lc_run "xl vcpu-set 1 #$lc_i" xl vcpu-set {GUEST_NAME} 1
+        lc_phase=vcpu_on ;;
+    vcpu_on)
+        [ "$(lc_saw 'lifecycle: vCPU 1 offline')" -ge "$lc_i" ] || return 0
+        lc_pause
+        lc_run "xl vcpu-set 2 #$lc_i" xl vcpu-set {GUEST_NAME} 2
+        lc_phase=vcpu_off ;;
+    shutdown)
+        lc_run "xl shutdown" xl shutdown {GUEST_NAME}
+        lc_phase=ended; lc_i=0 ;;
+    ended)
+        lc_i=$((lc_i + 1))
+        [ $((lc_i % 25)) = 0 ] && xl list 2>&1 | diag ;;
+    esac
+}}
 say "===== domU console begin ====="
 xl create /run/xen/guest.cfg > /tmp/xl-create.log 2>&1 || {{
     diag < /tmp/xl-create.log
@@ -659,6 +765,7 @@ while [ "$polls" -lt "$MAX_POLLS" ]; do
     if read -t 0.2 -r cmd; then
         case "$cmd" in *{STOP_LINE}*) state=stopped; break ;; esac
     fi
+    [ "${{LIFECYCLE:-0}}" = 1 ] && lifecycle_step
 done
 say "domU ended at $(now) s"
 # let xenconsoled write out what the ring still held, then the rest (with a last
@@ -672,7 +779,7 @@ if [ "$state" != gone ]; then
     xl dmesg 2>/dev/null | tail -n 30 | diag
     xl destroy {GUEST_NAME} > /dev/null 2>&1
 fi
-for f in /var/log/xen/xl-{GUEST_NAME}.log; do
+for f in /var/log/xen/xl-{GUEST_NAME}.log /var/log/xen/xl-{GUEST_NAME}--incoming.log; do
     [ -f "$f" ] && sed 's/^/{XL_LOG_LINE}/' "$f"
 done
 say "done"

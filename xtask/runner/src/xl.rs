@@ -85,9 +85,15 @@ impl DomuRun {
         self.test_result() == Some(true) && self.guest_end == GuestEnd::Gone
     }
 
-    /// The shutdown reason xl logged for the domain, if it logged one.
+    /// The shutdown reason xl logged for the domain, if it logged one: the last one
+    /// that ended it (a save or a migration makes the monitor log a suspend, code 2,
+    /// before the domain runs on in a new domain).
     pub fn shutdown_reason(&self) -> Option<ShutdownReason> {
-        self.xl_log.lines().find_map(parse_xl_shutdown_line)
+        self.xl_log
+            .lines()
+            .rev()
+            .filter_map(parse_xl_shutdown_line)
+            .find(|reason| *reason != ShutdownReason::Suspend)
     }
 
     /// How the domU ended, as the runner judges it (`deadline` is the run's, for a
@@ -144,6 +150,10 @@ pub struct DomuOptions {
     pub cpu: Option<String>,
     /// Words added to Xen's command line (`vpmu=1`, ...).
     pub xen_args: Vec<String>,
+    /// Drive the domU through its life (`xl save`/`restore`, a cancelled save,
+    /// `xl migrate` to localhost, `xl vcpu-set`) once it prints `lifecycle: ready`, then
+    /// `xl shutdown` it; `None`: only wait for it to end.
+    pub lifecycle: Option<initramfs::Lifecycle>,
 }
 
 /// Boots `kernel` as a PV domU with command line `args` under a Linux dom0 (`xl create`)
@@ -170,6 +180,7 @@ pub fn run_domu_suite(
             echo_console: false,
             cpu: None,
             xen_args: Vec::new(),
+            lifecycle: None,
         },
     )
 }
@@ -188,6 +199,7 @@ pub fn run_domu(prov: &Provisioner, kernel: &Path, opts: &DomuOptions) -> Runner
         vcpus: opts.vcpus,
         // A safety net only: `drive_qemu` stops the wait before the deadline.
         max_polls: secs.saturating_mul(25),
+        lifecycle: opts.lifecycle,
     })?;
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let initrd = TempFile(prov.cache_dir().join("xl-dom0").join(format!(
@@ -521,6 +533,26 @@ mod tests {
             wall: Duration::ZERO,
             domu_started: None,
         }
+    }
+
+    /// A saved and restored domain's xl logs: each monitor logs the suspend (code 2) it
+    /// exits on; the reason that ended the domain is the last other one.
+    #[test]
+    fn suspends_are_not_the_end() {
+        let xl_log = "Waiting for domain xenmsr-domu (domid 1) to die [pid 127]\n\
+             Domain 1 has shut down, reason code 2 0x2\n\
+             Domain has suspended.\n\
+             Waiting for domain xenmsr-domu (domid 2) to die [pid 140]\n\
+             Domain 2 has shut down, reason code 0 0x0\n\
+             Action for shutdown reason code 0 is destroy";
+        let run = run_with(GuestEnd::Gone, "Test result: SUCCESS", xl_log);
+        assert_eq!(run.shutdown_reason(), Some(ShutdownReason::Poweroff));
+        let only_suspended = run_with(
+            GuestEnd::Gone,
+            "",
+            "Domain 1 has shut down, reason code 2 0x2\nDomain has suspended.",
+        );
+        assert_eq!(only_suspended.shutdown_reason(), None);
     }
 
     #[test]

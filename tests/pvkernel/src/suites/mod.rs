@@ -5,6 +5,7 @@ pub mod boot;
 pub mod failsafe;
 pub mod fsgsbase;
 pub mod hotplug;
+pub mod lifecycle;
 pub mod percpu;
 pub mod pmu;
 pub mod pmu_diff;
@@ -152,12 +153,12 @@ pub fn vpmu_active() -> bool {
 pub fn run(suite: &str, info: &'static BootInfo) {
     let dom0 = match suite {
         "dom0" | "bench" | "smpbench" | "sweep" => true,
-        "domu" => false,
+        "domu" | "lifecycle" => false,
         other => {
             testing::record(
                 "suites::select",
                 Err(testing::Failure::new(format_args!(
-                    "unknown suite {other:?} (expected dom0, domu, bench, smpbench, sweep or demo)"
+                    "unknown suite {other:?} (expected dom0, domu, lifecycle, bench, smpbench, sweep or demo)"
                 ))),
             );
             return;
@@ -176,6 +177,9 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     }
     if suite == "smpbench" {
         return smpbench::run();
+    }
+    if suite == "lifecycle" {
+        return lifecycle::run();
     }
     if suite == "sweep" {
         sweep::run();
