@@ -727,6 +727,107 @@ fn suspend_and_resume(n: u64) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// On every dom0 row, after the hotplug churn (every vCPU but 0 has a vPMU page on a vPMU
+/// model): the library's suspend/resume pair against the real hypervisor, without the
+/// suspend itself (a dom0 cannot suspend): with the others parked, `suspend` finishes
+/// every registered vPMU, `resume` (a new domain whose frames are the p2m's) registers
+/// each again, the CPUID decisions are unchanged, and every vCPU reads a PMU counter
+/// again through its page.
+pub static DOM0_TESTS: &[Test] = &[test!(library_pair_registers_every_vpmu_again)];
+
+fn library_pair_registers_every_vpmu_again() -> TestResult {
+    let registered = (0..MAX_VCPUS as u32)
+        .filter(|&v| pmu::global().is_initialized(v))
+        .count() as u32;
+    let result = smp::stop_the_world(|| {
+        let mine = lifecycle::suspend_this_vcpu();
+        let suspended = lifecycle::suspend();
+        let finished_all = (0..MAX_VCPUS as u32).all(|v| !pmu::global().is_initialized(v));
+        // SAFETY: the frames are the p2m's; the world is stopped (this closure runs in
+        // `stop_the_world`, upcalls masked), so the patch closure may run directly.
+        let resumed = unsafe {
+            lifecycle::resume(
+                SuspendOutcome::NewDomain,
+                &|page: NonNull<u8>| mfn_of(page.as_ptr() as usize),
+                &mut |patch: &mut dyn FnMut()| patch(),
+            )
+        };
+        (
+            mine,
+            suspended,
+            finished_all,
+            resumed,
+            lifecycle::resume_this_vcpu(),
+        )
+    });
+    let (mine, suspended, finished_all, resumed, back) = result;
+    check!(mine.is_ok(), "suspend_this_vcpu: {mine:?}");
+    let suspended = match suspended {
+        Ok(s) => s,
+        Err(e) => fail!("lifecycle::suspend: {e}"),
+    };
+    check_eq!(suspended.vpmu_finished, registered, "vPMU pages finished");
+    check_eq!(suspended.vpmu_errors, 0, "XENPMU_finish refusals");
+    check!(
+        finished_all,
+        "a vPMU page is still registered after suspend"
+    );
+    let resumed = match resumed {
+        Ok(r) => r,
+        Err(e) => fail!("lifecycle::resume: {e}"),
+    };
+    check_eq!(
+        resumed.vpmu_registered,
+        registered,
+        "vPMU pages registered again"
+    );
+    check_eq!(resumed.vpmu_errors, 0, "XENPMU_init refusals");
+    check!(
+        !resumed.decisions_changed,
+        "CPUID decisions changed: {resumed:?}"
+    );
+    check!(resumed.repatched.is_none(), "re-patched without a change");
+    match back {
+        Ok(b) => check!(
+            b.spec_ctrl.is_none_or(|(_, ok)| ok),
+            "SPEC_CTRL not written back: {b:?}"
+        ),
+        Err(e) => fail!("resume_this_vcpu: {e}"),
+    }
+    for v in 0..MAX_VCPUS as u32 {
+        check_eq!(
+            pmu::global().is_initialized(v),
+            v != 0 && v < smp::online() && model().vpmu_active && registered > 0,
+            "vCPU {v}'s vPMU registration after the resume"
+        );
+    }
+    crate::println!(
+        "  lifecycle pair: vPMU finished {} and registered again {}; SPEC_CTRL {}",
+        suspended.vpmu_finished,
+        resumed.vpmu_registered,
+        match back {
+            Ok(b) if b.spec_ctrl.is_some() => "saved and written back",
+            _ => "not readable here",
+        }
+    );
+    smp::run_on_all(|me| {
+        if model().vpmu_active && me != 0 {
+            // SAFETY: reading a PMU counter has no side effects.
+            let counter = unsafe { rdmsr_safe(MSR_F15H_PERF_CTR0) };
+            if counter.is_err() {
+                crate::println!("  lifecycle pair: vCPU {me}: PMU counter read {counter:?}");
+                RESUME_FAILURES.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    });
+    check_eq!(
+        RESUME_FAILURES.load(Ordering::Acquire),
+        0,
+        "PMU counter reads after the resume"
+    );
+    Ok(())
+}
+
 fn stress_totals_add_up() -> TestResult {
     let per_vcpu: u64 = (0..smp::online())
         .map(|v| OPS[v as usize].load(Ordering::Acquire))

@@ -227,6 +227,11 @@ pub fn run(suite: &str, info: &'static BootInfo) {
     hotplug::arm();
     smp::run_on_all(|_| testing::run(hotplug::TESTS));
     hotplug::disarm();
+    // The library's suspend/resume pair against the real hypervisor (no suspend: a dom0
+    // cannot), with every churned vCPU's vPMU page registered.
+    if model.dom0 {
+        testing::run(lifecycle::DOM0_TESTS);
+    }
     smp::run_on_all(|_| events::stop_ticking());
     testing::run(percpu::REPORT);
 }
