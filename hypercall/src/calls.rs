@@ -151,6 +151,14 @@ impl HypercallPage {
     /// every machine frame of the domain may change, and memory the toolstack owns
     /// (`start_info`, the p2m list, the xenstore and console rings) is rewritten under the
     /// caller. Made by dom0 it halts or reboots the host.
+    ///
+    /// Safe code cannot suspend:
+    ///
+    /// ```compile_fail,E0133
+    /// fn suspend(page: xenmsr_hypercall::HypercallPage) {
+    ///     let _ = page.sched_suspend(0);
+    /// }
+    /// ```
     pub unsafe fn sched_suspend(self, start_info_mfn: u64) -> Result<u64, Errno> {
         let arg = SchedShutdown {
             reason: nr::SHUTDOWN_SUSPEND,

@@ -284,6 +284,15 @@ pub fn decisions_from_cpuid(
 ///   after a cancelled suspend, at the frame `page_mfn` gives for it in a new domain
 ///   (the p2m the toolstack rewrote).
 ///
+/// Safe code cannot hand Xen frames of its choosing:
+///
+/// ```compile_fail,E0133
+/// use xenmsr::lifecycle::{resume, SuspendOutcome};
+/// fn any_frame() {
+///     let _ = resume(SuspendOutcome::NewDomain, &|_| 0x1234, &mut |patch| patch());
+/// }
+/// ```
+///
 /// # Safety
 ///
 /// - `page_mfn` must return the machine frame of the page at the address it is given, in

@@ -140,6 +140,19 @@ pub trait Transport {
 /// The store ring page (`struct xenstore_domain_interface`).
 ///
 /// Only [`Ring::new`], which is `unsafe`, makes one: the client stores into the page.
+/// Safe code cannot point a ring at memory of its choosing:
+///
+/// ```compile_fail,E0451
+/// fn forge() -> xenmsr::xenstore::Ring {
+///     xenmsr::xenstore::Ring { page: core::ptr::NonNull::dangling() }
+/// }
+/// ```
+///
+/// ```compile_fail,E0133
+/// fn forge() -> xenmsr::xenstore::Ring {
+///     xenmsr::xenstore::Ring::new(core::ptr::NonNull::dangling())
+/// }
+/// ```
 #[derive(Debug)]
 pub struct Ring {
     page: NonNull<u8>,
