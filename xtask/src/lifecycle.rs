@@ -35,6 +35,12 @@ const DEADLINE: Duration = Duration::from_secs(1500);
 /// qemu64, as the other xl rows: Linux 6.1 as dom0 does not boot on QEMU's EPYC model
 /// under TCG, the one model whose vPMU Xen initialises, so the guest's vPMU is off here
 /// (the vPMU half of suspend/resume is proved through the mock page on the host).
+/// qemu64 with RDTSCP, so that the guest has TSC_AUX to write before a save and check
+/// after it (Xen carries it only when nonzero). TCG has no SPEC_CTRL (QEMU: "TCG doesn't
+/// support requested feature: spec-ctrl"): its save/restore is checked only on hardware
+/// that has it.
+const QEMU_CPU: &str = "qemu64,+rdtscp";
+
 const ARGS: &str = "suite=lifecycle cpu=qemu64 vpmu=0 vcpus=2 xen=4.17 xenbuild=release";
 
 /// The counts the guest's lines give.
@@ -88,7 +94,7 @@ pub fn test(kernel: &Path) -> SuiteResult {
         vcpus: 2,
         verbose: std::env::var_os("XENMSR_XL_VERBOSE").is_some(),
         echo_console: false,
-        cpu: None,
+        cpu: Some(QEMU_CPU.to_string()),
         xen_args: Vec::new(),
         lifecycle: Some(PLAN),
     };
