@@ -20,6 +20,7 @@ use std::process::Command;
 use xenmsr_hypercall::abi::pmu::{
     LAPIC_LVTPC_OFFSET, PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, XENPMU_CTXT_PAD_SZ, XENPMU_REGS_PAD_SZ,
 };
+use xenmsr_hypercall::abi::xenstore as xs;
 use xenmsr_hypercall::abi::{
     ArchSharedInfo, ArchVcpuInfo, CALLBACKF_MASK_EVENTS, CallbackRegister, CallbackType,
     CpuUserRegs, EvtchnBindVirq, EvtchnUnmask, LEGACY_MAX_VCPUS, SchedPoll, SharedInfo,
@@ -31,6 +32,7 @@ use xenmsr_hypercall::abi::{
     XenPmuFeature, XenPmuIntelCtxt, XenPmuMode, XenPmuOp, XenPmuParams, XenPmuRegs,
     XenconsInterface,
 };
+use xenmsr_hypercall::abi::{XenstoreDomainInterface, XsdSockmsg};
 use xenmsr_hypercall::{Errno, nr};
 
 /// One value computed on both sides.
@@ -452,6 +454,50 @@ fn layout_checks() -> Checks {
         "out_prod"
     );
 
+    // xen/io/xs_wire.h: the xenstore ring and message header. Newer releases append
+    // fields after `error` (4.22's struct is 2080 bytes); the crate keeps the part every
+    // release shares, so the C struct must be at least as large, every shared field at
+    // the same offset.
+    let xs_size = size_of::<XenstoreDomainInterface>();
+    c.add(
+        "size_of::<XenstoreDomainInterface>() (at most C's)",
+        xs_size as u64,
+        format!(
+            "(sizeof(struct xenstore_domain_interface) >= {xs_size} ? {xs_size} : sizeof(struct xenstore_domain_interface))"
+        ),
+    );
+    for (rust, cf) in [
+        (offset_of!(XenstoreDomainInterface, req), "req"),
+        (offset_of!(XenstoreDomainInterface, rsp), "rsp"),
+        (offset_of!(XenstoreDomainInterface, req_cons), "req_cons"),
+        (offset_of!(XenstoreDomainInterface, req_prod), "req_prod"),
+        (offset_of!(XenstoreDomainInterface, rsp_cons), "rsp_cons"),
+        (offset_of!(XenstoreDomainInterface, rsp_prod), "rsp_prod"),
+        (
+            offset_of!(XenstoreDomainInterface, server_features),
+            "server_features",
+        ),
+        (
+            offset_of!(XenstoreDomainInterface, connection),
+            "connection",
+        ),
+        (offset_of!(XenstoreDomainInterface, error), "error"),
+    ] {
+        c.add(
+            format!("offset_of!(XenstoreDomainInterface, {cf})"),
+            rust as u64,
+            format!("offsetof(struct xenstore_domain_interface, {cf})"),
+        );
+    }
+    c.add(
+        "size_of::<XsdSockmsg>()",
+        size_of::<XsdSockmsg>() as u64,
+        "sizeof(struct xsd_sockmsg)",
+    );
+    field!(c, XsdSockmsg, type_, "xsd_sockmsg", "type");
+    field!(c, XsdSockmsg, req_id, "xsd_sockmsg", "req_id");
+    field!(c, XsdSockmsg, tx_id, "xsd_sockmsg", "tx_id");
+    field!(c, XsdSockmsg, len, "xsd_sockmsg", "len");
     c
 }
 
@@ -497,6 +543,16 @@ fn constant_checks() -> Checks {
     constant!(c, ShutdownReason::WATCHDOG.0, "SHUTDOWN_watchdog");
     constant!(c, ShutdownReason::SOFT_RESET.0, "SHUTDOWN_soft_reset");
     constant!(c, nr::CONSOLEIO_WRITE, "CONSOLEIO_write");
+    // xenstore (xen/io/xs_wire.h).
+    constant!(c, xs::XENSTORE_RING_SIZE, "XENSTORE_RING_SIZE");
+    constant!(c, xs::XENSTORE_PAYLOAD_MAX, "XENSTORE_PAYLOAD_MAX");
+    constant!(c, xs::XS_READ, "XS_READ");
+    constant!(c, xs::XS_WATCH, "XS_WATCH");
+    constant!(c, xs::XS_UNWATCH, "XS_UNWATCH");
+    constant!(c, xs::XS_WRITE, "XS_WRITE");
+    constant!(c, xs::XS_RM, "XS_RM");
+    constant!(c, xs::XS_WATCH_EVENT, "XS_WATCH_EVENT");
+    constant!(c, xs::XS_ERROR, "XS_ERROR");
     constant!(c, nr::CONSOLEIO_READ, "CONSOLEIO_read");
     constant!(c, nr::EVTCHNOP_SEND, "EVTCHNOP_send");
     constant!(c, nr::PHYSDEVOP_SET_IOPL, "PHYSDEVOP_set_iopl");
@@ -678,6 +734,7 @@ const HEADERS: &[&str] = &[
     "xen/pmu.h",
     "xen/arch-x86/pmu.h",
     "xen/io/console.h",
+    "xen/io/xs_wire.h",
     "xen/sched.h",
     "xen/event_channel.h",
     "xen/physdev.h",

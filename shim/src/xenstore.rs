@@ -81,11 +81,12 @@
 //! [`Client::dropped_events`]: crate::xenstore::Client::dropped_events
 
 use core::fmt;
+use core::mem::{offset_of, size_of};
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
 /// The most a message's payload may hold (`XENSTORE_PAYLOAD_MAX`).
-pub const PAYLOAD_MAX: usize = 4096;
+pub const PAYLOAD_MAX: usize = xenmsr_hypercall::abi::xenstore::XENSTORE_PAYLOAD_MAX as usize;
 /// How many watches a [`Client`] remembers (and registers again on resume).
 pub const MAX_WATCHES: usize = 4;
 /// The longest watched path and the longest token a [`Client`] stores, in bytes; also the
@@ -94,26 +95,24 @@ pub const NAME_MAX: usize = 64;
 /// How many watch events a [`Client`] queues.
 pub const EVENT_QUEUE_LEN: usize = 8;
 
-/// Message types (`enum xsd_sockmsg_type`).
-const XS_READ: u32 = 2;
-const XS_WATCH: u32 = 4;
-const XS_UNWATCH: u32 = 5;
-const XS_WRITE: u32 = 11;
-const XS_RM: u32 = 13;
-const XS_WATCH_EVENT: u32 = 15;
-const XS_ERROR: u32 = 16;
+// Message types (`enum xsd_sockmsg_type`) and the ring's layout come from the ABI crate,
+// which checks them against Xen's headers.
+use xenmsr_hypercall::abi::xenstore::{
+    XS_ERROR, XS_READ, XS_RM, XS_UNWATCH, XS_WATCH, XS_WATCH_EVENT, XS_WRITE,
+    XenstoreDomainInterface, XsdSockmsg,
+};
 
 /// The message header: type, request id, transaction id, payload length.
-const HEADER_LEN: usize = 16;
+const HEADER_LEN: usize = size_of::<XsdSockmsg>();
 /// The size of each of the two rings.
-const RING_SIZE: u32 = 1024;
+const RING_SIZE: u32 = xenmsr_hypercall::abi::xenstore::XENSTORE_RING_SIZE;
 /// Offsets in `struct xenstore_domain_interface`.
-const REQ_OFF: usize = 0;
-const RSP_OFF: usize = 1024;
-const REQ_CONS: usize = 2048;
-const REQ_PROD: usize = 2052;
-const RSP_CONS: usize = 2056;
-const RSP_PROD: usize = 2060;
+const REQ_OFF: usize = offset_of!(XenstoreDomainInterface, req);
+const RSP_OFF: usize = offset_of!(XenstoreDomainInterface, rsp);
+const REQ_CONS: usize = offset_of!(XenstoreDomainInterface, req_cons);
+const REQ_PROD: usize = offset_of!(XenstoreDomainInterface, req_prod);
+const RSP_CONS: usize = offset_of!(XenstoreDomainInterface, rsp_cons);
+const RSP_PROD: usize = offset_of!(XenstoreDomainInterface, rsp_prod);
 /// The longest error name kept (`"ENOENT"`, `"EACCES"`...: all far shorter).
 const ERRNO_MAX: usize = 15;
 /// What finishes a request a timeout cut short (see [`Client::write`]).

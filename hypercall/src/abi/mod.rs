@@ -9,6 +9,7 @@ pub mod console;
 pub mod pmu;
 pub mod vcpu;
 pub mod xen;
+pub mod xenstore;
 
 pub use console::XenconsInterface;
 pub use pmu::{
@@ -26,3 +27,4 @@ pub use xen::{
     EvtchnSend, MulticallEntry, PhysdevSetIopl, SIF_INITDOMAIN, SIF_MOD_START_PFN, SIF_PRIVILEGED,
     SchedShutdown, SegmentBase, ShutdownReason, StartInfo, TrapInfo,
 };
+pub use xenstore::{XenstoreDomainInterface, XsdSockmsg};
