@@ -141,6 +141,9 @@ pub struct Resumed {
     /// vPMU pages Xen did not take again (they stay parked; their vCPUs' PMU MSRs go to
     /// Xen's trapped path, which is always correct, only slower).
     pub vpmu_errors: u32,
+    /// Pages parked while their vCPUs were offline (not registered at the suspend) whose
+    /// new frames were recorded for `smp::online_this_vcpu` (new domain only).
+    pub vpmu_reframed: u32,
     /// The patch decisions in the new domain.
     pub decisions: Decisions,
     /// Whether they differ from the ones the sites had.
@@ -282,7 +285,9 @@ pub fn decisions_from_cpuid(
 ///   Xen's trapped path, which answers for the new CPU.
 /// - **vPMU.** Every page [`suspend`] finished is registered again: at the frame it had
 ///   after a cancelled suspend, at the frame `page_mfn` gives for it in a new domain
-///   (the p2m the toolstack rewrote).
+///   (the p2m the toolstack rewrote). A page parked earlier, while its vCPU went
+///   offline, gets its new frame recorded too, for
+///   [`online_this_vcpu`](crate::smp::online_this_vcpu) when the vCPU comes back.
 ///
 /// Safe code cannot hand Xen frames of its choosing:
 ///
@@ -341,6 +346,19 @@ pub unsafe fn resume(
     }
     let vpmu = pmu::global();
     let bits = VPMU_SUSPENDED.swap(0, Ordering::AcqRel);
+    // Pages parked before the suspend (their vCPUs offline) moved too: record their new
+    // frames, so that `online_this_vcpu` registers the page where it is now.
+    let mut reframed = 0;
+    if outcome == SuspendOutcome::NewDomain {
+        for vcpu in (0..MAX_VCPUS as u32).filter(|v| bits & (1 << v) == 0) {
+            if let Some(page) = vpmu.parked_page(vcpu) {
+                // SAFETY: `page_mfn` gives the page's frame in this domain (caller).
+                if unsafe { vpmu.set_parked_frame(vcpu, page_mfn(page)) } {
+                    reframed += 1;
+                }
+            }
+        }
+    }
     let (mut registered, mut errors) = (0, 0);
     if now.pmu_layout == before.pmu_layout {
         for vcpu in (0..MAX_VCPUS as u32).filter(|v| bits & (1 << v) != 0) {
@@ -368,6 +386,7 @@ pub unsafe fn resume(
         outcome,
         vpmu_registered: registered,
         vpmu_errors: errors,
+        vpmu_reframed: reframed,
         decisions: now,
         decisions_changed,
         repatched,

@@ -658,6 +658,28 @@ impl Vpmu {
         r
     }
 
+    /// Records that the page parked for `vcpu` is now at machine frame `mfn` (after a
+    /// restore, a page parked while its vCPU was offline has a new frame too: without
+    /// this, bringing the vCPU back would register the old domain's frame). Returns
+    /// whether a page was parked.
+    ///
+    /// # Safety
+    ///
+    /// `mfn` must be the parked page's machine frame now (the next [`unpark_vcpu`]
+    /// has Xen map it and write the vCPU's PMU state there).
+    ///
+    /// [`unpark_vcpu`]: Self::unpark_vcpu
+    pub unsafe fn set_parked_frame(&self, vcpu: u32, mfn: u64) -> bool {
+        let Ok(slot) = self.slot(vcpu) else {
+            return false;
+        };
+        if slot.parked.load(Ordering::Acquire).is_null() {
+            return false;
+        }
+        slot.parked_mfn.store(mfn, Ordering::Release);
+        true
+    }
+
     /// Whether `vcpu` has a parked page.
     pub fn is_parked(&self, vcpu: u32) -> bool {
         self.slot(vcpu)

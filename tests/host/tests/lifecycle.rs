@@ -72,6 +72,20 @@ fn take_ops(calls: &Mutex<Vec<(u64, u64, u32)>>) -> Vec<(u64, u64, u32)> {
         .collect()
 }
 
+/// Runs `f` on a thread that is vCPU 1, with its `xenpmu_op`s recorded; returns both.
+fn on_vcpu_1<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> (R, Vec<(u64, u64, u32)>) {
+    std::thread::spawn(|| {
+        MY_ID.set(1);
+        let calls = record_pmu_ops();
+        let r = f();
+        (r, take_ops(&calls))
+    })
+    .join()
+    .expect("vCPU 1's thread")
+}
+
 /// A stop-the-world for a single-threaded process: runs the closure, counting calls.
 fn counting_stop_the_world(count: &Cell<u32>) -> impl FnMut(&mut dyn FnMut()) + '_ {
     move |patch: &mut dyn FnMut()| {
@@ -180,6 +194,53 @@ fn suspend_and_resume_keep_the_vpmu_and_recheck_cpuid() {
     );
     assert_eq!(take_ops(&calls), [(INIT, 0x5005, 0), (INIT, 0x6006, 1)]);
     assert_eq!(stops.get(), 0);
+
+    // 2b. vCPU 1 offline across a restore: its page, parked by `offline_this_vcpu` at
+    // its old frame, must come back at its new frame, not the old domain's.
+    let (offline, ops) = on_vcpu_1(|| {
+        // The boot vCPU registered 0; vCPU 1 registers, then goes offline.
+        assert_eq!(xenmsr::smp::register_this_vcpu(), Ok(1));
+        xenmsr::smp::offline_this_vcpu()
+    });
+    assert_eq!(offline.map(|o| o.vpmu_parked), Ok(true));
+    assert_eq!(ops, [(FINISH, 0, 1)]);
+    lifecycle::suspend().expect("suspend");
+    assert_eq!(
+        take_ops(&calls),
+        [(FINISH, 0, 0)],
+        "only vCPU 0 was registered"
+    );
+    let newer_frames = |p: NonNull<u8>| -> u64 {
+        if p == page(0) {
+            0x8008
+        } else if p == page(1) {
+            0x9009
+        } else {
+            panic!("not a registered page: {p:?}")
+        }
+    };
+    // SAFETY: as above.
+    let r = unsafe {
+        lifecycle::resume(
+            SuspendOutcome::NewDomain,
+            &newer_frames,
+            &mut counting_stop_the_world(&stops),
+        )
+    }
+    .expect("resume with vCPU 1 offline");
+    assert_eq!(
+        (r.vpmu_registered, r.vpmu_reframed, r.vpmu_errors),
+        (1, 1, 0),
+        "vCPU 0 registered again, vCPU 1's parked page given its new frame"
+    );
+    assert_eq!(take_ops(&calls), [(INIT, 0x8008, 0)]);
+    let online = on_vcpu_1(xenmsr::smp::online_this_vcpu);
+    assert_eq!(online.0.map(|o| o.vpmu), Ok(Some(Ok(()))));
+    assert_eq!(
+        online.1,
+        [(INIT, 0x9009, 1)],
+        "vCPU 1's page registered at its frame in the new domain"
+    );
 
     // 3. A new domain on a CPU without a PMU: the decisions change, every site is
     // re-patched for it in one stop-the-world, and no page is registered with a layout
