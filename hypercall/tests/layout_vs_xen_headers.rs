@@ -466,29 +466,69 @@ fn layout_checks() -> Checks {
             "(sizeof(struct xenstore_domain_interface) >= {xs_size} ? {xs_size} : sizeof(struct xenstore_domain_interface))"
         ),
     );
-    for (rust, cf) in [
-        (offset_of!(XenstoreDomainInterface, req), "req"),
-        (offset_of!(XenstoreDomainInterface, rsp), "rsp"),
-        (offset_of!(XenstoreDomainInterface, req_cons), "req_cons"),
-        (offset_of!(XenstoreDomainInterface, req_prod), "req_prod"),
-        (offset_of!(XenstoreDomainInterface, rsp_cons), "rsp_cons"),
-        (offset_of!(XenstoreDomainInterface, rsp_prod), "rsp_prod"),
-        (
-            offset_of!(XenstoreDomainInterface, server_features),
-            "server_features",
-        ),
-        (
-            offset_of!(XenstoreDomainInterface, connection),
-            "connection",
-        ),
-        (offset_of!(XenstoreDomainInterface, error), "error"),
-    ] {
-        c.add(
-            format!("offset_of!(XenstoreDomainInterface, {cf})"),
-            rust as u64,
-            format!("offsetof(struct xenstore_domain_interface, {cf})"),
-        );
-    }
+    field!(
+        c,
+        XenstoreDomainInterface,
+        req,
+        "xenstore_domain_interface",
+        "req"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        rsp,
+        "xenstore_domain_interface",
+        "rsp"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        req_cons,
+        "xenstore_domain_interface",
+        "req_cons"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        req_prod,
+        "xenstore_domain_interface",
+        "req_prod"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        rsp_cons,
+        "xenstore_domain_interface",
+        "rsp_cons"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        rsp_prod,
+        "xenstore_domain_interface",
+        "rsp_prod"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        server_features,
+        "xenstore_domain_interface",
+        "server_features"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        connection,
+        "xenstore_domain_interface",
+        "connection"
+    );
+    field!(
+        c,
+        XenstoreDomainInterface,
+        error,
+        "xenstore_domain_interface",
+        "error"
+    );
     c.add(
         "size_of::<XsdSockmsg>()",
         size_of::<XsdSockmsg>() as u64,

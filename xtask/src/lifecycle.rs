@@ -10,7 +10,7 @@ use xenmsr_runner::guestlog::GuestLog;
 use xenmsr_runner::initramfs::Lifecycle;
 use xenmsr_runner::xl::{self, DomuOptions};
 
-use crate::{SuiteResult, cache_dir, provisioner};
+use crate::{SuiteResult, cache_dir, print_guest_tests, provisioner};
 
 /// The row's name.
 pub const ROW: &str = "domU/lifecycle";
@@ -106,13 +106,7 @@ pub fn test(kernel: &Path) -> SuiteResult {
             let _ = std::fs::write(logs.join("domU-lifecycle.console.log"), &run.console_log);
             let _ = std::fs::write(logs.join("domU-lifecycle.serial.log"), &run.serial_log);
             let log = GuestLog::parse(&run.console_log);
-            for t in &log.tests {
-                println!(
-                    "[{ROW}] test {} ... {}",
-                    t.name,
-                    if t.ok { "ok" } else { "FAILED" }
-                );
-            }
+            print_guest_tests(ROW, &log);
             let c = counts(&run.console_log);
             let migrations = c.new_domains.len().saturating_sub(PLAN.saves as usize);
             let longest_migration_pause = c

@@ -404,6 +404,17 @@ fn upcall_note(log: &guestlog::GuestLog) -> String {
     }
 }
 
+/// Prints a guest's test lines as libtest does, under the row's name.
+pub(crate) fn print_guest_tests(row: &str, log: &guestlog::GuestLog) {
+    for t in &log.tests {
+        println!(
+            "[{row}] test {} ... {}",
+            t.name,
+            if t.ok { "ok" } else { "FAILED" }
+        );
+    }
+}
+
 /// `cargo xtask test`: host tests, the dom0 suites on three CPU models under two Xen
 /// releases, the xl path.
 fn cmd_test(args: &[String]) -> XtaskResult<()> {
@@ -791,13 +802,7 @@ fn domu_test(kernel: &Path) -> SuiteResult {
                 }
                 smp_report = log.smp_report();
                 let note = upcall_note(&log);
-                for t in &log.tests {
-                    println!(
-                        "[{name}] test {} ... {}",
-                        t.name,
-                        if t.ok { "ok" } else { "FAILED" }
-                    );
-                }
+                print_guest_tests(&name, &log);
                 match log.verdict() {
                     Ok(()) => Ok(format!(
                         "{} tests ok{note} ({:?})",

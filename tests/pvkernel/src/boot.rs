@@ -60,3 +60,23 @@ impl BootInfo {
         })
     }
 }
+
+/// Xen's read-only machine-to-physical table in every 64-bit PV guest.
+const M2P: *const u64 = 0xffff_8000_0000_0000 as *const u64;
+
+/// The machine frame of the page at kernel address `va` now: its PFN (VIRT_BASE is 0)
+/// looked up in the p2m list Xen maps at `start_info.mfn_list` (which a restore rewrites
+/// in place for the new domain).
+pub fn mfn_of(va: usize) -> u64 {
+    let p2m = crate::boot_info().start_info.mfn_list as *const u64;
+    // SAFETY: the p2m list stays mapped for the domain's life with one entry per PFN, and
+    // `va` is in the kernel image, so its PFN is in range.
+    unsafe { p2m.wrapping_add(va >> 12).read_volatile() }
+}
+
+/// The PFN of machine frame `mfn` (Xen's M2P).
+pub fn pfn_of(mfn: u64) -> u64 {
+    // SAFETY: Xen maps the M2P read-only for every PV guest, one entry per machine frame;
+    // the frames asked about are the domain's own.
+    unsafe { M2P.wrapping_add(mfn as usize).read_volatile() }
+}

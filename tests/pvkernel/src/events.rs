@@ -106,7 +106,7 @@ pub fn init_boot(shared_info_maddr: u64) -> Result<(), EventError> {
 pub fn unmap_shared_info() -> Result<(), EventError> {
     let va = (&raw mut SHARED_INFO_PAGE) as u64;
     SHARED.store(ptr::null_mut(), Ordering::Release);
-    let own_frame = crate::suites::lifecycle::mfn_of(va as usize);
+    let own_frame = crate::boot::mfn_of(va as usize);
     // SAFETY: maps the page's own frame back (what it was before `init_boot`); nothing
     // holds a reference into it, and the pointer to the shared info is gone.
     unsafe {

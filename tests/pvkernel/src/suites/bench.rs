@@ -35,6 +35,7 @@ use xenmsr_hypercall::abi::{PMU_CTXT_OFFSET, PMU_FLAGS_OFFSET, PmuFlags, Segment
 use xenmsr_hypercall::{Errno, HypercallPage};
 
 use super::{model, raw};
+use crate::boot::mfn_of;
 use crate::hv::nr;
 use crate::testing::{self, Failure, TestResult};
 use crate::{tracepage, traps};
@@ -373,16 +374,6 @@ const PMU_RATIOS: &[(&str, &str)] = &[
     ("pmu/trapped_rdmsr", "pmu/cached_stub"),
     ("pmu/stub_uncached", "pmu/trapped_rdmsr"),
 ];
-
-/// The machine frame of a kernel virtual address (VIRT_BASE is 0): its PFN looked up in
-/// the p2m list Xen built (`start_info.mfn_list`).
-fn mfn_of(va: usize) -> u64 {
-    let p2m = crate::boot_info().start_info.mfn_list as *const u64;
-    let entry = p2m.wrapping_add(va >> 12);
-    // SAFETY: Xen maps the p2m list for the domain's whole life with one entry per PFN of
-    // the domain, and `va` is in the kernel image, so its PFN is in range.
-    unsafe { entry.read_volatile() }
-}
 
 fn pmu_read() -> TestResult {
     let page = pmu_page();

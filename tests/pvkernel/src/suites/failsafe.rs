@@ -314,7 +314,7 @@ fn failsafe_callback_after_the_ldt_is_gone() -> TestResult {
             (*page)[i] = FLAT_DATA;
         }
     }
-    let mfn = super::pmu::mfn_of(va as usize);
+    let mfn = crate::boot::mfn_of(va as usize);
     // SAFETY: the page is this vCPU's, page-aligned and 4 KiB-mapped in .bss; it is
     // remapped to its own frame, read-only, and nothing writes it until it is writable
     // again below.

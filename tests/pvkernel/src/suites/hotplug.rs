@@ -19,7 +19,8 @@ use xenmsr::pmu;
 use xenmsr::smp::{offline_this_vcpu, online_this_vcpu};
 use xenmsr::{rdmsr_safe, wrmsr_safe};
 
-use super::{model, pmu::mfn_of};
+use super::model;
+use crate::boot::mfn_of;
 use crate::smp::{self, MAX_VCPUS, current_vcpu};
 use crate::testing::{Test, TestResult};
 use crate::{check, check_eq, events, fail, hv, test};

@@ -29,6 +29,7 @@ use xenmsr::{MsrError, pmu, rdmsr_safe, wrmsr_safe};
 use xenmsr_hypercall::abi::{ArchSharedInfo, StartInfo};
 
 use super::{model, routing};
+use crate::boot::{mfn_of, pfn_of};
 use crate::smp::{self, MAX_VCPUS, current_vcpu};
 use crate::testing::{self, Test, TestResult};
 use crate::{check, check_eq, events, fail, hv, test};
@@ -40,25 +41,6 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const MSR_BOGUS: u32 = 0x1234_5678;
 const MSR_F15H_PERF_CTR0: u32 = 0xc001_0201;
-
-/// Xen's read-only machine-to-physical table in every 64-bit PV guest.
-const M2P: *const u64 = 0xffff_8000_0000_0000 as *const u64;
-
-/// The machine frame of the page at `va` now (the p2m list Xen maps at
-/// `start_info.mfn_list`, which a restore rewrites in place for the new domain).
-pub fn mfn_of(va: usize) -> u64 {
-    let p2m = crate::boot_info().start_info.mfn_list as *const u64;
-    // SAFETY: the p2m list stays mapped for the domain's life with one entry per PFN, and
-    // `va` is in the kernel image (VIRT_BASE 0), so its PFN is in range.
-    unsafe { p2m.wrapping_add(va >> 12).read_volatile() }
-}
-
-/// The PFN of machine frame `mfn` (Xen's M2P).
-fn pfn_of(mfn: u64) -> u64 {
-    // SAFETY: Xen maps the M2P read-only for every PV guest, one entry per machine frame;
-    // the frames asked about are the domain's own.
-    unsafe { M2P.wrapping_add(mfn as usize).read_volatile() }
-}
 
 /// The whole suite (vCPU 0; the others are in the team's worker loop).
 pub fn run() {

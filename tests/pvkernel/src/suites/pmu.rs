@@ -11,6 +11,7 @@ use xenmsr_hypercall::Errno;
 use xenmsr_hypercall::abi::{XenPmuMode, XenPmuOp, XenPmuParams};
 
 use super::{Vendor, model, raw};
+use crate::boot::mfn_of;
 use crate::hv::nr;
 use crate::smp::{MAX_VCPUS, current_vcpu};
 use crate::testing::{Test, TestResult};
@@ -120,16 +121,6 @@ fn my_page() -> (NonNull<u8>, u32) {
     let vcpu = current_vcpu();
     let page = NonNull::new(PMU_PAGES[vcpu as usize].0.get().cast::<u8>()).expect("static page");
     (page, vcpu)
-}
-
-/// The machine frame of a kernel virtual address: its PFN (VIRT_BASE is 0) looked up in
-/// the p2m list Xen built (`start_info.mfn_list`).
-pub(super) fn mfn_of(va: usize) -> u64 {
-    let p2m = crate::boot_info().start_info.mfn_list as *const u64;
-    let entry = p2m.wrapping_add(va >> 12);
-    // SAFETY: Xen maps the p2m list for the domain's whole life with one entry per PFN of
-    // the domain, and `va` is in the kernel image, so its PFN is in range.
-    unsafe { entry.read_volatile() }
 }
 
 fn init_and_finish_own_vcpu() -> TestResult {

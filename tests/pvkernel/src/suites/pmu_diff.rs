@@ -203,7 +203,7 @@ impl Banks {
 fn with_vpmu(what: &str, body: impl FnOnce(u32, Banks) -> TestResult) -> TestResult {
     let vcpu = current_vcpu();
     let page = page();
-    let mfn = super::pmu::mfn_of(page.as_ptr() as usize);
+    let mfn = crate::boot::mfn_of(page.as_ptr() as usize);
     // SAFETY: the page is 4 KiB, aligned, static, used by no one else, and `mfn` is its
     // frame; it is touched only through volatile scalar accesses until `finish` below
     // (after a failed `finish` it is never reused).
