@@ -669,6 +669,14 @@ impl Vpmu {
     /// has Xen map it and write the vCPU's PMU state there).
     ///
     /// [`unpark_vcpu`]: Self::unpark_vcpu
+    ///
+    /// Safe code cannot point a parked page at a frame of its choosing:
+    ///
+    /// ```compile_fail,E0133
+    /// fn any_frame() {
+    ///     let _ = xenmsr::pmu::global().set_parked_frame(1, 0x1234);
+    /// }
+    /// ```
     pub unsafe fn set_parked_frame(&self, vcpu: u32, mfn: u64) -> bool {
         let Ok(slot) = self.slot(vcpu) else {
             return false;

@@ -76,8 +76,16 @@ fn take_ops(calls: &Mutex<Vec<(u64, u64, u32)>>) -> Vec<(u64, u64, u32)> {
 fn on_vcpu_1<R: Send + 'static>(
     f: impl FnOnce() -> R + Send + 'static,
 ) -> (R, Vec<(u64, u64, u32)>) {
-    std::thread::spawn(|| {
-        MY_ID.set(1);
+    on_vcpu(1, f)
+}
+
+/// Runs `f` on a thread the vCPU-id hook names `id`, with its `xenpmu_op`s recorded.
+fn on_vcpu<R: Send + 'static>(
+    id: u32,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> (R, Vec<(u64, u64, u32)>) {
+    std::thread::spawn(move || {
+        MY_ID.set(id);
         let calls = record_pmu_ops();
         let r = f();
         (r, take_ops(&calls))
@@ -280,6 +288,28 @@ fn suspend_and_resume_keep_the_vpmu_and_recheck_cpuid() {
         apic_after, apic_before,
         "an APIC base read after the re-patch"
     );
+
+    // A decision change whose stop-the-world never runs the patch: the resume says so,
+    // and the sites and the routing stay as they were.
+    lifecycle::suspend().expect("suspend");
+    CPUID_GONE.store(false, Ordering::Release);
+    let mut never_runs = |_: &mut dyn FnMut()| {};
+    // SAFETY: nothing is patched (the hook does not run the closure).
+    let r = unsafe { lifecycle::resume(SuspendOutcome::NewDomain, &new_frames, &mut never_runs) };
+    assert_eq!(
+        r.map(drop),
+        Err(LifecycleError::Repatch(xenmsr::RepatchError::NotRun))
+    );
+    assert_eq!(xenmsr::patch::routing().layout, Some(pmu::PmuLayout::None));
+
+    // A vCPU the library cannot name has no per-vCPU part.
+    for id in [xenmsr::smp::UNKNOWN_VCPU, 64] {
+        let (r, _) = on_vcpu(id, lifecycle::suspend_this_vcpu);
+        let named = (id != xenmsr::smp::UNKNOWN_VCPU).then_some(id);
+        assert_eq!(r, Err(LifecycleError::NoVcpuId(named)));
+        let (r, _) = on_vcpu(id, lifecycle::resume_this_vcpu);
+        assert_eq!(r, Err(LifecycleError::NoVcpuId(named)));
+    }
 
     // The hypercall's return value.
     assert_eq!(
